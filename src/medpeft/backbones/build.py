@@ -1,0 +1,44 @@
+"""Build a timm backbone with a classification head for a task, with weights from where the config says."""
+
+from __future__ import annotations
+
+import timm
+from torch import nn
+
+from medpeft.backbones.checkpoint import LoadReport, load_checkpoint
+from medpeft.config import ModelConfig
+from medpeft.errors import CheckpointError, ConfigError
+
+
+def create_backbone(config: ModelConfig, num_classes: int) -> tuple[nn.Module, LoadReport | None]:
+    """Create ``config.name`` with a fresh `num_classes` head and load its weights.
+
+    ``weights='random'`` keeps timm's init (asked for explicitly), ``'timm'`` fetches timm /
+    Hugging Face hub weights for the name (``hf-hub:org/repo`` names work), anything else is a
+    local checkpoint file. Returns the model and, for a file, the load report.
+    """
+    kwargs = dict(num_classes=num_classes, img_size=config.img_size, drop_path_rate=config.drop_path_rate,
+                  global_pool=config.global_pool, **config.kwargs)
+    pretrained = config.weights == "timm"
+    if not pretrained and not config.name.startswith("hf-hub:") and not timm.is_model(config.name):
+        raise ConfigError(f"model.name {config.name!r} is not a timm model (see timm.list_models())")
+    try:
+        model = timm.create_model(config.name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"model.kwargs do not fit {config.name}: {e}") from None
+    except (OSError, RuntimeError, ValueError) as e:
+        if pretrained:
+            raise CheckpointError(
+                f"could not get timm weights for {config.name!r} ({str(e).splitlines()[0]}); without a "
+                f"network, give model.weights a local checkpoint file") from None
+        raise ConfigError(f"model {config.name!r} could not be built: {str(e).splitlines()[0]}") from None
+    report = None
+    if config.weights not in ("random", "timm"):
+        report = load_checkpoint(model, config.weights)
+    return model, report
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; ``Module.parameters`` yields a shared tensor once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

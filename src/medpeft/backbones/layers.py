@@ -1,0 +1,64 @@
+"""Reusable pieces that reshape a timm ViT without changing what it computes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SplitQKV(nn.Module):
+    """A fused ``qkv`` Linear as three Linears ``q``, ``k``, ``v`` whose outputs are concatenated.
+
+    Lets a PEFT method target the query and value projections alone (as MED-PEFT does) with
+    ordinary ``nn.Linear`` layers; ``fuse_qkv`` turns it back into one Linear, bit for bit.
+    """
+
+    def __init__(self, qkv: nn.Linear):
+        super().__init__()
+        dim = qkv.out_features // 3
+        bias = qkv.bias is not None
+        for i, name in enumerate(("q", "k", "v")):
+            linear = nn.Linear(qkv.in_features, dim, bias=bias, device=qkv.weight.device, dtype=qkv.weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(qkv.weight[i * dim:(i + 1) * dim])
+                if bias:
+                    linear.bias.copy_(qkv.bias[i * dim:(i + 1) * dim])
+            linear.weight.requires_grad_(qkv.weight.requires_grad)
+            if bias:
+                linear.bias.requires_grad_(qkv.bias.requires_grad)
+            setattr(self, name, linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+
+    def fused(self) -> nn.Linear:
+        q, k, v = self.q, self.k, self.v
+        linear = nn.Linear(q.in_features, 3 * q.out_features, bias=q.bias is not None,
+                           device=q.weight.device, dtype=q.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+            if q.bias is not None:
+                linear.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+        return linear
+
+
+def _attention_modules(model: nn.Module):
+    for name, module in model.named_modules():
+        if name.endswith(".attn") and hasattr(module, "qkv"):
+            yield module
+
+
+def split_qkv(model: nn.Module) -> nn.Module:
+    """Replace every fused ``attn.qkv`` Linear by a SplitQKV, in place; returns the model."""
+    for attn in _attention_modules(model):
+        if isinstance(attn.qkv, nn.Linear):
+            attn.qkv = SplitQKV(attn.qkv)
+    return model
+
+
+def fuse_qkv(model: nn.Module) -> nn.Module:
+    """Undo ``split_qkv`` in place: the model gets back the backbone's exact module structure."""
+    for attn in _attention_modules(model):
+        if isinstance(attn.qkv, SplitQKV):
+            attn.qkv = attn.qkv.fused()
+    return model

@@ -1,0 +1,97 @@
+"""Command-line interface, thin over the Python API. Errors become one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medpeft.errors import MedpeftError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Parameter-efficient fine-tuning of medical vision foundation models.")
+console = Console()
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="YAML run config."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key: --set train.lr=1e-3 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (overrides output_dir)."),
+):
+    """Fine-tune a backbone as CONFIG says; an unfinished run in the same directory resumes."""
+    from medpeft import load_config, train as run_training
+
+    overrides = list(set_ or []) + ([f"output_dir={out}"] if out else [])
+    metrics = run_training(load_config(config, overrides))
+    print_metrics(metrics["test"] or metrics["val"], "test" if metrics["test"] else "val")
+
+
+@app.command()
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    split: str = typer.Option("test", help="train, val or test."),
+):
+    """Evaluate a finished run's best weights on a split of its own data split."""
+    from medpeft import evaluate as run_evaluation
+
+    print_metrics(run_evaluation(run_dir, split), split)
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("demo-runs"), "--out", help="Folder for the phantoms and runs.")):
+    """Generate phantom X-rays and compare LoRA, full fine-tuning and a linear probe of a small ViT."""
+    from medpeft.demo import run_demo
+
+    run_demo(out)
+
+
+def print_metrics(metrics: dict, split: str) -> None:
+    table = Table(title=f"{split}: mean AUROC {_fmt(metrics['mean_auroc'])} over {metrics['n']} images")
+    for column in ("label", "AUROC", "AUPRC", "positives", "negatives"):
+        table.add_column(column, justify="left" if column == "label" else "right")
+    for name, m in metrics["per_label"].items():
+        table.add_row(name, _fmt(m["auroc"]), _fmt(m["auprc"]), str(m["positives"]), str(m["negatives"]))
+    console.print(table)
+    if "accuracy" in metrics:
+        console.print(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}")
+
+
+def _fmt(value) -> str:
+    return "undefined" if value is None else f"{value:.4f}"
+
+
+def _one_line(error: BaseException) -> str:
+    # An error raised in a DataLoader worker arrives with the worker's traceback in its message.
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    prefix, sep, rest = last.partition(": ")
+    return rest if sep and prefix.startswith("medpeft.errors.") else last
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except MedpeftError as e:
+        Console(stderr=True).print(f"[red]error:[/red] {_one_line(e)}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted: run the same command again to resume")
+        sys.exit(130)
+    except (typer.Abort, typer.Exit) as e:
+        sys.exit(getattr(e, "exit_code", 1))
+    except Exception as e:
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

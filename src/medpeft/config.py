@@ -1,0 +1,285 @@
+"""Run configuration: typed dataclasses, loaded from YAML with ``key=value`` overrides, validated once.
+
+Every key is defined here with its default; code below the loader trusts the values.
+Paths in a config are taken relative to the current working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medpeft.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_base_patch16_224"
+    """timm model name; any ViT (tiny/small/base/large, any patch and image size)."""
+    weights: str = ""
+    """Required: 'random' (explicit random init), 'timm' (timm / Hugging Face hub weights of `name`,
+    needs a network or a filled cache) or a local checkpoint file (.pth/.pt/.bin/.safetensors)."""
+    img_size: int = 224
+    drop_path_rate: float = 0.1
+    global_pool: str = "token"
+    """'token' (class token) or 'avg' (mean of patch tokens + fc_norm, as in MAE fine-tuning)."""
+    kwargs: dict = field(default_factory=dict)
+    """Extra timm.create_model arguments, e.g. embed_dim/depth/num_heads/patch_size for small models."""
+
+    def __post_init__(self):
+        if not self.weights:
+            raise ConfigError("model.weights is required: 'random', 'timm' or a checkpoint file path")
+        _choice("model.global_pool", self.global_pool, ("token", "avg"))
+        _positive("model.img_size", self.img_size)
+
+
+@dataclass
+class SplitConfig:
+    column: str | None = None
+    """CSV column holding train/val/test per row; if unset, a random patient-level split is drawn."""
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        for key in ("val_fraction", "test_fraction"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"data.split.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError("data.split.val_fraction + test_fraction must be < 1")
+
+
+@dataclass
+class DataConfig:
+    csv: str = ""
+    """Labels CSV: one row per image."""
+    image_root: str | None = None
+    """Folder the image paths are relative to; default: the CSV's folder."""
+    path_column: str = "path"
+    patient_column: str | None = None
+    """Patient id column, used to keep a patient's images on one side of a split; default: one patient per row."""
+    labels: list = field(default_factory=list)
+    """Label names, in output order."""
+    label_column: str | None = None
+    """One column of delimited label names per row ('A|B'); if unset, each label is a 0/1 column."""
+    label_delimiter: str = "|"
+    negative_names: list = field(default_factory=lambda: ["No Finding"])
+    """Names in `label_column` meaning 'none of the labels' (multilabel tasks)."""
+    task: str = "multilabel"
+    """'multilabel' (sigmoid + BCE per label; binary = one label) or 'multiclass' (softmax + cross-entropy)."""
+    split: SplitConfig = field(default_factory=SplitConfig)
+    mean: list = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list = field(default_factory=lambda: list(IMAGENET_STD))
+    num_workers: int = 0
+
+    def __post_init__(self):
+        if not self.csv:
+            raise ConfigError("data.csv is required: the path of a labels CSV")
+        if not self.labels:
+            raise ConfigError("data.labels is required: the list of label names")
+        if len(set(self.labels)) != len(self.labels):
+            raise ConfigError(f"data.labels has duplicates: {self.labels}")
+        _choice("data.task", self.task, ("multilabel", "multiclass"))
+        if self.task == "multiclass" and len(self.labels) < 2:
+            raise ConfigError("data.task 'multiclass' needs at least 2 labels")
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) != 3:
+                raise ConfigError(f"data.{key} must have 3 values (RGB), got {getattr(self, key)}")
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    scale: list = field(default_factory=lambda: [0.5, 1.0])
+    """RandomResizedCrop area range."""
+    hflip: float = 0.5
+    rand_augment_ops: int = 0
+    """torchvision RandAugment operations per image; 0 = off."""
+    rand_augment_magnitude: int = 9
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    """Peak learning rate (per optimiser step, after accumulation)."""
+    min_lr: float = 1e-6
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    layer_decay: float | None = None
+    """Layer-wise lr decay (e.g. 0.75): lr scale = decay ** (depth - layer); None = off."""
+    grad_accum_steps: int = 1
+    grad_clip: float | None = None
+    precision: str = "fp32"
+    """'fp32', 'bf16' (autocast; CPU or GPU) or 'fp16' (autocast + loss scaling; GPU only)."""
+    device: str = "auto"
+    """'auto' (cuda if available), 'cpu' or 'cuda[:N]'."""
+    early_stopping_patience: int | None = None
+    """Stop after this many epochs without a better validation mean AUROC; None = never."""
+    seed: int = 0
+    log_every_steps: int = 10
+
+    def __post_init__(self):
+        _choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
+        _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        for key in ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "log_every_steps"):
+            _positive(f"train.{key}", getattr(self, key))
+        _positive("train.lr", self.lr)
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"train.layer_decay must be in (0, 1], got {self.layer_decay}")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    method: Any
+    """The method's own config dataclass (see medpeft.methods); YAML: {name: lora, r: 8, ...}."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    output_dir: str = ""
+    """The run directory; required."""
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise ConfigError("output_dir is required: the run directory to write")
+
+    def to_dict(self) -> dict:
+        """Plain data, as written to the run's config.yaml (the method's name first)."""
+        out = dataclasses.asdict(self)
+        out["method"] = {"name": self.method.name, **dataclasses.asdict(self.method)}
+        return out
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+
+def _positive(key: str, value) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} must be > 0, got {value!r}")
+
+
+def build_dataclass(cls, data: Any, prefix: str):
+    """Build dataclass `cls` from a mapping, refusing unknown keys and values of the wrong type."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"config key '{where}{unknown[0]}' does not exist (expected one of: {', '.join(names)})")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(hints[name], data[name], key)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, key: str):
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value, key)
+    if hint is Any:
+        return value
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{key} must not be empty")
+    for option in options:
+        base = typing.get_origin(option) or option
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base not in (int, float, type(None)) and isinstance(value, base):
+            return value
+    expected = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{key} must be {expected}, got {value!r}")
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ``['train.lr=1e-3', 'method.r=4']`` into a nested dict; values are parsed as YAML."""
+    nested: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return nested
+
+
+def merge_dicts(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """Validate a plain mapping (as read from YAML) into a RunConfig."""
+    from medpeft.methods import method_config_from_dict
+
+    if not isinstance(data, dict):
+        raise ConfigError("a config must be a mapping of sections (model, data, method, train, ...)")
+    data = dict(data)
+    for section in ("model", "data", "method"):
+        if section not in data:
+            raise ConfigError(f"config section '{section}' is required")
+    method = method_config_from_dict(data.pop("method"))
+    hints = typing.get_type_hints(RunConfig)
+    known = [f.name for f in dataclasses.fields(RunConfig)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"config key '{unknown[0]}' does not exist (expected one of: {', '.join(known)})")
+    kwargs = {name: _coerce(hints[name], value, name) for name, value in data.items()}
+    return RunConfig(method=method, **kwargs)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    """Read a YAML config file (or start from `base`), apply ``key=value`` overrides, validate."""
+    data = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
+        data = merge_dicts(data, loaded)
+    data = merge_dicts(data, parse_overrides(list(overrides)))
+    return config_from_dict(data)
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,8 @@
+"""PEFT methods behind one interface; each module registers itself by name."""
+
+from medpeft.methods.registry import (
+    MethodSpec, get_method, list_methods, method_config_from_dict, register_method, unwrap,
+)
+from medpeft.methods import full, linear_probe, lora  # noqa: F401  (registration)
+
+__all__ = ["MethodSpec", "get_method", "list_methods", "method_config_from_dict", "register_method", "unwrap"]

@@ -1,0 +1,23 @@
+"""Full fine-tuning: every parameter of the backbone and the head is trained."""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from medpeft.methods.registry import MethodSpec, register_method
+
+
+@dataclass
+class FullConfig:
+    name: ClassVar[str] = "full"
+
+
+def apply(model: nn.Module, config: FullConfig) -> nn.Module:
+    return model.requires_grad_(True)
+
+
+register_method(MethodSpec(
+    name="full", config_cls=FullConfig, apply=apply,
+    description="Full fine-tuning: all backbone and head parameters are trained.",
+))

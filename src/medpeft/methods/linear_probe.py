@@ -1,0 +1,25 @@
+"""Linear probe: the backbone stays frozen, only the classification head is trained."""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from medpeft.methods.registry import MethodSpec, freeze, register_method
+
+
+@dataclass
+class LinearProbeConfig:
+    name: ClassVar[str] = "linear_probe"
+
+
+def apply(model: nn.Module, config: LinearProbeConfig) -> nn.Module:
+    freeze(model)
+    model.get_classifier().requires_grad_(True)
+    return model
+
+
+register_method(MethodSpec(
+    name="linear_probe", config_cls=LinearProbeConfig, apply=apply,
+    description="Linear probe: frozen backbone, trained classification head.",
+))

@@ -1,0 +1,104 @@
+"""One registry from a method's name to its config dataclass and the functions that apply, save,
+load and merge it. A method registers itself at import: ``register_method(MethodSpec(...))``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from medpeft.errors import CheckpointError, ConfigError
+
+ADAPTER_FILE = "adapter.safetensors"
+
+
+def freeze(model: nn.Module) -> None:
+    model.requires_grad_(False)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The timm model inside a method's wrapper (e.g. a peft.PeftModel), for timm's helpers."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def classifier_name(model: nn.Module) -> str:
+    return model.pretrained_cfg.get("classifier", "head")
+
+
+def trainable_state_dict(model: nn.Module) -> dict:
+    """Only the parameters that training changes, detached, on the CPU."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(model: nn.Module, state: dict, source: str) -> None:
+    """Load a trainable-parameter state into an applied model, refusing missing or extra keys."""
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or extra:
+        raise CheckpointError(
+            f"{source}: does not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    model.load_state_dict(state, strict=False)
+
+
+def save_trainable(model: nn.Module, directory: Path) -> None:
+    """Default save: the trainable parameters as safetensors (names as in the applied model)."""
+    save_file(trainable_state_dict(model), str(Path(directory) / ADAPTER_FILE))
+
+
+def load_trainable(model: nn.Module, directory: Path) -> None:
+    path = Path(directory) / ADAPTER_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: adapter weights not found")
+    load_trainable_state_dict(model, load_file(str(path)), str(path))
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    config_cls: type
+    apply: Callable[[nn.Module, Any], nn.Module]
+    """Freeze and inject in place as needed; return the module to train and call."""
+    description: str
+    reference: str = ""
+    save: Callable[[nn.Module, Path], None] = save_trainable
+    load: Callable[[nn.Module, Path], None] = load_trainable
+    """Load saved weights into a model that `apply` has just prepared."""
+    merge: Callable[[nn.Module], nn.Module] | None = None
+    """Fold the method into plain backbone weights; None when the method cannot merge."""
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"method {spec.name!r} is registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in _REGISTRY:
+        raise ConfigError(f"method.name {name!r} is not a known method (expected one of: {', '.join(_REGISTRY)})")
+    return _REGISTRY[name]
+
+
+def list_methods() -> list[MethodSpec]:
+    return list(_REGISTRY.values())
+
+
+def method_config_from_dict(data: Any):
+    """Build the config dataclass of the method named by ``data['name']``."""
+    from medpeft.config import build_dataclass
+
+    if isinstance(data, str):
+        data = {"name": data}
+    if not isinstance(data, dict) or "name" not in data:
+        raise ConfigError("method must be a mapping with a 'name' key, e.g. {name: lora, r: 8}")
+    data = dict(data)
+    spec = get_method(data.pop("name"))
+    return build_dataclass(spec.config_cls, data, "method")
+

@@ -1,0 +1,5 @@
+"""Metrics as pure functions over whole splits."""
+
+from medpeft.metrics.classification import UndefinedMetricWarning, auroc, classification_metrics
+
+__all__ = ["UndefinedMetricWarning", "auroc", "classification_metrics"]

@@ -1,0 +1,318 @@
+"""The training recipe, top to bottom: data, model, method, optimiser, loop, evaluation, run directory.
+
+``train(config)`` resumes an interrupted run in the same output_dir from its last epoch checkpoint
+and ends with the same metrics as an uninterrupted run (CPU, same seed): data order and augmentation
+are seeded per epoch and sample, and the RNG state is checkpointed with the weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from torch.utils.data import DataLoader
+
+from medpeft.backbones import count_parameters, create_backbone
+from medpeft.config import RunConfig, dump_config, load_config
+from medpeft.data.csv_reader import read_csv_dataset
+from medpeft.data.dataset import ImageDataset, build_transform
+from medpeft.data.images import check_images
+from medpeft.data.splits import assign_splits
+from medpeft.errors import DataError, RunDirError
+from medpeft.methods import get_method, unwrap
+from medpeft.methods.registry import load_trainable_state_dict, trainable_state_dict
+from medpeft.metrics import classification_metrics
+from medpeft.train import rundir
+
+
+# ----------------------------------------------------------------------------- data
+def prepare_table(config: RunConfig) -> pd.DataFrame:
+    """Read the labels CSV, check every image can be opened, assign the patient-level split."""
+    table = read_csv_dataset(config.data)
+    check_images(table["path"], config.data.csv)
+    table = assign_splits(table, config.data.split, config.data.csv)
+    val = table.loc[table["split"] == "val", config.data.labels].to_numpy()
+    if not any(0 < val[:, k].sum() < len(val) for k in range(val.shape[1])):
+        raise DataError(f"{config.data.csv}: the validation split has no label with both classes; "
+                        f"AUROC cannot select a model (more patients or a larger val_fraction?)")
+    return table
+
+
+def make_loader(table: pd.DataFrame, split: str, config: RunConfig, train: bool) -> DataLoader:
+    rows = table[table["split"] == split]
+    transform = build_transform(config.model.img_size, config.data.mean, config.data.std,
+                                config.augment if train else None)
+    dataset = ImageDataset(rows["path"].tolist(), rows[config.data.labels].to_numpy(), transform,
+                           seed=config.train.seed, random=train and config.augment.enabled)
+    return DataLoader(
+        dataset, batch_size=config.train.batch_size if train else config.train.eval_batch_size,
+        shuffle=train, num_workers=config.data.num_workers, generator=torch.Generator(),
+        pin_memory=torch.cuda.is_available())
+
+
+# ----------------------------------------------------------------------------- model
+@dataclass
+class Built:
+    model: nn.Module
+    """The model to train and call (the method may wrap the backbone)."""
+    spec: object
+    load_report: object
+    backbone_parameters: int
+    trainable_parameters: int
+
+
+def build_model(config: RunConfig) -> Built:
+    """Backbone with weights + the method applied. Seeds first: the new head's init is reproducible."""
+    torch.manual_seed(config.train.seed)
+    backbone, report = create_backbone(config.model, len(config.data.labels))
+    _, backbone_parameters = count_parameters(backbone)
+    spec = get_method(config.method.name)
+    model = spec.apply(backbone, config.method)
+    trainable, _ = count_parameters(model)
+    return Built(model, spec, report, backbone_parameters, trainable)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def loss_function(task: str):
+    if task == "multiclass":
+        return lambda logits, targets: nn.functional.cross_entropy(logits, targets.argmax(1))
+    return nn.functional.binary_cross_entropy_with_logits
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device, precision: str, task: str):
+    """Probabilities (N, K) and targets (N, K) over the whole loader, in dataset order."""
+    model.eval()
+    probs, targets = [], []
+    for x, y in loader:
+        with autocast(device, precision):
+            logits = model(x.to(device, non_blocking=True)).float()
+        probs.append((logits.softmax(1) if task == "multiclass" else logits.sigmoid()).cpu())
+        targets.append(y)
+    return torch.cat(probs).numpy(), torch.cat(targets).numpy()
+
+
+def evaluate_split(model, table, split, config, device) -> dict | None:
+    if not (table["split"] == split).any():
+        return None
+    probs, targets = predict(model, make_loader(table, split, config, train=False), device,
+                             config.train.precision, config.data.task)
+    return classification_metrics(targets, probs, config.data.labels, config.data.task)
+
+
+# ----------------------------------------------------------------------------- run directory
+def _check_run_dir(run_dir: Path, config_text: str) -> dict | None:
+    """Refuse a complete run or another run's folder; return the checkpoint of a run to resume."""
+    if rundir.is_complete(run_dir):
+        raise RunDirError(f"{run_dir}: the run is complete already ({rundir.METRICS} exists); "
+                          f"choose another output_dir")
+    config_path = run_dir / rundir.CONFIG
+    if config_path.is_file():
+        if config_path.read_text() != config_text:
+            raise RunDirError(f"{run_dir}: holds an unfinished run of another config; "
+                              f"choose another output_dir or delete it")
+        checkpoint = run_dir / rundir.CHECKPOINT
+        return torch.load(checkpoint, map_location="cpu", weights_only=True) if checkpoint.is_file() else None
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise RunDirError(f"{run_dir}: exists and is not a medpeft run directory")
+    return None
+
+
+def _split_frame(table: pd.DataFrame) -> pd.DataFrame:
+    return table[["image_id", "patient_id", "split"]].reset_index(drop=True)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}  {task.fields[ips]:.0f} img/s"),
+                    TimeElapsedColumn(), console=console, disable=not console.is_terminal)
+
+
+# ----------------------------------------------------------------------------- the recipe
+def train(config: RunConfig, quiet: bool = False) -> dict:
+    """Fine-tune as `config` says, write the run directory, return its metrics (also in metrics.json)."""
+    console = Console(quiet=quiet)
+    run_dir = Path(config.output_dir)
+    config_text = dump_config(config)
+    resume = _check_run_dir(run_dir, config_text)
+    cfg = config.train
+
+    table = prepare_table(config)
+    built = build_model(config)
+    model, spec = built.model, built.spec
+    if built.load_report is not None:
+        console.print(f"[dim]{built.load_report.summary()}[/dim]")
+    percent = 100.0 * built.trainable_parameters / built.backbone_parameters
+    console.print(f"{config.model.name} + {spec.name}: {built.trainable_parameters:,} trainable parameters "
+                  f"({percent:.3f}% of {built.backbone_parameters:,})")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    split_path = run_dir / rundir.SPLIT
+    if resume is not None and not _split_frame(table).equals(
+            pd.read_csv(split_path, dtype=str, keep_default_na=False)):
+        raise RunDirError(f"{split_path}: the data no longer give the split this run started with")
+    rundir.write_text_atomic(run_dir / rundir.CONFIG, config_text)
+    rundir.write_text_atomic(split_path, _split_frame(table).to_csv(index=False))
+
+    device = resolve_device(cfg.device)
+    model.to(device)
+    train_loader = make_loader(table, "train", config, train=True)
+    val_loader = make_loader(table, "val", config, train=False)
+    optimizer = create_optimizer_v2(
+        unwrap(model), opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        layer_decay=cfg.layer_decay, **({"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}))
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=max(1, cfg.epochs * steps_per_epoch - warmup_steps), lr_min=cfg.min_lr,
+        warmup_t=warmup_steps, warmup_lr_init=cfg.min_lr, warmup_prefix=True, t_in_epochs=False)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    loss_fn = loss_function(config.data.task)
+
+    state = {"epoch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1, "bad_epochs": 0,
+             "stopped_early": False, "elapsed": 0.0}
+    if resume is not None:
+        load_trainable_state_dict(model, resume["trainable"], str(run_dir / rundir.CHECKPOINT))
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        torch.set_rng_state(resume["rng"])
+        state = resume["state"]
+        rundir.append_log(run_dir, {"event": "resume", "epoch": state["epoch"]})
+        console.print(f"resuming {run_dir} at epoch {state['epoch'] + 1}")
+
+    started = time.perf_counter() - state["elapsed"]
+    while state["epoch"] < cfg.epochs and not state["stopped_early"]:
+        epoch = state["epoch"]
+        train_loader.dataset.epoch = epoch
+        train_loader.generator.manual_seed(cfg.seed * 7919 + epoch)
+        model.train()
+        losses, seen, epoch_start = [], 0, time.perf_counter()
+        with _progress(console) as progress:
+            bar = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(train_loader), loss=0.0, ips=0.0)
+            for i, (x, y) in enumerate(train_loader):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(device, cfg.precision):
+                    logits = model(x)
+                loss = loss_fn(logits.float(), y)
+                scaler.scale(loss / cfg.grad_accum_steps).backward()
+                if (i + 1) % cfg.grad_accum_steps == 0 or i + 1 == len(train_loader):
+                    if cfg.grad_clip:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    state["step"] += 1
+                    scheduler.step_update(state["step"])
+                    if state["step"] % cfg.log_every_steps == 0:
+                        rundir.append_log(run_dir, {"event": "step", "epoch": epoch, "step": state["step"],
+                                                    "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                                                    "images_per_s": seen / (time.perf_counter() - epoch_start)})
+                losses.append(loss.item())
+                seen += len(x)
+                progress.update(bar, advance=1, loss=float(np.mean(losses[-20:])),
+                                ips=seen / (time.perf_counter() - epoch_start))
+
+        val = evaluate_split(model, table, "val", config, device)
+        score = val["mean_auroc"] if val["mean_auroc"] is not None else -math.inf
+        improved = score > state["best_score"]
+        if improved:
+            state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
+            with rundir.atomic_directory(run_dir / rundir.WEIGHTS) as tmp:
+                spec.save(model, tmp)
+        else:
+            state["bad_epochs"] += 1
+        patience = cfg.early_stopping_patience
+        state["stopped_early"] = patience is not None and state["bad_epochs"] >= patience
+        state["epoch"] = epoch + 1
+        state["elapsed"] = time.perf_counter() - started
+        epoch_time = time.perf_counter() - epoch_start
+        rundir.append_log(run_dir, {"event": "epoch", "epoch": epoch, "train_loss": float(np.mean(losses)),
+                                    "val_mean_auroc": val["mean_auroc"], "val": val, "seconds": epoch_time})
+        console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {np.mean(losses):.4f}  "
+                      f"val AUROC {_fmt(val['mean_auroc'])}{'  *best' if improved else ''}  "
+                      f"{seen / epoch_time:.0f} img/s  {epoch_time:.1f}s")
+        rundir.torch_save_atomic({
+            "trainable": trainable_state_dict(model), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": torch.get_rng_state(), "state": state,
+        }, run_dir / rundir.CHECKPOINT)
+
+    spec.load(model, run_dir / rundir.WEIGHTS)
+    metrics = {
+        "method": spec.name,
+        "model": config.model.name,
+        "labels": list(config.data.labels),
+        "task": config.data.task,
+        "parameters": {"trainable": built.trainable_parameters, "backbone": built.backbone_parameters,
+                       "trainable_percent": percent},
+        "best_epoch": state["best_epoch"] + 1,
+        "epochs_run": state["epoch"],
+        "stopped_early": state["stopped_early"],
+        "wall_time_s": time.perf_counter() - started,
+        "split_sizes": {s: int((table["split"] == s).sum()) for s in ("train", "val", "test")},
+        "val": evaluate_split(model, table, "val", config, device),
+        "test": evaluate_split(model, table, "test", config, device),
+    }
+    rundir.write_json_atomic(run_dir / rundir.METRICS, metrics)
+    (run_dir / rundir.CHECKPOINT).unlink(missing_ok=True)
+    console.print(f"done: val AUROC {_fmt(metrics['val']['mean_auroc'])}, test AUROC "
+                  f"{_fmt(metrics['test']['mean_auroc'] if metrics['test'] else None)} -> {run_dir}")
+    return metrics
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+# ----------------------------------------------------------------------------- evaluate a finished run
+def load_run(run_dir: str | Path) -> tuple[RunConfig, pd.DataFrame, nn.Module]:
+    """The config, the table with the run's own split, and the model with the run's best weights."""
+    run_dir = Path(run_dir)
+    if not (run_dir / rundir.CONFIG).is_file():
+        raise RunDirError(f"{run_dir}: not a medpeft run directory (no {rundir.CONFIG})")
+    if not rundir.is_complete(run_dir):
+        raise RunDirError(f"{run_dir}: the run is incomplete (no {rundir.METRICS}); resume it with medpeft train")
+    config = load_config(run_dir / rundir.CONFIG)
+    table = read_csv_dataset(config.data).drop(columns="split", errors="ignore")
+    saved = pd.read_csv(run_dir / rundir.SPLIT, dtype=str, keep_default_na=False)
+    table = table.merge(saved[["image_id", "split"]], on="image_id", how="inner")
+    if len(table) != len(saved):
+        raise DataError(f"{config.data.csv}: lacks {len(saved) - len(table)} images of the run's split "
+                        f"({run_dir / rundir.SPLIT})")
+    built = build_model(config)
+    built.spec.load(built.model, run_dir / rundir.WEIGHTS)
+    return config, table, built.model
+
+
+def evaluate(run_dir: str | Path, split: str = "test") -> dict:
+    """Metrics of a finished run's best weights on one split of its own data split."""
+    config, table, model = load_run(run_dir)
+    device = resolve_device(config.train.device)
+    metrics = evaluate_split(model.to(device), table, split, config, device)
+    if metrics is None:
+        raise DataError(f"{run_dir}: the run's '{split}' split is empty")
+    return metrics

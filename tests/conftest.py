@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny ViT config and a tiny learnable image dataset written to disk."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+TINY_VIT = {
+    "name": "vit_tiny_patch16_224",
+    "weights": "random",
+    "img_size": 32,
+    "drop_path_rate": 0.1,
+    "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8},
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+
+
+def write_squares_dataset(root, n_images=64, size=40, seed=0):
+    """PNGs with a bright square (label 'bright') and/or a dark square (label 'dark'), 2 per patient."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_images):
+        bright, dark = (int(v) for v in rng.integers(0, 2, 2))
+        image = rng.normal(110, 25, (size, size))
+        if bright:
+            image[4:18, 4:18] += 90
+        if dark:
+            image[size - 18:size - 4, size - 18:size - 4] -= 70
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / f"img{i:03d}.png")
+        rows.append({"path": f"img{i:03d}.png", "patient": f"p{i // 2}", "bright": bright, "dark": dark})
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    return root / "labels.csv"
+
+
+@pytest.fixture(scope="session")
+def squares_csv(tmp_path_factory):
+    return write_squares_dataset(tmp_path_factory.mktemp("squares"))
+
+
+@pytest.fixture
+def run_config(squares_csv, tmp_path):
+    """A plain-dict run config of a 2-epoch LoRA run on the squares data; tests change what they need."""
+    return {
+        "model": dict(TINY_VIT),
+        "data": {"csv": str(squares_csv), "patient_column": "patient", "labels": ["bright", "dark"],
+                 "split": {"val_fraction": 0.25, "test_fraction": 0.25, "seed": 0}},
+        "method": {"name": "lora", "r": 4, "alpha": 8},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 0.003, "warmup_epochs": 0.5, "log_every_steps": 2},
+        "output_dir": str(tmp_path / "run"),
+    }

@@ -1,0 +1,128 @@
+import pytest
+import torch
+from peft import PeftModel
+
+from medpeft.backbones import SplitQKV, create_backbone
+from medpeft.config import ModelConfig
+from medpeft.errors import ConfigError
+from medpeft.methods import get_method, method_config_from_dict
+
+from conftest import TINY_VIT
+
+
+def tiny():
+    return create_backbone(ModelConfig(**TINY_VIT), num_classes=3)[0]
+
+
+def applied(method: dict):
+    model = tiny()
+    config = method_config_from_dict(method)
+    return get_method(config.name).apply(model, config)
+
+
+def trainable_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_full_fine_tuning_trains_every_parameter():
+    model = applied({"name": "full"})
+    assert trainable_names(model) == {n for n, _ in model.named_parameters()}
+
+
+def test_linear_probe_trains_the_head_only():
+    assert trainable_names(applied({"name": "linear_probe"})) == {"head.weight", "head.bias"}
+
+
+def test_lora_on_fused_qkv_trains_lora_factors_and_head_only():
+    names = trainable_names(applied({"name": "lora", "r": 4}))
+    expected = {f"base_model.model.blocks.{b}.attn.qkv.lora_{ab}.default.weight" for b in (0, 1) for ab in "AB"}
+    expected |= {f"base_model.model.head.modules_to_save.default.{w}" for w in ("weight", "bias")}
+    assert names == expected
+
+
+def test_lora_q_v_only_leaves_key_projection_frozen():
+    model = applied({"name": "lora", "r": 4, "targets": ["q", "v"]})
+    names = trainable_names(model)
+    assert any(".attn.qkv.q.lora_A." in n for n in names)
+    assert any(".attn.qkv.v.lora_B." in n for n in names)
+    assert not any(".attn.qkv.k." in n for n in names)
+    assert isinstance(model.get_base_model().blocks[0].attn.qkv, SplitQKV)
+
+
+def test_lora_proj_target_does_not_hit_patch_embedding_projection():
+    model = applied({"name": "lora", "targets": ["proj", "mlp"]})
+    names = trainable_names(model)
+    assert not any("patch_embed" in n for n in names)
+    assert sum(".attn.proj.lora_A." in n for n in names) == 2
+    assert sum(".mlp.fc2.lora_B." in n for n in names) == 2
+
+
+def test_lora_with_zero_initialised_b_gives_the_base_model_outputs():
+    torch.manual_seed(1)
+    base = tiny().eval()
+    x = torch.randn(4, 3, 32, 32)
+    expected = base(x)
+    for targets in (["qkv"], ["q", "v"], ["all_linear"]):
+        config = method_config_from_dict({"name": "lora", "r": 4, "targets": targets})
+        model = get_method("lora").apply(tiny_copy(base), config).eval()
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-6)
+
+
+def tiny_copy(model):
+    clone = tiny()
+    clone.load_state_dict(model.state_dict())
+    return clone
+
+
+def perturb_lora(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+
+
+@pytest.mark.parametrize("targets", [["qkv"], ["q", "v"], ["all_linear"]])
+def test_saved_lora_adapter_reloads_through_peft_to_identical_outputs(tmp_path, targets):
+    spec = get_method("lora")
+    config = method_config_from_dict({"name": "lora", "r": 4, "targets": targets})
+    torch.manual_seed(2)
+    base = tiny()
+    model = spec.apply(tiny_copy(base), config).eval()
+    perturb_lora(model)
+    x = torch.randn(3, 3, 32, 32)
+    expected = model(x)
+    spec.save(model, tmp_path)
+    fresh = tiny_copy(base)
+    if "q" in targets:  # the adapter targets the split projections that medpeft builds
+        from medpeft.backbones import split_qkv
+        split_qkv(fresh)
+    reloaded = PeftModel.from_pretrained(fresh, str(tmp_path)).eval()
+    torch.testing.assert_close(reloaded(x), expected, rtol=0, atol=0)
+
+
+def test_lora_merge_gives_the_same_outputs_and_the_backbone_structure():
+    spec = get_method("lora")
+    model = spec.apply(tiny(), method_config_from_dict({"name": "lora", "targets": ["q", "v"]})).eval()
+    perturb_lora(model)
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    merged = spec.merge(model)
+    torch.testing.assert_close(merged(x), expected, rtol=1e-5, atol=1e-5)
+    assert [n for n, _ in merged.named_modules()] == [n for n, _ in tiny().named_modules()]
+
+
+def test_unknown_method_and_target_are_config_errors():
+    with pytest.raises(ConfigError, match="method.name 'lorax' is not a known method"):
+        method_config_from_dict({"name": "lorax"})
+    with pytest.raises(ConfigError, match=r"method.targets \['query'\]"):
+        method_config_from_dict({"name": "lora", "targets": ["query"]})
+    with pytest.raises(ConfigError, match="config key 'method.rank' does not exist"):
+        method_config_from_dict({"name": "lora", "rank": 4})
+
+
+def test_lora_adapter_of_vit_base_is_well_under_5_mb(tmp_path):
+    model = create_backbone(ModelConfig(name="vit_base_patch16_224", weights="random"), num_classes=14)[0]
+    spec = get_method("lora")
+    spec.save(spec.apply(model, method_config_from_dict({"name": "lora", "r": 8})), tmp_path)
+    size = (tmp_path / "adapter_model.safetensors").stat().st_size
+    assert size < 1.5e6  # 12 blocks x r 8 x (768 + 2304) x 4 bytes + head = 1.2 MB
