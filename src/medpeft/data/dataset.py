@@ -52,7 +52,7 @@ class ImageDataset(Dataset):
         image = load_grayscale(self.paths[index])
         if self.random:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+                torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
                 x = self.transform(image)
         else:
             x = self.transform(image)

@@ -199,6 +199,8 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
         torch.set_rng_state(resume["rng"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(resume["cuda_rng"], device)
         state = resume["state"]
         rundir.append_log(run_dir, {"event": "resume", "epoch": state["epoch"]})
         console.print(f"resuming {run_dir} at epoch {state['epoch'] + 1}")
@@ -259,6 +261,7 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
             "trainable": trainable_state_dict(model), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "rng": torch.get_rng_state(), "state": state,
+            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
         }, run_dir / rundir.CHECKPOINT)
 
     spec.load(model, run_dir / rundir.WEIGHTS)

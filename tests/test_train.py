@@ -1,0 +1,194 @@
+import json
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from PIL import Image
+
+import medpeft
+from medpeft.config import config_from_dict
+from medpeft.errors import CheckpointError, ConfigError, DataError, RunDirError
+from medpeft.train import recipe, rundir
+
+
+def run(config: dict) -> dict:
+    return medpeft.train(config_from_dict(config), quiet=True)
+
+
+def scores(metrics: dict) -> tuple:
+    return metrics["best_epoch"], metrics["val"], metrics["test"]
+
+
+def test_lora_run_writes_a_complete_run_directory(run_config, tmp_path):
+    metrics = run(run_config)
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "log.jsonl", "metrics.json", "split.csv", "weights"]
+    assert json.loads((out / "metrics.json").read_text())["val"] == metrics["val"]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["method"] == {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "targets": ["qkv"]}
+    assert saved["train"]["lr"] == 0.003 and saved["model"]["weights"] == "random"
+    split = (out / "split.csv").read_text().splitlines()
+    assert split[0] == "image_id,patient_id,split" and len(split) == 65
+    assert metrics["split_sizes"]["train"] + metrics["split_sizes"]["val"] + metrics["split_sizes"]["test"] == 64
+    assert (out / "weights" / "adapter_model.safetensors").is_file()
+    assert metrics["parameters"]["trainable"] == 2 * 4 * (32 + 96) + 2 * 33
+    events = [json.loads(line)["event"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert events.count("epoch") == 2 and "step" in events
+    assert set(metrics["val"]["per_label"]) == {"bright", "dark"}
+
+
+def test_saved_weights_hold_only_the_trainable_parameters(run_config, tmp_path):
+    run_config["method"] = {"name": "linear_probe"}
+    run(run_config)
+    from safetensors.torch import load_file
+
+    assert sorted(load_file(str(tmp_path / "run" / "weights" / "adapter.safetensors"))) == ["head.bias", "head.weight"]
+
+
+def test_evaluate_reproduces_the_run_test_metrics(run_config, tmp_path):
+    metrics = run(run_config)
+    assert medpeft.evaluate(tmp_path / "run", "test") == metrics["test"]
+
+
+def test_run_adapter_loads_through_peft_from_pretrained(run_config, tmp_path):
+    run(run_config)
+    config, table, model = medpeft.load_run(tmp_path / "run")
+    torch.manual_seed(0)
+    from medpeft.backbones import create_backbone
+
+    base, _ = create_backbone(config.model, 2)
+    reloaded = PeftModel.from_pretrained(base, str(tmp_path / "run" / "weights")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(reloaded(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_same_seed_gives_identical_metrics_on_cpu(run_config, tmp_path):
+    first = run(run_config)
+    run_config["output_dir"] = str(tmp_path / "again")
+    assert scores(run(run_config)) == scores(first)
+
+
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4, "targets": ["q", "v"]}])
+def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(run_config, tmp_path, monkeypatch, method):
+    run_config["method"] = method
+    run_config["train"]["epochs"] = 3
+    run_config["augment"] = {"rand_augment_ops": 1}
+    run_config["model"]["drop_path_rate"] = 0.2
+    uninterrupted = run(run_config)
+
+    run_config["output_dir"] = str(tmp_path / "interrupted")
+    evaluate = recipe.evaluate_split
+    calls = []
+
+    def crash_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "evaluate_split", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run(run_config)
+    monkeypatch.setattr(recipe, "evaluate_split", evaluate)
+    out = tmp_path / "interrupted"
+    assert not rundir.is_complete(out) and (out / "checkpoint.pt").is_file()
+    with pytest.raises(RunDirError, match="incomplete"):
+        medpeft.evaluate(out)
+
+    resumed = run(run_config)
+    assert scores(resumed) == scores(uninterrupted)
+    assert resumed["epochs_run"] == 3
+    assert '"event": "resume", "epoch": 1' in (out / "log.jsonl").read_text()
+
+
+def test_complete_run_is_not_overwritten_and_another_config_is_refused(run_config, tmp_path):
+    run(run_config)
+    with pytest.raises(RunDirError, match="complete already"):
+        run(run_config)
+    (tmp_path / "run" / "metrics.json").unlink()
+    run_config["train"]["lr"] = 0.01
+    with pytest.raises(RunDirError, match="another config"):
+        run(run_config)
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement(run_config):
+    run_config["train"].update(epochs=6, lr=1e-9, min_lr=1e-9, warmup_epochs=0, early_stopping_patience=1)
+    run_config["augment"] = {"enabled": False}
+    run_config["model"]["drop_path_rate"] = 0.0
+    metrics = run(run_config)
+    assert metrics["stopped_early"] and metrics["epochs_run"] == 2 and metrics["best_epoch"] == 1
+
+
+def test_multiclass_task_trains_with_cross_entropy_and_reports_accuracy(tmp_path, squares_csv):
+    import pandas as pd
+
+    frame = pd.read_csv(squares_csv)
+    frame["kind"] = ["both" if b and d else "bright" if b else "dark" if d else "none"
+                     for b, d in zip(frame["bright"], frame["dark"])]
+    csv = squares_csv.parent / "kinds.csv"
+    frame.to_csv(csv, index=False)
+    metrics = run({
+        "model": {"name": "vit_tiny_patch16_224", "weights": "random", "img_size": 32,
+                  "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8}},
+        "data": {"csv": str(csv), "patient_column": "patient", "label_column": "kind", "task": "multiclass",
+                 "labels": ["none", "bright", "dark", "both"], "negative_names": []},
+        "method": {"name": "full"},
+        "train": {"epochs": 1, "batch_size": 16},
+        "output_dir": str(tmp_path / "mc"),
+    })
+    assert 0.0 <= metrics["val"]["accuracy"] <= 1.0 and "macro_f1" in metrics["test"]
+
+
+def test_bad_inputs_leave_no_run_directory(run_config, tmp_path):
+    out = tmp_path / "run"
+    bad = dict(run_config, model={**run_config["model"], "weights": str(tmp_path / "missing.pth")})
+    with pytest.raises(CheckpointError, match="missing.pth: checkpoint file not found"):
+        run(bad)
+    bad = dict(run_config, data={**run_config["data"], "labels": ["bright", "nodule"]})
+    with pytest.raises(DataError, match="column 'nodule' not found"):
+        run(bad)
+    with pytest.raises(ConfigError, match="config key 'train.learning_rate' does not exist"):
+        config_from_dict(dict(run_config, train={"learning_rate": 1}))
+    assert not out.exists()
+
+
+def test_unreadable_image_fails_before_training_and_names_the_row(run_config, squares_csv, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(squares_csv.parent, data)
+    (data / "img005.png").write_bytes(b"not a png")
+    run_config["data"]["csv"] = str(data / "labels.csv")
+    with pytest.raises(DataError, match=r"labels.csv: row 7: .*img005.png is not a readable image"):
+        run(run_config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_truncated_image_during_training_leaves_an_incomplete_run(run_config, squares_csv, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(squares_csv.parent, data)
+    image = data / "img010.png"
+    image.write_bytes(image.read_bytes()[:60])  # header intact, pixel data cut off
+    run_config["data"]["csv"] = str(data / "labels.csv")
+    with pytest.raises(DataError, match="img010.png: unreadable image"):
+        run(run_config)
+    assert not rundir.is_complete(tmp_path / "run")
+
+
+def test_phantoms_train_through_the_generic_csv_reader(tmp_path):
+    from medpeft.data.phantoms import FINDINGS, generate_phantoms
+
+    csv = generate_phantoms(tmp_path / "phantoms", n_patients=40, size=32, seed=3)
+    metrics = run({
+        "model": {"name": "vit_tiny_patch16_224", "weights": "random", "img_size": 32,
+                  "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8}},
+        "data": {"csv": str(csv), "patient_column": "patient_id", "labels": list(FINDINGS),
+                 "split": {"val_fraction": 0.3, "test_fraction": 0.2}},
+        "method": {"name": "lora"}, "train": {"epochs": 1, "batch_size": 16},
+        "output_dir": str(tmp_path / "run"),
+    })
+    assert set(metrics["val"]["per_label"]) == set(FINDINGS)
+    assert sum(metrics["split_sizes"].values()) == len(open(csv).read().splitlines()) - 1
