@@ -36,8 +36,8 @@ def test_cli_trains_then_evaluates_and_bad_input_is_one_line_exit_2(run_config, 
 
 
 def test_overrides_are_parsed_as_yaml_values():
-    assert parse_overrides(["train.lr=1e-3", "method.targets=[q, v]", "train.layer_decay=null"]) == {
-        "train": {"lr": 1e-3, "layer_decay": None}, "method": {"targets": ["q", "v"]}}
+    assert parse_overrides(["train.lr=0.001", "method.targets=[q, v]", "train.layer_decay=null"]) == {
+        "train": {"lr": 0.001, "layer_decay": None}, "method": {"targets": ["q", "v"]}}
     with pytest.raises(ConfigError, match="must look like key=value"):
         parse_overrides(["train.lr"])
 
@@ -46,6 +46,9 @@ def test_config_types_and_required_keys_are_checked(run_config, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(run_config))
     assert load_config(path, ["train.lr=1"]).train.lr == 1.0  # an int is a valid float
+    assert load_config(path, ["train.lr=1e-3"]).train.lr == 1e-3  # YAML reads 1e-3 as a string
+    with pytest.raises(ConfigError, match="train.lr must be float"):
+        load_config(path, ["train.lr=fast"])
     with pytest.raises(ConfigError, match="train.epochs must be int, got 'ten'"):
         load_config(path, ["train.epochs=ten"])
     with pytest.raises(ConfigError, match="train.precision must be one of"):
