@@ -192,3 +192,13 @@ def test_phantoms_train_through_the_generic_csv_reader(tmp_path):
     })
     assert set(metrics["val"]["per_label"]) == set(FINDINGS)
     assert sum(metrics["split_sizes"].values()) == len(open(csv).read().splitlines()) - 1
+
+
+def test_diverged_training_is_an_error_not_a_metric(run_config, tmp_path):
+    from medpeft.errors import TrainingError
+
+    run_config["method"] = {"name": "full"}
+    run_config["train"].update(lr=1e12, optimizer="sgd", warmup_epochs=0)
+    with pytest.raises(TrainingError, match="training diverged"):
+        run(run_config)
+    assert not rundir.is_complete(tmp_path / "run")

@@ -19,3 +19,7 @@ class CheckpointError(MedpeftError):
 
 class RunDirError(MedpeftError):
     """A run directory is missing, incomplete, complete already or from another config."""
+
+
+class TrainingError(MedpeftError):
+    """Training cannot go on (e.g. it diverged)."""

@@ -23,14 +23,14 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader
 
-from medpeft.backbones import count_parameters, create_backbone
-from medpeft.config import RunConfig, dump_config, load_config
+from medpeft.backbones import LoadReport, count_parameters, create_backbone
+from medpeft.config import RunConfig, TrainConfig, dump_config, load_config
 from medpeft.data.csv_reader import read_csv_dataset
 from medpeft.data.dataset import ImageDataset, build_transform
 from medpeft.data.images import check_images
 from medpeft.data.splits import assign_splits
-from medpeft.errors import DataError, RunDirError
-from medpeft.methods import get_method, unwrap
+from medpeft.errors import ConfigError, DataError, RunDirError, TrainingError
+from medpeft.methods import MethodSpec, get_method, unwrap
 from medpeft.methods.registry import load_trainable_state_dict, trainable_state_dict
 from medpeft.metrics import classification_metrics
 from medpeft.train import rundir
@@ -66,8 +66,8 @@ def make_loader(table: pd.DataFrame, split: str, config: RunConfig, train: bool)
 class Built:
     model: nn.Module
     """The model to train and call (the method may wrap the backbone)."""
-    spec: object
-    load_report: object
+    spec: MethodSpec
+    load_report: LoadReport | None
     backbone_parameters: int
     trainable_parameters: int
 
@@ -81,6 +81,23 @@ def build_model(config: RunConfig) -> Built:
     model = spec.apply(backbone, config.method)
     trainable, _ = count_parameters(model)
     return Built(model, spec, report, backbone_parameters, trainable)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """timm's optimiser factory on the unwrapped timm model, over trainable parameters only: no weight
+    decay for 1-D parameters (norms, biases) and the model's no_weight_decay() set (pos_embed,
+    cls_token); layer-wise lr decay from the model's block structure (lr_scale per group)."""
+    return create_optimizer_v2(
+        unwrap(model), opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
+        **({"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> CosineLRScheduler:
+    """Per optimiser step: linear warmup from min_lr to lr, then cosine decay to min_lr."""
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    return CosineLRScheduler(
+        optimizer, t_initial=max(1, cfg.epochs * steps_per_epoch - warmup_steps), lr_min=cfg.min_lr,
+        warmup_t=warmup_steps, warmup_lr_init=cfg.min_lr, warmup_prefix=True, t_in_epochs=False)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -119,6 +136,9 @@ def evaluate_split(model, table, split, config, device) -> dict | None:
         return None
     probs, targets = predict(model, make_loader(table, split, config, train=False), device,
                              config.train.precision, config.data.task)
+    if not np.isfinite(probs).all():
+        raise TrainingError(f"{config.output_dir}: the model gives non-finite outputs on the {split} split: "
+                            f"training diverged (lower train.lr; on GPU prefer bf16 to fp16)")
     return classification_metrics(targets, probs, config.data.labels, config.data.task)
 
 
@@ -168,6 +188,10 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
     console.print(f"{config.model.name} + {spec.name}: {built.trainable_parameters:,} trainable parameters "
                   f"({percent:.3f}% of {built.backbone_parameters:,})")
 
+    device = resolve_device(cfg.device)
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"train.precision 'fp16' needs a CUDA device, not {device}; use 'bf16'")
+
     run_dir.mkdir(parents=True, exist_ok=True)
     split_path = run_dir / rundir.SPLIT
     if resume is not None and not _split_frame(table).equals(
@@ -176,18 +200,10 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
     rundir.write_text_atomic(run_dir / rundir.CONFIG, config_text)
     rundir.write_text_atomic(split_path, _split_frame(table).to_csv(index=False))
 
-    device = resolve_device(cfg.device)
     model.to(device)
     train_loader = make_loader(table, "train", config, train=True)
-    val_loader = make_loader(table, "val", config, train=False)
-    optimizer = create_optimizer_v2(
-        unwrap(model), opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-        layer_decay=cfg.layer_decay, **({"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}))
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = CosineLRScheduler(
-        optimizer, t_initial=max(1, cfg.epochs * steps_per_epoch - warmup_steps), lr_min=cfg.min_lr,
-        warmup_t=warmup_steps, warmup_lr_init=cfg.min_lr, warmup_prefix=True, t_in_epochs=False)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, math.ceil(len(train_loader) / cfg.grad_accum_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     loss_fn = loss_function(config.data.task)
 
@@ -239,7 +255,7 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
                                 ips=seen / (time.perf_counter() - epoch_start))
 
         val = evaluate_split(model, table, "val", config, device)
-        score = val["mean_auroc"] if val["mean_auroc"] is not None else -math.inf
+        score = val["mean_auroc"]
         improved = score > state["best_score"]
         if improved:
             state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
