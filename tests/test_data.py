@@ -19,7 +19,7 @@ def write_csv(tmp_path, text):
 def test_zero_one_columns_become_the_label_table(tmp_path):
     csv = write_csv(tmp_path, "path,pid,A,B\nx/1.png,p1,1,0\nx/2.png,p1,0,1\nx/3.png,p2,1,1\n")
     table = read_csv_dataset(DataConfig(csv=str(csv), patient_column="pid", labels=["B", "A"]))
-    assert list(table.columns) == ["image_id", "path", "patient_id", "B", "A"]
+    assert list(table.columns) == ["image_id", "path", "patient_id", "view", "B", "A"]
     assert table[["B", "A"]].to_numpy().tolist() == [[0, 1], [1, 0], [1, 1]]
     assert table["path"].iloc[0] == str(tmp_path / "x/1.png")
     assert table["patient_id"].tolist() == ["p1", "p1", "p2"]
