@@ -1,0 +1,90 @@
+"""CheXpert (Irvin et al. 2019), v1.0 and v1.0-small: ``train.csv`` / ``valid.csv``.
+
+Cells are 1.0 (positive), 0.0 (negative), -1.0 (uncertain) or blank (not mentioned = negative).
+What an uncertain label becomes is a policy per label: 'ones', 'zeros' or 'ignore' (NaN: masked
+out of the loss and the metric).
+"""
+
+from __future__ import annotations
+
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medpeft.data.table import check_unique_ids, first_row, read_table_file, require_columns
+from medpeft.errors import DataError
+
+CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+                   "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+                   "Pleural Other", "Fracture", "Support Devices")
+# The competition tasks, in the order of the MRM / MED-PEFT split lists.
+COMPETITION_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+UNCERTAINTY_POLICIES = ("ones", "zeros", "ignore")
+# Named presets; a label missing from a preset takes its 'default'.
+UNCERTAINTY_PRESETS = {
+    "ones": {"default": "ones"},
+    "zeros": {"default": "zeros"},
+    "ignore": {"default": "ignore"},
+    # U-Ones where it helped in the CheXpert paper, U-Zeros elsewhere: what the MED-PEFT / MRM lists use.
+    "med-peft": {"default": "zeros", "Atelectasis": "ones", "Edema": "ones", "Pleural Effusion": "ones"},
+}
+_VALUES = {"1.0": 1.0, "1": 1.0, "0.0": 0.0, "0": 0.0, "": 0.0}
+
+
+def resolve_uncertainty(uncertainty: str | dict, labels) -> dict[str, str]:
+    """A preset name or a {label: policy} mapping (with optional 'default') -> a policy for every label."""
+    if isinstance(uncertainty, str):
+        if uncertainty not in UNCERTAINTY_PRESETS:
+            raise DataError(f"uncertainty preset {uncertainty!r} is unknown (expected one of {list(UNCERTAINTY_PRESETS)})")
+        uncertainty = UNCERTAINTY_PRESETS[uncertainty]
+    unknown = set(uncertainty) - set(labels) - {"default"}
+    if unknown:
+        raise DataError(f"uncertainty policy names labels not in {list(labels)}: {sorted(unknown)}")
+    policies = {name: uncertainty.get(name, uncertainty.get("default", "ignore")) for name in labels}
+    bad = {k: v for k, v in policies.items() if v not in UNCERTAINTY_POLICIES}
+    if bad:
+        raise DataError(f"uncertainty policies must be one of {list(UNCERTAINTY_POLICIES)}, got {bad}")
+    return policies
+
+
+def read_chexpert(csv: str | Path, labels=COMPETITION_LABELS, uncertainty: str | dict = "med-peft",
+                  frontal_only: bool = False, image_root: str | Path | None = None) -> pd.DataFrame:
+    """The plain table of a CheXpert CSV. ``image_id`` is the CSV's Path ('CheXpert-v1.0-small/train/...'),
+    resolved against `image_root` (default: the folder above the dataset folder, where the CSV's paths start)."""
+    csv = Path(csv)
+    labels = list(labels)
+    unknown = set(labels) - set(CHEXPERT_LABELS)
+    if unknown:
+        raise DataError(f"CheXpert has no label {sorted(unknown)[0]!r} (labels: {list(CHEXPERT_LABELS)})")
+    policies = resolve_uncertainty(uncertainty, labels)
+    frame = read_table_file(csv, "CheXpert CSV")
+    require_columns(frame, ["Path", "Frontal/Lateral", "AP/PA", *labels], csv)
+    image_ids = frame["Path"].str.strip()
+    check_unique_ids(image_ids, csv)
+    patients = image_ids.str.extract(r"(patient\d+)", expand=False)
+    if patients.isna().any():
+        raise DataError(f"{csv}: row {first_row(patients.isna())}: no 'patientNNNNN' in the Path")
+    frontal = frame["Frontal/Lateral"].str.strip() == "Frontal"
+    root = Path(image_root) if image_root else csv.parent.parent
+    table = pd.DataFrame({
+        "image_id": image_ids,
+        "path": [str(root / p) for p in image_ids],
+        "patient_id": patients,
+        "view": np.where(frontal, frame["AP/PA"].str.strip(), "Lateral"),
+    })
+    uncertain_value = {"ones": 1.0, "zeros": 0.0, "ignore": np.nan}
+    for name in labels:
+        cells = frame[name].str.strip()
+        bad = ~cells.isin(list(_VALUES) + ["-1.0", "-1"])
+        if bad.any():
+            row = first_row(bad)
+            raise DataError(f"{csv}: row {row}: column '{name}' has {cells.iloc[row - 2]!r}, "
+                            f"expected 1.0, 0.0, -1.0 or blank")
+        table[name] = cells.map(_VALUES).fillna(uncertain_value[policies[name]]).astype(np.float32)
+    if frontal_only:
+        table = table[frontal.to_numpy()].reset_index(drop=True)
+    return table
+
+

@@ -1,0 +1,60 @@
+"""RSNA Pneumonia Detection Challenge (2018): ``stage_2_train_labels.csv`` (one row per box, or one
+row with Target 0) and ``stage_2_detailed_class_info.csv``. One image (DICOM) per patient."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medpeft.data.table import read_table_file, require_columns
+from medpeft.errors import DataError
+
+RSNA_LABELS = ("Pneumonia",)
+RSNA_CLASSES = ("Normal", "No Lung Opacity / Not Normal", "Lung Opacity")
+IMAGE_FOLDER = "stage_2_train_images"
+
+
+def read_rsna(train_labels: str | Path, detailed_class_info: str | Path | None = None,
+              image_dir: str | Path | None = None) -> pd.DataFrame:
+    """The plain table, one row per patient: 'Pneumonia' = max Target over the patient's rows, or with
+    `detailed_class_info` the three classes one-hot (Normal / No Lung Opacity - Not Normal / Lung Opacity).
+
+    ``image_id`` is ``stage_2_train_images/<patientId>.dcm``, as the published split lists write it;
+    `image_dir` is the folder that holds ``stage_2_train_images`` (default: the CSV's folder).
+    """
+    train_labels = Path(train_labels)
+    boxes = read_table_file(train_labels, "RSNA train labels")
+    require_columns(boxes, ["patientId", "Target"], train_labels)
+    bad = ~boxes["Target"].isin(["0", "1"])
+    if bad.any():
+        row = int(np.argmax(bad.to_numpy())) + 2
+        raise DataError(f"{train_labels}: row {row}: Target is {boxes['Target'].iloc[row - 2]!r}, expected 0 or 1")
+    target = boxes.assign(Target=boxes["Target"].astype(int)).groupby("patientId", sort=False)["Target"].max()
+    patients = target.index.to_series()
+    image_ids = IMAGE_FOLDER + "/" + patients + ".dcm"
+    root = Path(image_dir) if image_dir else train_labels.parent
+    table = pd.DataFrame({"image_id": image_ids.to_numpy(), "path": [str(root / i) for i in image_ids],
+                          "patient_id": patients.to_numpy(), "view": ""})
+    if detailed_class_info is None:
+        table["Pneumonia"] = target.to_numpy().astype(np.float32)
+        return table
+    info = read_table_file(detailed_class_info, "RSNA detailed class info")
+    require_columns(info, ["patientId", "class"], detailed_class_info)
+    classes = info.groupby("patientId")["class"].agg(lambda c: c.iloc[0] if c.nunique() == 1 else None)
+    conflicting = classes[classes.isna()]
+    if len(conflicting):
+        raise DataError(f"{detailed_class_info}: patient {conflicting.index[0]} has more than one class")
+    per_patient = classes.reindex(patients)
+    if per_patient.isna().any():
+        raise DataError(f"{detailed_class_info}: no class for patient {per_patient[per_patient.isna()].index[0]}")
+    unknown = ~per_patient.isin(RSNA_CLASSES)
+    if unknown.any():
+        raise DataError(f"{detailed_class_info}: unknown class {per_patient[unknown].iloc[0]!r} "
+                        f"(expected one of {list(RSNA_CLASSES)})")
+    for name in RSNA_CLASSES:
+        table[name] = (per_patient.to_numpy() == name).astype(np.float32)
+    if not np.array_equal(table["Lung Opacity"].to_numpy(), target.to_numpy()):
+        raise DataError(f"{detailed_class_info}: 'Lung Opacity' disagrees with Target in {train_labels}")
+    return table
