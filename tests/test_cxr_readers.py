@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medpeft.data.chexpert import COMPETITION_LABELS, read_chexpert
-from medpeft.data.nih import NIH_LABELS, nih_official_split, read_nih
-from medpeft.data.rsna import RSNA_CLASSES, read_rsna
+from medpeft.data.chexpert import read_chexpert
+from medpeft.data.labels import CHEXPERT_COMPETITION_LABELS as COMPETITION_LABELS, NIH_LABELS, RSNA_CLASSES
+from medpeft.data.nih import nih_official_split, read_nih
+from medpeft.data.rsna import read_rsna
 from medpeft.data.split_list import label_mismatches, read_split_list
 from medpeft.errors import DataError
 

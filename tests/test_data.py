@@ -74,7 +74,7 @@ def test_patient_split_keeps_patients_on_one_side_and_is_seeded():
 
 def test_split_column_is_checked_for_values_and_patient_leaks():
     table = pd.DataFrame({"patient_id": ["a", "a", "b"], "split": ["train", "val", "val"]})
-    with pytest.raises(DataError, match="patient 'a' is in more than one split"):
+    with pytest.raises(DataError, match=r"patient 'a' is in more than one split \(train, val\)"):
         assign_splits(table, SplitConfig(column="fold"), "x.csv")
     table["split"] = ["train", "train", "valid"]
     with pytest.raises(DataError, match="row 4: split column 'fold' has 'valid'"):
@@ -91,12 +91,17 @@ def test_images_of_any_mode_decode_to_8_bit_gray(tmp_path):
     assert abs(load_grayscale(str(tmp_path / "rgb.jpg")).getpixel((0, 0)) - 10) <= 2
 
 
-def test_missing_and_unreadable_images_name_the_row(tmp_path):
+def test_missing_and_unreadable_images_are_named_or_skipped(tmp_path):
     Image.new("L", (8, 8)).save(tmp_path / "ok.png")
     (tmp_path / "bad.png").write_bytes(b"\x89PNG garbage")
-    with pytest.raises(DataError, match=r"labels.csv: row 3: .*gone.png not found"):
-        check_images([str(tmp_path / "ok.png"), str(tmp_path / "gone.png")], "labels.csv")
-    with pytest.raises(DataError, match=r"labels.csv: row 2: .*bad.png is not a readable image"):
-        check_images([str(tmp_path / "bad.png")], "labels.csv")
+    table = pd.DataFrame({"image_id": ["ok.png", "gone.png", "bad.png"],
+                          "path": [str(tmp_path / n) for n in ("ok.png", "gone.png", "bad.png")]})
+    with pytest.raises(DataError, match=r"labels.csv: image gone.png: .*gone.png not found"):
+        check_images(table, "error", "labels.csv")
+    with pytest.raises(DataError, match=r"labels.csv: image bad.png: .*bad.png not a readable image"):
+        check_images(table.iloc[[0, 2]], "error", "labels.csv")
+    with pytest.warns(UserWarning, match="skipped 2 missing or unreadable images"):
+        kept = check_images(table, "skip", "labels.csv")
+    assert kept["image_id"].tolist() == ["ok.png"]
     with pytest.raises(DataError, match="bad.png: unreadable image"):
         load_grayscale(str(tmp_path / "bad.png"))

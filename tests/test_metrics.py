@@ -58,3 +58,28 @@ def test_multiclass_adds_accuracy_and_macro_f1():
     assert m["accuracy"] == pytest.approx(accuracy_score(classes, probs.argmax(1)))
     assert m["macro_f1"] == pytest.approx(f1_score(classes, probs.argmax(1), average="macro"))
     assert m["per_label"]["b"]["auroc"] == pytest.approx(roc_auc_score(classes == 1, probs[:, 1]))
+
+
+def test_unknown_targets_are_left_out_of_each_label_metric():
+    rng = np.random.default_rng(3)
+    targets = rng.integers(0, 2, (40, 2)).astype(float)
+    probs = rng.random((40, 2))
+    masked = targets.copy()
+    masked[:10, 0] = np.nan
+    m = classification_metrics(masked, probs, ["a", "b"], "multilabel")
+    assert m["per_label"]["a"]["auroc"] == pytest.approx(roc_auc_score(targets[10:, 0], probs[10:, 0]))
+    assert m["per_label"]["a"]["unknown"] == 10 and m["per_label"]["b"]["unknown"] == 0
+    assert m["per_label"]["b"]["auroc"] == pytest.approx(roc_auc_score(targets[:, 1], probs[:, 1]))
+
+
+def test_masked_bce_ignores_unknown_targets():
+    import torch
+
+    from medpeft.train.recipe import masked_bce
+
+    logits = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
+    targets = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.tensor([2.0, 0.5, 3.0]), torch.tensor([1.0, 0.0, 1.0]))
+    assert torch.allclose(masked_bce(logits, targets), expected)
+    assert masked_bce(logits, torch.full((2, 2), float("nan"))).item() == 0.0

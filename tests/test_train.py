@@ -160,7 +160,7 @@ def test_unreadable_image_fails_before_training_and_names_the_row(run_config, sq
     shutil.copytree(squares_csv.parent, data)
     (data / "img005.png").write_bytes(b"not a png")
     run_config["data"]["csv"] = str(data / "labels.csv")
-    with pytest.raises(DataError, match=r"labels.csv: row 7: .*img005.png is not a readable image"):
+    with pytest.raises(DataError, match=r"labels.csv: image img005.png: .*img005.png not a readable image"):
         run(run_config)
     assert not (tmp_path / "run").exists()
 

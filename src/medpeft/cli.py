@@ -50,6 +50,58 @@ def demo(out: Path = typer.Option(Path("demo-runs"), "--out", help="Folder for t
     run_demo(out)
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets, write split files, build image caches.")
+app.add_typer(data_app, name="data")
+
+
+def _prepared(config: Path, set_: Optional[List[str]]):
+    from medpeft import load_config
+    from medpeft.train.recipe import prepare_table
+
+    run_config = load_config(config, list(set_ or []), base={"output_dir": "-"})
+    return run_config, prepare_table(run_config)
+
+
+@data_app.command("inspect")
+def data_inspect(config: Path = typer.Argument(..., help="YAML run config (its data section is used)."),
+                 set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key (repeatable).")):
+    """Images, patients, views and label prevalence per split, as a run of CONFIG would see them."""
+    from medpeft.data.summary import summarize
+
+    run_config, table = _prepared(config, set_)
+    summary = summarize(table, run_config.data.labels)
+    view = Table(title=f"{run_config.data.format}: {run_config.data.csv}")
+    for column in summary.columns:
+        view.add_column(str(column), justify="left" if column in ("split", "views") else "right")
+    for row in summary.itertuples(index=False):
+        view.add_row(*map(str, row))
+    console.print(view)
+
+
+@data_app.command("split")
+def data_split(config: Path = typer.Argument(..., help="YAML run config (its data section is used)."),
+               out: Path = typer.Option(..., "--out", help="Folder for the split files."),
+               fractions: str = typer.Option("0.01,0.1,1", help="Label fractions of train, nested."),
+               set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key (repeatable).")):
+    """Write train (one file per label fraction, nested), val and test split files with content hashes."""
+    from medpeft.data.label_fractions import label_fraction_subsets, write_split_file
+
+    run_config, table = _prepared(config, set_)
+    wanted = [float(f) for f in fractions.split(",")]
+    train = table[table["split"] == "train"]
+    subsets = label_fraction_subsets(train, list(run_config.data.labels), wanted, run_config.data.split.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"config": str(config), "seed": run_config.data.split.seed}
+    for fraction, ids in subsets.items():
+        digest = write_split_file(ids, out / f"train_{fraction:g}.txt", {**meta, "label_fraction": fraction})
+        console.print(f"train {fraction:g}: {len(ids)} images  sha256 {digest[:16]}  -> {out / f'train_{fraction:g}.txt'}")
+    for name in ("val", "test"):
+        ids = table.loc[table["split"] == name, "image_id"].tolist()
+        if ids:
+            digest = write_split_file(ids, out / f"{name}.txt", meta)
+            console.print(f"{name}: {len(ids)} images  sha256 {digest[:16]}  -> {out / f'{name}.txt'}")
+
+
 def print_metrics(metrics: dict, split: str) -> None:
     table = Table(title=f"{split}: mean AUROC {_fmt(metrics['mean_auroc'])} over {metrics['n']} images")
     for column in ("label", "AUROC", "AUPRC", "positives", "negatives"):

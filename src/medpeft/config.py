@@ -15,10 +15,13 @@ from typing import Any
 
 import yaml
 
+from medpeft.data.labels import CHEXPERT_COMPETITION_LABELS, NIH_LABELS, RSNA_CLASSES, RSNA_LABELS
 from medpeft.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Formats and the labels they use when data.labels is not given.
+DEFAULT_LABELS = {"csv": (), "nih": NIH_LABELS, "chexpert": CHEXPERT_COMPETITION_LABELS, "rsna": RSNA_LABELS}
 
 
 @dataclass
@@ -44,11 +47,19 @@ class ModelConfig:
 
 @dataclass
 class SplitConfig:
+    files: dict = field(default_factory=dict)
+    """Split files by split name (train, val, test, or train_val: a pool that val_fraction carves a
+    patient-disjoint val from): published lists ('<path> <0/1 labels...>', labels checked against the
+    dataset), image-name lists (NIH's train_val_list.txt) or medpeft split files. Unlisted images are unused."""
     column: str | None = None
-    """CSV column holding train/val/test per row; if unset, a random patient-level split is drawn."""
+    """CSV column holding train/val/test per row (format 'csv')."""
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    """With neither files nor column: a random patient-level split with these fractions of the images."""
     seed: int = 0
+    label_fraction: float = 1.0
+    """Train on this fraction of the training images: a patient-level, label-stratified subset, nested
+    across fractions for a seed (the 1% subset lies inside the 10% one)."""
 
     def __post_init__(self):
         for key in ("val_fraction", "test_fraction"):
@@ -56,19 +67,30 @@ class SplitConfig:
                 raise ConfigError(f"data.split.{key} must be in [0, 1), got {getattr(self, key)}")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ConfigError("data.split.val_fraction + test_fraction must be < 1")
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ConfigError(f"data.split.label_fraction must be in (0, 1], got {self.label_fraction}")
+        unknown = set(self.files) - {"train", "val", "test", "train_val"}
+        if unknown:
+            raise ConfigError(f"data.split.files: unknown split {sorted(unknown)[0]!r} "
+                              f"(expected train, val, test or train_val)")
+        if self.files and self.column:
+            raise ConfigError("data.split: give files or column, not both")
 
 
 @dataclass
 class DataConfig:
-    csv: str = ""
-    """Labels CSV: one row per image."""
+    format: str = "csv"
+    """Reader: 'csv' (generic labels CSV), 'nih' (Data_Entry_2017*.csv), 'chexpert' (train.csv /
+    valid.csv), 'rsna' (stage_2_train_labels.csv)."""
+    csv: str | list = ""
+    """The dataset's label file, or a list of them read as one dataset (CheXpert: [train.csv, valid.csv])."""
     image_root: str | None = None
-    """Folder the image paths are relative to; default: the CSV's folder."""
+    """Folder the image paths are relative to; default per reader (the CSV's folder; NIH: images/ beside it)."""
     path_column: str = "path"
     patient_column: str | None = None
     """Patient id column, used to keep a patient's images on one side of a split; default: one patient per row."""
     labels: list = field(default_factory=list)
-    """Label names, in output order."""
+    """Label names, in output order; default for nih / chexpert / rsna: the standard set."""
     label_column: str | None = None
     """One column of delimited label names per row ('A|B'); if unset, each label is a 0/1 column."""
     label_delimiter: str = "|"
@@ -76,6 +98,16 @@ class DataConfig:
     """Names in `label_column` meaning 'none of the labels' (multilabel tasks)."""
     task: str = "multilabel"
     """'multilabel' (sigmoid + BCE per label; binary = one label) or 'multiclass' (softmax + cross-entropy)."""
+    views: list | None = None
+    """Keep only these views (e.g. [PA]); None keeps all."""
+    frontal_only: bool = False
+    """CheXpert: drop lateral views."""
+    uncertainty: Any = "med-peft"
+    """CheXpert uncertain (-1) labels: a preset (ones, zeros, ignore, med-peft) or {label: policy, default: policy}."""
+    class_info: str | None = None
+    """RSNA: stage_2_detailed_class_info.csv for the 3-class task (labels: the three classes)."""
+    on_missing: str = "error"
+    """A listed image file that is missing or unreadable: 'error', or 'skip' it (the count is reported)."""
     split: SplitConfig = field(default_factory=SplitConfig)
     mean: list = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list = field(default_factory=lambda: list(IMAGENET_STD))
@@ -84,6 +116,13 @@ class DataConfig:
     def __post_init__(self):
         if not self.csv:
             raise ConfigError("data.csv is required: the path of a labels CSV")
+        _choice("data.format", self.format, tuple(DEFAULT_LABELS))
+        _choice("data.on_missing", self.on_missing, ("error", "skip"))
+        if not self.labels:
+            if self.format == "rsna" and self.class_info:
+                self.labels = list(RSNA_CLASSES)
+            else:
+                self.labels = list(DEFAULT_LABELS[self.format])
         if not self.labels:
             raise ConfigError("data.labels is required: the list of label names")
         if len(set(self.labels)) != len(self.labels):

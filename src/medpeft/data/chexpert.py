@@ -13,14 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from medpeft.data.labels import CHEXPERT_COMPETITION_LABELS, CHEXPERT_LABELS
 from medpeft.data.table import check_unique_ids, first_row, read_table_file, require_columns
 from medpeft.errors import DataError
 
-CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
-                   "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
-                   "Pleural Other", "Fracture", "Support Devices")
-# The competition tasks, in the order of the MRM / MED-PEFT split lists.
-COMPETITION_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 UNCERTAINTY_POLICIES = ("ones", "zeros", "ignore")
 # Named presets; a label missing from a preset takes its 'default'.
 UNCERTAINTY_PRESETS = {
@@ -49,7 +45,7 @@ def resolve_uncertainty(uncertainty: str | dict, labels) -> dict[str, str]:
     return policies
 
 
-def read_chexpert(csv: str | Path, labels=COMPETITION_LABELS, uncertainty: str | dict = "med-peft",
+def read_chexpert(csv: str | Path, labels=CHEXPERT_COMPETITION_LABELS, uncertainty: str | dict = "med-peft",
                   frontal_only: bool = False, image_root: str | Path | None = None) -> pd.DataFrame:
     """The plain table of a CheXpert CSV. ``image_id`` is the CSV's Path ('CheXpert-v1.0-small/train/...'),
     resolved against `image_root` (default: the folder above the dataset folder, where the CSV's paths start)."""

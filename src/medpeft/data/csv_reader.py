@@ -15,8 +15,9 @@ from medpeft.data.table import check_unique_ids, first_row, names_to_targets, re
 from medpeft.errors import DataError
 
 
-def read_csv_dataset(config: DataConfig) -> pd.DataFrame:
-    csv = Path(config.csv)
+def read_csv_dataset(config: DataConfig, path: str | Path | None = None) -> pd.DataFrame:
+    """The plain table of the labels CSV at `path` (default: ``config.csv``)."""
+    csv = Path(path or config.csv)
     frame = read_table_file(csv, "labels CSV")
     label_columns = [config.label_column] if config.label_column else list(config.labels)
     optional = [c for c in (config.patient_column, config.split.column) if c]

@@ -11,14 +11,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from medpeft.data.labels import NIH_LABELS, NIH_NO_FINDING
 from medpeft.data.splits import patient_split
 from medpeft.data.table import check_unique_ids, names_to_targets, read_table_file, require_columns
 from medpeft.errors import DataError
 
-# The standard label order of CheXNet, MRM, MED-PEFT and medical MAE.
-NIH_LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-              "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
-NO_FINDING = "No Finding"
 
 
 def read_nih(data_entry: str | Path, image_dir: str | Path | None = None, views=None) -> pd.DataFrame:
@@ -32,7 +29,7 @@ def read_nih(data_entry: str | Path, image_dir: str | Path | None = None, views=
     require_columns(frame, ["Image Index", "Finding Labels", "Patient ID", "View Position"], data_entry)
     image_ids = frame["Image Index"].str.strip()
     check_unique_ids(image_ids, data_entry)
-    targets = names_to_targets(frame["Finding Labels"], NIH_LABELS, [NO_FINDING], "|", data_entry, "Finding Labels")
+    targets = names_to_targets(frame["Finding Labels"], NIH_LABELS, [NIH_NO_FINDING], "|", data_entry, "Finding Labels")
     root = Path(image_dir) if image_dir else data_entry.parent / "images"
     patients = frame["Patient ID"].str.strip()
     if not patients.str.isdigit().all():

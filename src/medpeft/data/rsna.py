@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from medpeft.data.labels import RSNA_CLASSES
 from medpeft.data.table import read_table_file, require_columns
 from medpeft.errors import DataError
 
-RSNA_LABELS = ("Pneumonia",)
-RSNA_CLASSES = ("Normal", "No Lung Opacity / Not Normal", "Lung Opacity")
 IMAGE_FOLDER = "stage_2_train_images"
 
 

@@ -1,6 +1,9 @@
-"""Patient-level train/val/test splits: every image of a patient lands on the same side."""
+"""Which image goes to train, val and test: published split files, a split column, or a seeded
+patient-level draw; then an optional label-fraction subset of train. No patient is on two sides."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,21 +30,77 @@ def patient_split(patient_ids: pd.Series, val_fraction: float, test_fraction: fl
     return side[inverse]
 
 
-def assign_splits(table: pd.DataFrame, config: SplitConfig, source: str) -> pd.DataFrame:
-    """Return the table with a 'split' column: from the CSV's split column, or drawn per patient."""
+def read_split_ids(path: str | Path, table: pd.DataFrame, labels) -> list[str]:
+    """Image ids of a split file: a medpeft split file ('# sha256: ...' header), a published list
+    ('<path> <0/1 labels>', whose labels must agree with `table`), or one image name per line."""
+    from medpeft.data.label_fractions import read_split_file
+    from medpeft.data.split_list import label_mismatches, read_split_list
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: split file not found")
+    lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    if lines and lines[0][0].startswith("#"):
+        return read_split_file(path)
+    if lines and len(lines[0]) == 1:
+        return [fields[0] for fields in lines]
+    listed = read_split_list(path, labels)
+    try:
+        wrong = label_mismatches(table, listed, labels)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
+    if len(wrong):
+        raise DataError(f"{path}: the labels of {len(wrong)} images disagree with the dataset's, e.g. "
+                        f"{wrong['image_id'].iloc[0]} (another label set, order or uncertainty policy?)")
+    return listed["image_id"].tolist()
+
+
+def assign_splits(table: pd.DataFrame, config: SplitConfig, source, labels=()) -> pd.DataFrame:
+    """Return the table's used rows with a 'split' column, label fraction applied to train."""
     table = table.copy()
-    if config.column:
+    if config.files:
+        table["split"] = ""
+        for name, path in config.files.items():
+            ids = pd.Index(read_split_ids(path, table, labels))
+            listed = table["image_id"].isin(ids)
+            if listed.sum() != len(ids):
+                unknown = ids.difference(table["image_id"])
+                raise DataError(f"{path}: {len(unknown)} listed images are not in the dataset, e.g. {unknown[0]}")
+            twice = listed & (table["split"] != "")
+            if twice.any():
+                raise DataError(f"{path}: image {table.loc[twice, 'image_id'].iloc[0]} is also in the "
+                                f"'{table.loc[twice, 'split'].iloc[0]}' split file")
+            table.loc[listed, "split"] = name
+        table = table[table["split"] != ""].reset_index(drop=True)
+        _check_patients(table, source)
+        pool = table["split"] == "train_val"
+        if pool.any():
+            carved = patient_split(table.loc[pool, "patient_id"], config.val_fraction, 0.0, config.seed)
+            table.loc[pool, "split"] = np.where(carved == "val", "val", "train")
+    elif config.column:
         bad = ~table["split"].isin(SPLITS)
         if bad.any():
             index = int(np.argmax(bad.values))
             raise DataError(f"{source}: row {index + 2}: split column '{config.column}' has "
                             f"{table['split'].iloc[index]!r}, expected one of {list(SPLITS)}")
-        sides = table.groupby("patient_id")["split"].nunique()
-        if (sides > 1).any():
-            raise DataError(f"{source}: patient {sides[sides > 1].index[0]!r} is in more than one split")
+        _check_patients(table, source)
     else:
         table["split"] = patient_split(table["patient_id"], config.val_fraction, config.test_fraction, config.seed)
+    if config.label_fraction < 1.0:
+        from medpeft.data.label_fractions import label_fraction_subsets
+
+        train = table["split"] == "train"
+        kept = label_fraction_subsets(table[train], list(labels), [config.label_fraction], config.seed)
+        table = table[~train | table["image_id"].isin(kept[config.label_fraction])].reset_index(drop=True)
     for name in ("train", "val"):
         if not (table["split"] == name).any():
             raise DataError(f"{source}: the '{name}' split is empty (too few patients for the fractions?)")
     return table
+
+
+def _check_patients(table: pd.DataFrame, source) -> None:
+    sides = table.groupby("patient_id")["split"].nunique()
+    if (sides > 1).any():
+        patient = sides[sides > 1].index[0]
+        names = sorted(table.loc[table["patient_id"] == patient, "split"].unique())
+        raise DataError(f"{source}: patient {patient!r} is in more than one split ({', '.join(names)})")

@@ -32,7 +32,7 @@ def auroc(y_true: np.ndarray, y_score: np.ndarray) -> float | None:
 def classification_metrics(targets: np.ndarray, probs: np.ndarray, labels: list[str], task: str) -> dict:
     """Per-label AUROC / AUPRC and their macro means over labels where they are defined.
 
-    targets: (N, K) 0/1 (one-hot for 'multiclass'); probs: (N, K) sigmoid or softmax outputs.
+    targets: (N, K) 0/1, NaN = unknown (one-hot for 'multiclass'); probs: (N, K) sigmoid or softmax outputs.
     'multiclass' adds accuracy and macro F1 of the arg-max prediction.
     """
     targets = np.asarray(targets)
@@ -41,15 +41,17 @@ def classification_metrics(targets: np.ndarray, probs: np.ndarray, labels: list[
         raise ValueError(f"targets {targets.shape} and probs {probs.shape} must both be (N, {len(labels)})")
     per_label, undefined = {}, []
     for k, name in enumerate(labels):
-        y = targets[:, k]
-        area = auroc(y, probs[:, k])
+        known = np.isfinite(targets[:, k])  # NaN: unknown label (e.g. an ignored uncertain one), left out
+        y, score = targets[known, k], probs[known, k]
+        area = auroc(y, score)
         if area is None:
             undefined.append(name)
         per_label[name] = {
             "auroc": area,
-            "auprc": None if area is None else float(average_precision_score(y, probs[:, k])),
+            "auprc": None if area is None else float(average_precision_score(y, score)),
             "positives": int(y.sum()),
             "negatives": int(y.size - y.sum()),
+            "unknown": int((~known).sum()),
         }
     if undefined:
         warnings.warn(f"AUROC undefined (one class only in this split) for: {', '.join(undefined)}; "

@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader
 
 from medpeft.backbones import LoadReport, count_parameters, create_backbone
 from medpeft.config import RunConfig, TrainConfig, dump_config, load_config
-from medpeft.data.csv_reader import read_csv_dataset
 from medpeft.data.dataset import ImageDataset, build_transform
 from medpeft.data.images import check_images
+from medpeft.data.readers import read_dataset
 from medpeft.data.splits import assign_splits
 from medpeft.errors import ConfigError, DataError, RunDirError, TrainingError
 from medpeft.methods import MethodSpec, get_method, unwrap
@@ -39,11 +39,11 @@ from medpeft.train import rundir
 # ----------------------------------------------------------------------------- data
 def prepare_table(config: RunConfig) -> pd.DataFrame:
     """Read the labels CSV, check every image can be opened, assign the patient-level split."""
-    table = read_csv_dataset(config.data)
-    check_images(table["path"], config.data.csv)
-    table = assign_splits(table, config.data.split, config.data.csv)
+    table = read_dataset(config.data)
+    table = assign_splits(table, config.data.split, config.data.csv, config.data.labels)
+    table = check_images(table, config.data.on_missing, config.data.csv)
     val = table.loc[table["split"] == "val", config.data.labels].to_numpy()
-    if not any(0 < val[:, k].sum() < len(val) for k in range(val.shape[1])):
+    if not any(0 < np.nansum(column) < np.isfinite(column).sum() for column in val.T):
         raise DataError(f"{config.data.csv}: the validation split has no label with both classes; "
                         f"AUROC cannot select a model (more patients or a larger val_fraction?)")
     return table
@@ -115,7 +115,17 @@ def autocast(device: torch.device, precision: str):
 def loss_function(task: str):
     if task == "multiclass":
         return lambda logits, targets: nn.functional.cross_entropy(logits, targets.argmax(1))
-    return nn.functional.binary_cross_entropy_with_logits
+    return masked_bce
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy over the known targets; NaN (e.g. an ignored uncertain label) is left out."""
+    known = ~torch.isnan(targets)
+    if known.all():
+        return nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    # An all-unknown batch still gives a graph, with zero gradient.
+    return nn.functional.binary_cross_entropy_with_logits(logits[known], targets[known]) if known.any() \
+        else logits.sum() * 0.0
 
 
 @torch.no_grad()
@@ -316,7 +326,7 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, pd.DataFrame, nn.Module]:
     if not rundir.is_complete(run_dir):
         raise RunDirError(f"{run_dir}: the run is incomplete (no {rundir.METRICS}); resume it with medpeft train")
     config = load_config(run_dir / rundir.CONFIG)
-    table = read_csv_dataset(config.data).drop(columns="split", errors="ignore")
+    table = read_dataset(config.data).drop(columns="split", errors="ignore")
     saved = pd.read_csv(run_dir / rundir.SPLIT, dtype=str, keep_default_na=False)
     table = table.merge(saved[["image_id", "split"]], on="image_id", how="inner")
     if len(table) != len(saved):

@@ -1,0 +1,153 @@
+"""Decode-once image cache: every image decoded and resized a single time into one uint8 memmap.
+
+Layout of ``cache_dir/<key>/``: ``images.u8`` (raw uint8, shape (N, size, size), C order) and
+``index.json`` (format version, size, resize method, N, ordered image_ids, key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from medpeft.data.images import load_grayscale
+from medpeft.errors import DataError
+
+FORMAT_VERSION = 1
+# Part of the key: changing the resampling changes the pixels, so it must give another cache.
+RESIZE_METHOD = "PIL.Image.Resampling.BILINEAR,reducing_gap=None"
+_RESAMPLE = Image.Resampling.BILINEAR
+
+
+class ImageCache:
+    """Read-only store of N grayscale images, each (size, size) uint8."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        index_file, images_file = self.path / "index.json", self.path / "images.u8"
+        try:
+            index = json.loads(index_file.read_text())
+            self.size, n, ids = int(index["size"]), int(index["n"]), list(index["image_ids"])
+            self.key = index["key"]
+        except FileNotFoundError:
+            raise DataError(f"{index_file}: image cache index not found") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{index_file}: corrupt image cache index ({e})") from None
+        if index.get("format_version") != FORMAT_VERSION or index.get("resize_method") != RESIZE_METHOD:
+            raise DataError(f"{index_file}: image cache written by another format or resize method")
+        if len(ids) != n:
+            raise DataError(f"{index_file}: {len(ids)} image_ids for n={n}")
+        expected = n * self.size * self.size
+        actual = images_file.stat().st_size if images_file.is_file() else None
+        if actual != expected:
+            raise DataError(f"{images_file}: {actual} bytes, expected {expected} ({n} x {self.size} x {self.size}); "
+                            "the cache is truncated or corrupt, delete its folder to rebuild it")
+        # np.memmap cannot map an empty file.
+        self._images = (np.memmap(images_file, np.uint8, "r", shape=(n, self.size, self.size)) if n
+                        else np.zeros((0, self.size, self.size), np.uint8))
+        self._images.flags.writeable = False
+        self.image_ids = ids
+        self._positions = None
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Image i as a read-only (size, size) uint8 view of the memmap."""
+        return self._images[i]
+
+    def index_of(self, image_id) -> int:
+        if self._positions is None:
+            self._positions = {image_id: i for i, image_id in reversed(list(enumerate(self.image_ids)))}
+        try:
+            return self._positions[image_id]
+        except KeyError:
+            raise KeyError(f"image_id {image_id!r} is not in the cache at {self.path}") from None
+
+
+def open_cache(path) -> ImageCache:
+    """Open an existing cache folder; DataError if it is missing, truncated or corrupt."""
+    return ImageCache(path)
+
+
+def cache_key(image_ids, paths, size: int) -> str:
+    """First 16 hex chars of sha256 over format version, resize method, size and (image_id, path) pairs."""
+    ids, paths = [str(i) for i in image_ids], [str(p) for p in paths]
+    if len(ids) != len(paths):
+        raise ValueError(f"{len(ids)} image_ids but {len(paths)} paths")
+    # JSON encoding keeps pair boundaries unambiguous, whatever characters ids and paths contain.
+    payload = json.dumps([FORMAT_VERSION, RESIZE_METHOD, int(size), list(zip(ids, paths))])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _decode(paths, size: int) -> np.ndarray:
+    """Paths -> (len(paths), size, size) uint8; module-level so worker processes can run it."""
+    out = np.empty((len(paths), size, size), np.uint8)
+    for j, path in enumerate(paths):
+        out[j] = np.asarray(load_grayscale(path).resize((size, size), _RESAMPLE, reducing_gap=None))
+    return out
+
+
+def build_cache(image_ids, paths, size: int, cache_dir, workers: int = 1, progress: bool = False) -> ImageCache:
+    """Open ``cache_dir/<key>`` if it exists, else decode every image once and write it atomically."""
+    image_ids, paths = [str(i) for i in image_ids], [str(p) for p in paths]
+    key = cache_key(image_ids, paths, size)
+    final = Path(cache_dir) / key
+    if (final / "index.json").is_file():
+        return ImageCache(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Same filesystem as the final folder, so the rename below is atomic.
+    tmp = final.parent / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        n = len(paths)
+        if n:
+            images = np.memmap(tmp / "images.u8", np.uint8, "w+", shape=(n, size, size))
+            _fill(images, paths, size, workers, progress)
+            images.flush()
+            del images
+        else:
+            (tmp / "images.u8").touch()
+        index = {"format_version": FORMAT_VERSION, "size": int(size), "resize_method": RESIZE_METHOD,
+                 "n": n, "image_ids": image_ids, "key": key}
+        (tmp / "index.json").write_text(json.dumps(index))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # Another process renamed its complete copy into place first: use theirs.
+            if not (final / "index.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ImageCache(final)
+
+
+def _fill(images: np.memmap, paths, size: int, workers: int, progress: bool) -> None:
+    """Decode paths into images (N, size, size); chunks come back in order and the parent writes them."""
+    n = len(paths)
+    chunk = max(1, min(64, n // (max(workers, 1) * 4)))
+    starts = range(0, n, chunk)
+    if workers <= 1:
+        results = (_decode(paths[s:s + chunk], size) for s in starts)
+        pool = None
+    else:
+        pool = ProcessPoolExecutor(workers)
+        results = pool.map(_decode, [paths[s:s + chunk] for s in starts], [size] * len(starts))
+    try:
+        for s, block in zip(starts, results):
+            images[s:s + len(block)] = block
+            if progress:
+                print(f"\rimage cache: {s + len(block)}/{n} images", end="" if s + len(block) < n else "\n",
+                      flush=True)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
