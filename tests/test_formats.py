@@ -115,3 +115,61 @@ def test_chexpert_ignore_policy_masks_uncertain_labels_in_training(tmp_path):
     metrics = medpeft.train(config_from_dict(raw), quiet=True)
     unknown = metrics["val"]["per_label"]["Edema"]["unknown"] + metrics["test"]["per_label"]["Edema"]["unknown"]
     assert unknown > 0 and metrics["val"]["per_label"]["Cardiomegaly"]["unknown"] == 0
+
+
+def test_rsna_format_trains_on_dicom_images(tmp_path):
+    from test_dicom import write_dicom
+
+    rng = np.random.default_rng(2)
+    (tmp_path / "stage_2_train_images").mkdir()
+    rows = ["patientId,x,y,width,height,Target"]
+    for i in range(40):
+        pid = f"p{i:04d}"
+        sick = i % 2
+        pixels = rng.integers(800, 1200, (48, 48)).astype(np.uint16)
+        if sick:
+            pixels[10:30, 10:30] += 1500
+            rows += [f"{pid},10,10,20,20,1", f"{pid},30,30,5,5,1"]  # two boxes, one patient
+        else:
+            rows.append(f"{pid},,,,,0")
+        photometric = "MONOCHROME1" if i % 3 == 0 else "MONOCHROME2"
+        write_dicom(tmp_path / "stage_2_train_images" / f"{pid}.dcm", pixels, photometric=photometric)
+    (tmp_path / "stage_2_train_labels.csv").write_text("\n".join(rows) + "\n")
+    raw = {"model": dict(TINY_VIT), "method": {"name": "lora"},
+           "data": {"format": "rsna", "csv": str(tmp_path / "stage_2_train_labels.csv"),
+                    "split": {"val_fraction": 0.25, "test_fraction": 0.25}},
+           "train": {"epochs": 1, "batch_size": 8}, "output_dir": str(tmp_path / "run")}
+    config = config_from_dict(raw)
+    assert config.data.labels == ["Pneumonia"]
+    table = prepare_table(config)
+    assert len(table) == 40 and int(table["Pneumonia"].sum()) == 20
+    metrics = medpeft.train(config, quiet=True)
+    assert metrics["split_sizes"]["train"] + metrics["split_sizes"]["val"] + metrics["split_sizes"]["test"] == 40
+
+
+def test_data_inspect_and_split_commands(fake_nih, tmp_path):
+    import subprocess
+    import sys
+
+    from medpeft.data.label_fractions import read_split_file
+
+    config = tmp_path / "nih.yaml"
+    raw = nih_config(fake_nih, tmp_path / "run")
+    del raw["output_dir"]
+    config.write_text(yaml.safe_dump(raw))
+    inspect = subprocess.run([sys.executable, "-m", "medpeft", "data", "inspect", str(config)],
+                             capture_output=True, text=True)
+    assert inspect.returncode == 0, inspect.stderr
+    assert "test" in inspect.stdout and "20" in inspect.stdout and "Effusion" in inspect.stdout
+    out = tmp_path / "splits"
+    done = subprocess.run([sys.executable, "-m", "medpeft", "data", "split", str(config), "--out", str(out),
+                           "--fractions", "0.1,0.5,1"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    small, half, full = (set(read_split_file(out / f"train_{f}.txt")) for f in ("0.1", "0.5", "1"))
+    assert small < half < full and len(read_split_file(out / "test.txt")) == 20
+    # the written files drive a run as they are
+    raw["data"]["split"] = {"files": {"train": str(out / "train_0.5.txt"), "val": str(out / "val.txt"),
+                                      "test": str(out / "test.txt")}}
+    raw["output_dir"] = str(tmp_path / "run")
+    table = prepare_table(config_from_dict(raw))
+    assert set(table.loc[table["split"] == "train", "image_id"]) == half

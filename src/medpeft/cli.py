@@ -56,10 +56,10 @@ app.add_typer(data_app, name="data")
 
 def _prepared(config: Path, set_: Optional[List[str]]):
     from medpeft import load_config
-    from medpeft.train.recipe import prepare_table
+    from medpeft.data.readers import read_split_dataset
 
     run_config = load_config(config, list(set_ or []), base={"output_dir": "-"})
-    return run_config, prepare_table(run_config)
+    return run_config, read_split_dataset(run_config.data)
 
 
 @data_app.command("inspect")

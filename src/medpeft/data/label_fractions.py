@@ -33,7 +33,7 @@ def label_fraction_subsets(table: pd.DataFrame, labels: list[str], fractions: li
     prefix of that order holding at least round(fraction * n_images) images.
     Rare-label rule: every label with >= 100 positive images in the pool has a positive image in every
     subset of fraction >= 0.01 (if the order misses one, the label's smallest positive patient is moved
-    to the front). The order depends on the seed only, so subsets are nested across calls too.
+    to the front). The order depends on the table and seed, not on `fractions`: nested across calls too.
     """
     missing = [c for c in ("image_id", "patient_id", *labels) if c not in table.columns]
     if missing:
@@ -121,7 +121,7 @@ def _ensure_rare_labels(order: np.ndarray, positives: np.ndarray, sizes: np.ndar
     """Move positive patients of labels missing from the smallest guaranteed subset to the front."""
     needed = positives.sum(0) >= GUARANTEED_POSITIVES
     target = _target(GUARANTEED_FRACTION, int(sizes.sum()))
-    for _ in range(positives.shape[1]):
+    for _ in range(positives.shape[1] + 1):  # one move per label at most, then a last check
         count = int(np.searchsorted(np.cumsum(sizes[order]), target)) + 1
         absent = np.flatnonzero(needed & (positives[order[:count]].sum(0) == 0))
         if not len(absent):

@@ -40,3 +40,10 @@ def read_dataset(config: DataConfig) -> pd.DataFrame:
             raise DataError(f"{Path(config.csv)}: no images with views {config.views}")
     extra = ["split"] if "split" in table.columns else []
     return table[TABLE_COLUMNS + extra + list(config.labels)]
+
+
+def read_split_dataset(config: DataConfig) -> pd.DataFrame:
+    """The dataset's used images with their 'split' (files, column or seeded draw; label fraction applied)."""
+    from medpeft.data.splits import assign_splits
+
+    return assign_splits(read_dataset(config), config.split, config.csv, config.labels)

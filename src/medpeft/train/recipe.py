@@ -27,8 +27,7 @@ from medpeft.backbones import LoadReport, count_parameters, create_backbone
 from medpeft.config import RunConfig, TrainConfig, dump_config, load_config
 from medpeft.data.dataset import ImageDataset, build_transform
 from medpeft.data.images import check_images
-from medpeft.data.readers import read_dataset
-from medpeft.data.splits import assign_splits
+from medpeft.data.readers import read_dataset, read_split_dataset
 from medpeft.errors import ConfigError, DataError, RunDirError, TrainingError
 from medpeft.methods import MethodSpec, get_method, unwrap
 from medpeft.methods.registry import load_trainable_state_dict, trainable_state_dict
@@ -38,10 +37,8 @@ from medpeft.train import rundir
 
 # ----------------------------------------------------------------------------- data
 def prepare_table(config: RunConfig) -> pd.DataFrame:
-    """Read the labels CSV, check every image can be opened, assign the patient-level split."""
-    table = read_dataset(config.data)
-    table = assign_splits(table, config.data.split, config.data.csv, config.data.labels)
-    table = check_images(table, config.data.on_missing, config.data.csv)
+    """Read the dataset and its split, check every used image can be opened, check val can select a model."""
+    table = check_images(read_split_dataset(config.data), config.data.on_missing, config.data.csv)
     val = table.loc[table["split"] == "val", config.data.labels].to_numpy()
     if not any(0 < np.nansum(column) < np.isfinite(column).sum() for column in val.T):
         raise DataError(f"{config.data.csv}: the validation split has no label with both classes; "
