@@ -152,3 +152,28 @@ def test_losing_a_build_race_discards_own_copy_and_opens_the_winners(pngs, tmp_p
     assert (cache.path / "winner").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [cache.key]
     np.testing.assert_array_equal(np.asarray(cache[2]), expected(paths[2]))
+
+
+def test_dicom_images_are_cached_like_load_grayscale_decodes_them(tmp_path):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(3):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(tmp_path / f"x{i}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 40, 36, 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = rng.integers(0, 4096, (40, 36), dtype=np.uint16).tobytes()
+        ds.save_as(ds.filename, enforce_file_format=True)
+        paths.append(ds.filename)
+    cache = build_cache(["a", "b", "c"], paths, SIZE, tmp_path / "cache", workers=2)
+    for i, path in enumerate(paths):
+        np.testing.assert_array_equal(cache[i], expected(path))
+    assert cache.index_of("c") == 2
+    with pytest.raises(KeyError, match="missing"):
+        cache.index_of("missing")

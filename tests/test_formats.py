@@ -173,3 +173,51 @@ def test_data_inspect_and_split_commands(fake_nih, tmp_path):
     raw["output_dir"] = str(tmp_path / "run")
     table = prepare_table(config_from_dict(raw))
     assert set(table.loc[table["split"] == "train", "image_id"]) == half
+
+
+def test_folder_per_class_with_patient_ids_from_file_names(tmp_path):
+    rng = np.random.default_rng(4)
+    for label, shift in (("NORMAL", 0), ("PNEUMONIA", 70)):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for i in range(24):
+            image = np.clip(rng.normal(90 + shift, 20, (32, 32)), 0, 255).astype(np.uint8)
+            Image.fromarray(image).save(tmp_path / "train" / label / f"person{i // 2}_{label.lower()}_{i}.jpeg")
+    (tmp_path / "train" / "NORMAL" / "notes.txt").write_text("not an image")
+    raw = {"model": dict(TINY_VIT), "method": {"name": "full"},
+           "data": {"format": "folder", "csv": str(tmp_path / "train"), "labels": ["NORMAL", "PNEUMONIA"],
+                    "task": "multiclass", "patient_pattern": r"^(person\d+)_",
+                    "split": {"val_fraction": 0.25, "test_fraction": 0.25}},
+           "train": {"epochs": 1, "batch_size": 8}, "output_dir": str(tmp_path / "run")}
+    table = prepare_table(config_from_dict(raw))
+    assert len(table) == 48 and table["patient_id"].nunique() == 12
+    assert (table.groupby("patient_id")["split"].nunique() == 1).all()
+    assert table.loc[table["image_id"] == "PNEUMONIA/person0_pneumonia_1.jpeg", "PNEUMONIA"].item() == 1.0
+    assert medpeft.train(config_from_dict(raw), quiet=True)["val"]["accuracy"] >= 0.0
+    raw["data"]["patient_pattern"] = r"^(patient\d+)"
+    with pytest.raises(DataError, match="patient_pattern .* does not match"):
+        prepare_table(config_from_dict(raw))
+
+
+def test_medmnist_npz_with_its_own_split(tmp_path):
+    rng = np.random.default_rng(5)
+    arrays = {}
+    for split, n in (("train", 40), ("val", 16), ("test", 16)):
+        labels = rng.integers(0, 3, (n, 1))
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8) + (labels[:, :, None] * 60).astype(np.uint8)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+    np.savez(tmp_path / "pneumoniamnist.npz", **arrays)
+    raw = {"model": dict(TINY_VIT), "method": {"name": "lora"},
+           "data": {"format": "medmnist", "csv": str(tmp_path / "pneumoniamnist.npz"), "labels": ["a", "b", "c"],
+                    "task": "multiclass"},
+           "train": {"epochs": 1, "batch_size": 8}, "output_dir": str(tmp_path / "run")}
+    table = prepare_table(config_from_dict(raw))
+    assert table["split"].value_counts().to_dict() == {"train": 40, "val": 16, "test": 16}
+    from medpeft.data.images import load_grayscale
+
+    first = load_grayscale(table["path"].iloc[0])
+    assert first.size == (28, 28) and np.array_equal(np.asarray(first), arrays["train_images"][0])
+    metrics = medpeft.train(config_from_dict(raw), quiet=True)
+    assert metrics["split_sizes"] == {"train": 40, "val": 16, "test": 16}
+    raw["data"]["labels"] = ["a", "b"]
+    with pytest.raises(DataError, match=r"one class index in \[0, 2\)"):
+        prepare_table(config_from_dict(raw))

@@ -21,7 +21,8 @@ from medpeft.errors import ConfigError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Formats and the labels they use when data.labels is not given.
-DEFAULT_LABELS = {"csv": (), "nih": NIH_LABELS, "chexpert": CHEXPERT_COMPETITION_LABELS, "rsna": RSNA_LABELS}
+DEFAULT_LABELS = {"csv": (), "nih": NIH_LABELS, "chexpert": CHEXPERT_COMPETITION_LABELS, "rsna": RSNA_LABELS,
+                  "folder": (), "medmnist": ()}
 
 
 @dataclass
@@ -81,7 +82,8 @@ class SplitConfig:
 class DataConfig:
     format: str = "csv"
     """Reader: 'csv' (generic labels CSV), 'nih' (Data_Entry_2017*.csv), 'chexpert' (train.csv /
-    valid.csv), 'rsna' (stage_2_train_labels.csv)."""
+    valid.csv), 'rsna' (stage_2_train_labels.csv), 'folder' (data.csv names the root of <class>/
+    folders), 'medmnist' (data.csv names the .npz file, which carries its own split)."""
     csv: str | list = ""
     """The dataset's label file, or a list of them read as one dataset (CheXpert: [train.csv, valid.csv])."""
     image_root: str | None = None
@@ -106,6 +108,8 @@ class DataConfig:
     """CheXpert uncertain (-1) labels: a preset (ones, zeros, ignore, med-peft) or {label: policy, default: policy}."""
     class_info: str | None = None
     """RSNA: stage_2_detailed_class_info.csv for the 3-class task (labels: the three classes)."""
+    patient_pattern: str | None = None
+    """Folder format: regex whose first group, searched in the file name, is the patient id."""
     on_missing: str = "error"
     """A listed image file that is missing or unreadable: 'error', or 'skip' it (the count is reported)."""
     split: SplitConfig = field(default_factory=SplitConfig)

@@ -27,7 +27,7 @@ _RESAMPLE = Image.Resampling.BILINEAR
 
 
 class ImageCache:
-    """Read-only store of N grayscale images, each (size, size) uint8."""
+    """Read-only store of N grayscale images, each (size, size) uint8; ``image_ids`` is a list of str."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -64,10 +64,11 @@ class ImageCache:
         return self._images[i]
 
     def index_of(self, image_id) -> int:
+        """Position of image_id (ids are stored as str; the first one wins if repeated)."""
         if self._positions is None:
             self._positions = {image_id: i for i, image_id in reversed(list(enumerate(self.image_ids)))}
         try:
-            return self._positions[image_id]
+            return self._positions[str(image_id)]
         except KeyError:
             raise KeyError(f"image_id {image_id!r} is not in the cache at {self.path}") from None
 

@@ -10,6 +10,8 @@ from PIL import Image, UnidentifiedImageError
 
 from medpeft.errors import DataError
 
+MEDMNIST_SEPARATOR = "::"  # <file.npz>::<split>:<index>, see medpeft.data.medmnist
+
 
 def load_grayscale(path: str) -> Image.Image:
     """PNG/JPEG (8 or 16 bit, gray, RGB or RGBA) or DICOM (.dcm) -> mode 'L'.
@@ -19,6 +21,10 @@ def load_grayscale(path: str) -> Image.Image:
         from medpeft.data.dicom import read_dicom
 
         return Image.fromarray(read_dicom(path))
+    if MEDMNIST_SEPARATOR in str(path):
+        from medpeft.data.medmnist import load_array_image
+
+        return Image.fromarray(load_array_image(str(path))).convert("L")
     try:
         with Image.open(path) as image:
             image.load()
@@ -39,6 +45,8 @@ def check_images(table: pd.DataFrame, on_missing: str, source) -> pd.DataFrame:
     on_missing 'error': raise naming the image; 'skip': drop those rows and warn with the count."""
     bad = []
     for index, image_id, path in zip(table.index, table["image_id"], table["path"]):
+        if MEDMNIST_SEPARATOR in str(path):
+            continue  # pixels inside the .npz file, read when the file was
         try:
             if str(path).lower().endswith(".dcm"):
                 _check_dicom_header(path)

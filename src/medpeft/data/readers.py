@@ -10,6 +10,8 @@ import pandas as pd
 from medpeft.config import DataConfig
 from medpeft.data.chexpert import read_chexpert
 from medpeft.data.csv_reader import read_csv_dataset
+from medpeft.data.folder import read_folder
+from medpeft.data.medmnist import read_medmnist
 from medpeft.data.nih import read_nih
 from medpeft.data.rsna import read_rsna
 from medpeft.data.table import check_unique_ids
@@ -21,6 +23,8 @@ READERS: dict[str, Callable[[DataConfig, str], pd.DataFrame]] = {
     "nih": lambda c, path: read_nih(path, c.image_root),
     "chexpert": lambda c, path: read_chexpert(path, c.labels, c.uncertainty, c.frontal_only, c.image_root),
     "rsna": lambda c, path: read_rsna(path, c.class_info, c.image_root),
+    "folder": lambda c, path: read_folder(path, c.labels, c.patient_pattern),
+    "medmnist": lambda c, path: read_medmnist(path, c.labels, c.task),
 }
 TABLE_COLUMNS = ["image_id", "path", "patient_id", "view"]
 

@@ -77,7 +77,7 @@ def assign_splits(table: pd.DataFrame, config: SplitConfig, source, labels=()) -
         if pool.any():
             carved = patient_split(table.loc[pool, "patient_id"], config.val_fraction, 0.0, config.seed)
             table.loc[pool, "split"] = np.where(carved == "val", "val", "train")
-    elif config.column:
+    elif "split" in table.columns:  # the CSV's split column, or a dataset with its own split (MedMNIST)
         bad = ~table["split"].isin(SPLITS)
         if bad.any():
             index = int(np.argmax(bad.values))
