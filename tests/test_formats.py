@@ -167,6 +167,11 @@ def test_data_inspect_and_split_commands(fake_nih, tmp_path):
     assert done.returncode == 0, done.stderr
     small, half, full = (set(read_split_file(out / f"train_{f}.txt")) for f in ("0.1", "0.5", "1"))
     assert small < half < full and len(read_split_file(out / "test.txt")) == 20
+    cached = subprocess.run([sys.executable, "-m", "medpeft", "data", "cache", str(config),
+                             "--set", f"data.cache_dir={tmp_path / 'cache'}", "--workers", "1"],
+                            capture_output=True, text=True)
+    assert cached.returncode == 0, cached.stderr
+    assert "80 images at 32x32" in cached.stdout and len(list((tmp_path / "cache").iterdir())) == 1
     # the written files drive a run as they are
     raw["data"]["split"] = {"files": {"train": str(out / "train_0.5.txt"), "val": str(out / "val.txt"),
                                       "test": str(out / "test.txt")}}

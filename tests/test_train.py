@@ -202,3 +202,22 @@ def test_diverged_training_is_an_error_not_a_metric(run_config, tmp_path):
     with pytest.raises(TrainingError, match="training diverged"):
         run(run_config)
     assert not rundir.is_complete(tmp_path / "run")
+
+
+def test_training_from_the_image_cache_decodes_each_image_once(run_config, tmp_path, monkeypatch):
+    run_config["data"]["cache_dir"] = str(tmp_path / "cache")
+    first = run(run_config)
+    caches = list((tmp_path / "cache").iterdir())
+    assert len(caches) == 1 and (caches[0] / "images.u8").stat().st_size == 64 * 32 * 32
+
+    import medpeft.data.cache
+    import medpeft.data.dataset
+
+    def no_decoding(path):
+        raise AssertionError(f"decoded {path} although it is cached")
+
+    monkeypatch.setattr(medpeft.data.cache, "load_grayscale", no_decoding)
+    monkeypatch.setattr(medpeft.data.dataset, "load_grayscale", no_decoding)
+    run_config["output_dir"] = str(tmp_path / "again")
+    assert scores(run(run_config)) == scores(first)
+    assert medpeft.evaluate(tmp_path / "again", "test") == first["test"]

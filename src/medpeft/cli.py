@@ -102,6 +102,25 @@ def data_split(config: Path = typer.Argument(..., help="YAML run config (its dat
             console.print(f"{name}: {len(ids)} images  sha256 {digest[:16]}  -> {out / f'{name}.txt'}")
 
 
+@data_app.command("cache")
+def data_cache(config: Path = typer.Argument(..., help="YAML run config (data.cache_dir must be set)."),
+               set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key (repeatable)."),
+               workers: int = typer.Option(2, help="Decoding processes.")):
+    """Decode the images a run of CONFIG uses once into the memmap cache it will read."""
+    from medpeft.data.cache import build_cache
+    from medpeft.data.images import check_images
+    from medpeft.errors import ConfigError
+
+    run_config, table = _prepared(config, set_)
+    if not run_config.data.cache_dir:
+        raise ConfigError("data.cache_dir is not set: name the folder for the cache (--set data.cache_dir=DIR)")
+    table = check_images(table, run_config.data.on_missing, run_config.data.csv)
+    cache = build_cache(table["image_id"].tolist(), table["path"].tolist(), run_config.model.img_size,
+                        run_config.data.cache_dir, workers=workers, progress=console.is_terminal)
+    size_mb = len(cache) * cache.size * cache.size / 2**20
+    console.print(f"{len(cache)} images at {cache.size}x{cache.size} ({size_mb:.1f} MB) in {cache.path}")
+
+
 def print_metrics(metrics: dict, split: str) -> None:
     table = Table(title=f"{split}: mean AUROC {_fmt(metrics['mean_auroc'])} over {metrics['n']} images")
     for column in ("label", "AUROC", "AUPRC", "positives", "negatives"):

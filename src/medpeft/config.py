@@ -113,6 +113,9 @@ class DataConfig:
     on_missing: str = "error"
     """A listed image file that is missing or unreadable: 'error', or 'skip' it (the count is reported)."""
     split: SplitConfig = field(default_factory=SplitConfig)
+    cache_dir: str | None = None
+    """Decode every used image once into a uint8 memmap at model.img_size under this folder, reused
+    by later runs and processes (medpeft.data.cache); None decodes each image every epoch."""
     mean: list = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list = field(default_factory=lambda: list(IMAGENET_STD))
     num_workers: int = 0

@@ -59,6 +59,13 @@ class ImageCache:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def __getstate__(self) -> dict:
+        # DataLoader workers reopen the memmap by path instead of receiving a copy of its pages.
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
+
     def __getitem__(self, i: int) -> np.ndarray:
         """Image i as a read-only (size, size) uint8 view of the memmap."""
         return self._images[i]

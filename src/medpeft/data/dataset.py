@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from medpeft.config import AugmentConfig
+from medpeft.data.cache import ImageCache
 from medpeft.data.images import load_grayscale
 
 
@@ -37,8 +39,12 @@ class ImageDataset(Dataset):
     on worker count, batch order or where a resumed run restarted; set ``epoch`` before each epoch.
     """
 
-    def __init__(self, paths: list[str], targets: np.ndarray, transform, seed: int = 0, random: bool = False):
+    def __init__(self, paths: list[str], targets: np.ndarray, transform, seed: int = 0, random: bool = False,
+                 cache: ImageCache | None = None, image_ids: list[str] | None = None):
         self.paths = list(paths)
+        # With a cache, pixels come from its memmap (already at the training size) instead of the files.
+        self.cache = cache
+        self.cache_rows = [cache.index_of(i) for i in image_ids] if cache is not None else None
         self.targets = torch.tensor(np.asarray(targets, dtype=np.float32))
         self.transform = transform
         self.seed = seed
@@ -49,7 +55,10 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        image = load_grayscale(self.paths[index])
+        if self.cache is not None:
+            image = Image.fromarray(np.asarray(self.cache[self.cache_rows[index]]))
+        else:
+            image = load_grayscale(self.paths[index])
         if self.random:
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from medpeft.backbones import LoadReport, count_parameters, create_backbone
 from medpeft.config import RunConfig, TrainConfig, dump_config, load_config
+from medpeft.data.cache import ImageCache, build_cache
 from medpeft.data.dataset import ImageDataset, build_transform
 from medpeft.data.images import check_images
 from medpeft.data.readers import read_dataset, read_split_dataset
@@ -46,12 +47,22 @@ def prepare_table(config: RunConfig) -> pd.DataFrame:
     return table
 
 
-def make_loader(table: pd.DataFrame, split: str, config: RunConfig, train: bool) -> DataLoader:
+def image_cache(table: pd.DataFrame, config: RunConfig, progress: bool = False) -> ImageCache | None:
+    """The decode-once cache of the table's images at the training size, if data.cache_dir is set."""
+    if not config.data.cache_dir:
+        return None
+    return build_cache(table["image_id"].tolist(), table["path"].tolist(), config.model.img_size,
+                       config.data.cache_dir, workers=max(1, config.data.num_workers), progress=progress)
+
+
+def make_loader(table: pd.DataFrame, split: str, config: RunConfig, train: bool,
+                cache: ImageCache | None = None) -> DataLoader:
     rows = table[table["split"] == split]
     transform = build_transform(config.model.img_size, config.data.mean, config.data.std,
                                 config.augment if train else None)
     dataset = ImageDataset(rows["path"].tolist(), rows[config.data.labels].to_numpy(), transform,
-                           seed=config.train.seed, random=train and config.augment.enabled)
+                           seed=config.train.seed, random=train and config.augment.enabled,
+                           cache=cache, image_ids=rows["image_id"].tolist())
     return DataLoader(
         dataset, batch_size=config.train.batch_size if train else config.train.eval_batch_size,
         shuffle=train, num_workers=config.data.num_workers, generator=torch.Generator(),
@@ -138,10 +149,10 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, precisio
     return torch.cat(probs).numpy(), torch.cat(targets).numpy()
 
 
-def evaluate_split(model, table, split, config, device) -> dict | None:
+def evaluate_split(model, table, split, config, device, cache: ImageCache | None = None) -> dict | None:
     if not (table["split"] == split).any():
         return None
-    probs, targets = predict(model, make_loader(table, split, config, train=False), device,
+    probs, targets = predict(model, make_loader(table, split, config, train=False, cache=cache), device,
                              config.train.precision, config.data.task)
     if not np.isfinite(probs).all():
         raise TrainingError(f"{config.output_dir}: the model gives non-finite outputs on the {split} split: "
@@ -208,7 +219,8 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
     rundir.write_text_atomic(split_path, _split_frame(table).to_csv(index=False))
 
     model.to(device)
-    train_loader = make_loader(table, "train", config, train=True)
+    cache = image_cache(table, config, progress=console.is_terminal)
+    train_loader = make_loader(table, "train", config, train=True, cache=cache)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, math.ceil(len(train_loader) / cfg.grad_accum_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -261,7 +273,7 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
                 progress.update(bar, advance=1, loss=float(np.mean(losses[-20:])),
                                 ips=seen / (time.perf_counter() - epoch_start))
 
-        val = evaluate_split(model, table, "val", config, device)
+        val = evaluate_split(model, table, "val", config, device, cache)
         score = val["mean_auroc"]
         improved = score > state["best_score"]
         if improved:
@@ -300,8 +312,8 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
         "stopped_early": state["stopped_early"],
         "wall_time_s": time.perf_counter() - started,
         "split_sizes": {s: int((table["split"] == s).sum()) for s in ("train", "val", "test")},
-        "val": evaluate_split(model, table, "val", config, device),
-        "test": evaluate_split(model, table, "test", config, device),
+        "val": evaluate_split(model, table, "val", config, device, cache),
+        "test": evaluate_split(model, table, "test", config, device, cache),
     }
     rundir.write_json_atomic(run_dir / rundir.METRICS, metrics)
     (run_dir / rundir.CHECKPOINT).unlink(missing_ok=True)
@@ -338,7 +350,7 @@ def evaluate(run_dir: str | Path, split: str = "test") -> dict:
     """Metrics of a finished run's best weights on one split of its own data split."""
     config, table, model = load_run(run_dir)
     device = resolve_device(config.train.device)
-    metrics = evaluate_split(model.to(device), table, split, config, device)
+    metrics = evaluate_split(model.to(device), table, split, config, device, image_cache(table, config))
     if metrics is None:
         raise DataError(f"{run_dir}: the run's '{split}' split is empty")
     return metrics
