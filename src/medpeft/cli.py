@@ -22,11 +22,12 @@ def train(
     config: Path = typer.Argument(..., help="YAML run config."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key: --set train.lr=1e-3 (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (overrides output_dir)."),
+    on_missing: Optional[str] = typer.Option(None, "--on-missing", help="error or skip missing/unreadable images."),
 ):
     """Fine-tune a backbone as CONFIG says; an unfinished run in the same directory resumes."""
     from medpeft import load_config, train as run_training
 
-    overrides = list(set_ or []) + ([f"output_dir={out}"] if out else [])
+    overrides = list(set_ or []) + ([f"output_dir={out}"] if out else []) + _on_missing(on_missing)
     metrics = run_training(load_config(config, overrides))
     print_metrics(metrics["test"] or metrics["val"], "test" if metrics["test"] else "val")
 
@@ -54,11 +55,15 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets, write split
 app.add_typer(data_app, name="data")
 
 
-def _prepared(config: Path, set_: Optional[List[str]]):
+def _on_missing(value: Optional[str]) -> list[str]:
+    return [f"data.on_missing={value}"] if value else []
+
+
+def _prepared(config: Path, set_: Optional[List[str]], on_missing: Optional[str] = None):
     from medpeft import load_config
     from medpeft.data.readers import read_split_dataset
 
-    run_config = load_config(config, list(set_ or []), base={"output_dir": "-"})
+    run_config = load_config(config, list(set_ or []) + _on_missing(on_missing), base={"output_dir": "-"})
     return run_config, read_split_dataset(run_config.data)
 
 
@@ -105,13 +110,15 @@ def data_split(config: Path = typer.Argument(..., help="YAML run config (its dat
 @data_app.command("cache")
 def data_cache(config: Path = typer.Argument(..., help="YAML run config (data.cache_dir must be set)."),
                set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key (repeatable)."),
-               workers: int = typer.Option(2, help="Decoding processes.")):
+               workers: int = typer.Option(2, help="Decoding processes."),
+               on_missing: Optional[str] = typer.Option(None, "--on-missing",
+                                                        help="error or skip missing/unreadable images.")):
     """Decode the images a run of CONFIG uses once into the memmap cache it will read."""
     from medpeft.data.cache import build_cache
     from medpeft.data.images import check_images
     from medpeft.errors import ConfigError
 
-    run_config, table = _prepared(config, set_)
+    run_config, table = _prepared(config, set_, on_missing)
     if not run_config.data.cache_dir:
         raise ConfigError("data.cache_dir is not set: name the folder for the cache (--set data.cache_dir=DIR)")
     table = check_images(table, run_config.data.on_missing, run_config.data.csv)
