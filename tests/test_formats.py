@@ -147,31 +147,29 @@ def test_rsna_format_trains_on_dicom_images(tmp_path):
     assert metrics["split_sizes"]["train"] + metrics["split_sizes"]["val"] + metrics["split_sizes"]["test"] == 40
 
 
-def test_data_inspect_and_split_commands(fake_nih, tmp_path):
-    import subprocess
-    import sys
+def test_data_inspect_split_and_cache_commands(fake_nih, tmp_path):
+    from typer.testing import CliRunner
 
+    from medpeft.cli import app
     from medpeft.data.label_fractions import read_split_file
 
     config = tmp_path / "nih.yaml"
     raw = nih_config(fake_nih, tmp_path / "run")
     del raw["output_dir"]
     config.write_text(yaml.safe_dump(raw))
-    inspect = subprocess.run([sys.executable, "-m", "medpeft", "data", "inspect", str(config)],
-                             capture_output=True, text=True)
-    assert inspect.returncode == 0, inspect.stderr
-    assert "test" in inspect.stdout and "20" in inspect.stdout and "Effusion" in inspect.stdout
+    runner = CliRunner()
+    inspect = runner.invoke(app, ["data", "inspect", str(config)], terminal_width=200)
+    assert inspect.exit_code == 0, inspect.output
+    assert "test" in inspect.output and "20" in inspect.output and "Effusion" in inspect.output
     out = tmp_path / "splits"
-    done = subprocess.run([sys.executable, "-m", "medpeft", "data", "split", str(config), "--out", str(out),
-                           "--fractions", "0.1,0.5,1"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    done = runner.invoke(app, ["data", "split", str(config), "--out", str(out), "--fractions", "0.1,0.5,1"])
+    assert done.exit_code == 0, done.output
     small, half, full = (set(read_split_file(out / f"train_{f}.txt")) for f in ("0.1", "0.5", "1"))
     assert small < half < full and len(read_split_file(out / "test.txt")) == 20
-    cached = subprocess.run([sys.executable, "-m", "medpeft", "data", "cache", str(config),
-                             "--set", f"data.cache_dir={tmp_path / 'cache'}", "--workers", "1"],
-                            capture_output=True, text=True)
-    assert cached.returncode == 0, cached.stderr
-    assert "80 images at 32x32" in cached.stdout and len(list((tmp_path / "cache").iterdir())) == 1
+    cached = runner.invoke(app, ["data", "cache", str(config), "--set", f"data.cache_dir={tmp_path / 'cache'}",
+                                 "--workers", "1"], terminal_width=200)
+    assert cached.exit_code == 0, cached.output
+    assert "80 images at 32x32" in cached.output and len(list((tmp_path / "cache").iterdir())) == 1
     # the written files drive a run as they are
     raw["data"]["split"] = {"files": {"train": str(out / "train_0.5.txt"), "val": str(out / "val.txt"),
                                       "test": str(out / "test.txt")}}
