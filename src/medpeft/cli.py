@@ -51,6 +51,27 @@ def demo(out: Path = typer.Option(Path("demo-runs"), "--out", help="Folder for t
     run_demo(out)
 
 
+@app.command()
+def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
+    """List the registered PEFT methods."""
+    import json
+
+    from medpeft.methods import list_methods
+
+    rows = [{"name": m.name, "description": m.description, "reference": m.reference,
+             "families": list(m.families), "merges": m.merge is not None} for m in list_methods()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{len(rows)} methods")
+    for column in ("name", "families", "merges", "description", "reference"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], ", ".join(row["families"]), "yes" if row["merges"] else "no",
+                      row["description"], row["reference"])
+    console.print(table)
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets, write split files, build image caches.")
 app.add_typer(data_app, name="data")
 

@@ -65,12 +65,23 @@ def target_regex(targets: list[str]) -> str:
     return r"blocks\.\d+\.(?:" + "|".join(patterns) + ")"
 
 
+@dataclass
+class DoraConfig(LoraConfig):
+    name: ClassVar[str] = "dora"
+
+
+@dataclass
+class RsLoraConfig(LoraConfig):
+    name: ClassVar[str] = "rslora"
+
+
 def apply(model: nn.Module, config: LoraConfig) -> nn.Module:
     if _SPLIT_TARGETS & set(config.targets):
         split_qkv(model)
     peft_config = peft.LoraConfig(
         r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, bias="none",
         target_modules=target_regex(config.targets), modules_to_save=[classifier_name(model)],
+        use_dora=config.name == "dora", use_rslora=config.name == "rslora",
     )
     try:
         return peft.get_peft_model(model, peft_config)
@@ -102,4 +113,14 @@ register_method(MethodSpec(
     name="lora", config_cls=LoraConfig, apply=apply, save=save, load=load, merge=merge,
     description="LoRA: trainable low-rank updates of chosen linear layers (HF peft).",
     reference="Hu et al. 2021, arXiv 2106.09685; Lian et al. 2024, arXiv 2401.12215",
+))
+register_method(MethodSpec(
+    name="dora", config_cls=DoraConfig, apply=apply, save=save, load=load, merge=merge,
+    description="DoRA: LoRA on the direction of each weight plus a trained magnitude vector (HF peft).",
+    reference="Liu et al. 2024, arXiv 2402.09353",
+))
+register_method(MethodSpec(
+    name="rslora", config_cls=RsLoraConfig, apply=apply, save=save, load=load, merge=merge,
+    description="rsLoRA: LoRA scaled by alpha / sqrt(r), stable at high rank (HF peft).",
+    reference="Kalajdzievski 2023, arXiv 2312.03732",
 ))

@@ -68,6 +68,8 @@ class MethodSpec:
     """Load saved weights into a model that `apply` has just prepared."""
     merge: Callable[[nn.Module], nn.Module] | None = None
     """Fold the method into plain backbone weights; None when the method cannot merge."""
+    families: tuple = ("vit",)
+    """Backbone families it applies to: 'vit', 'cnn'."""
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
