@@ -14,6 +14,7 @@ from medpeft.methods import get_method, list_methods, method_config_from_dict
 from conftest import TINY_VIT
 
 # What each method trains, by parameter name (of the applied model). A new method must add itself here.
+HEAD = r"base_model\.model\.head\.modules_to_save\.default\.(weight|bias)"
 INTENDED = {
     "full": r".*",
     "linear_probe": r"head\.(weight|bias)",
@@ -25,8 +26,16 @@ INTENDED = {
     "bitfit": r".*\.bias|head\.weight",
     "norm": r"(blocks\.\d+\.norm[12]|norm|head)\.(weight|bias)",
     "ssf": r".*\.ssf_(scale|shift)|head\.(weight|bias)",
+    "loha": HEAD + r"|.*\.attn\.qkv\.hada_w[12]_[ab]\.default",
+    "lokr": HEAD + r"|.*\.attn\.qkv\.lokr_w[12]\.default",
+    "ia3": HEAD + r"|.*\.(attn\.qkv|mlp\.fc2)\.ia3_l\.default",
+    "vera": HEAD + r"|.*\.attn\.qkv\.vera_lambda_[bd]\.default",
+    "oft": HEAD + r"|.*\.attn\.qkv\.oft_R\.default\.weight",
+    "boft": HEAD + r"|.*\.attn\.qkv\.boft_[Rs]\.default",
+    "fourierft": HEAD + r"|.*\.attn\.qkv\.fourierft_spectrum\.default",
 }
-SETTINGS = {"partial": {"blocks": 1}}
+# Sizes for the tiny ViT (width 32).
+SETTINGS = {"partial": {"blocks": 1}, "vera": {"r": 8}, "oft": {"block_size": 8}, "fourierft": {"n_frequency": 100}}
 METHODS = [spec.name for spec in list_methods()]
 
 

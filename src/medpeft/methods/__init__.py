@@ -3,6 +3,6 @@
 from medpeft.methods.registry import (
     MethodSpec, get_method, list_methods, method_config_from_dict, register_method, unwrap,
 )
-from medpeft.methods import full, linear_probe, lora, selective, ssf  # noqa: F401  (registration)
+from medpeft.methods import full, linear_probe, lora, peft_adapters, selective, ssf  # noqa: F401  (registration)
 
 __all__ = ["MethodSpec", "get_method", "list_methods", "method_config_from_dict", "register_method", "unwrap"]
