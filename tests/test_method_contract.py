@@ -33,9 +33,14 @@ INTENDED = {
     "oft": HEAD + r"|.*\.attn\.qkv\.oft_R\.default\.weight",
     "boft": HEAD + r"|.*\.attn\.qkv\.boft_[Rs]\.default",
     "fourierft": HEAD + r"|.*\.attn\.qkv\.fourierft_spectrum\.default",
+    "adapter": r"blocks\.\d+\.(attn|mlp)\.adapter\.(down|up)\.(weight|bias)|head\.(weight|bias)",
+    "adaptformer": r"blocks\.\d+\.mlp\.adapter\.(down|up)\.(weight|bias)|head\.(weight|bias)",
+    "vpt_shallow": r"vpt_prompts|head\.(weight|bias)",
+    "vpt_deep": r"vpt_prompts|head\.(weight|bias)",
 }
 # Sizes for the tiny ViT (width 32).
-SETTINGS = {"partial": {"blocks": 1}, "vera": {"r": 8}, "oft": {"block_size": 8}, "fourierft": {"n_frequency": 100}}
+SETTINGS = {"partial": {"blocks": 1}, "vera": {"r": 8}, "oft": {"block_size": 8}, "fourierft": {"n_frequency": 100},
+            "adapter": {"hidden": 8}, "adaptformer": {"hidden": 8}, "vpt_shallow": {"tokens": 4}, "vpt_deep": {"tokens": 2}}
 METHODS = [spec.name for spec in list_methods()]
 
 
@@ -137,3 +142,22 @@ def test_methods_command_lists_every_method():
     assert [m["name"] for m in listed] == METHODS
     assert {m["name"]: m["merges"] for m in listed}["ssf"] is True
     assert {m["name"]: m["merges"] for m in listed}["full"] is False
+
+
+@pytest.mark.parametrize("name", ["ssf", "adapter", "adaptformer", "lora", "dora", "ia3"])
+def test_identity_initialised_methods_start_at_the_backbone_function(name):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = backbone().eval()(x)
+        _, model = applied(name)
+        torch.testing.assert_close(model.eval()(x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["vpt_shallow", "vpt_deep"])
+def test_vpt_prompts_reach_the_blocks_but_not_the_pooled_tokens(name):
+    _, model = applied(name)
+    seen = []
+    model.blocks[1].register_forward_pre_hook(lambda block, args: seen.append(args[0].shape[1]))
+    tokens = model.forward_features(torch.randn(2, 3, 32, 32))
+    prompts = SETTINGS[name]["tokens"]
+    assert seen == [1 + 16 + prompts] and tokens.shape[1] == 1 + 16
