@@ -33,16 +33,17 @@ class ModelConfig:
     """Required: 'random' (explicit random init), 'timm' (timm / Hugging Face hub weights of `name`,
     needs a network or a filled cache) or a local checkpoint file (.pth/.pt/.bin/.safetensors)."""
     img_size: int = 224
+    """Input size (pixels, square); ViT position embeddings are built (and resampled) for it."""
     drop_path_rate: float = 0.1
-    global_pool: str = "token"
-    """'token' (class token) or 'avg' (mean of patch tokens + fc_norm, as in MAE fine-tuning)."""
+    global_pool: str | None = None
+    """None: the model's default. ViT: 'token' (class token) or 'avg' (mean of patch tokens + fc_norm,
+    as in MAE fine-tuning); CNN: 'avg', 'max', ..."""
     kwargs: dict = field(default_factory=dict)
     """Extra timm.create_model arguments, e.g. embed_dim/depth/num_heads/patch_size for small models."""
 
     def __post_init__(self):
         if not self.weights:
             raise ConfigError("model.weights is required: 'random', 'timm' or a checkpoint file path")
-        _choice("model.global_pool", self.global_pool, ("token", "avg"))
         _positive("model.img_size", self.img_size)
 
 

@@ -25,8 +25,6 @@ _CONTAINER_KEYS = ("model", "state_dict", "model_state", "teacher", "module")
 _WRAPPER_PREFIXES = ("module.", "backbone.", "encoder.", "model.", "base_encoder.")
 # Keys that only the MAE pretraining model has.
 _PRETRAINING_ONLY = ("decoder_", "decoder.", "mask_token")
-# Parameters a fine-tuning model may initialise itself: the classifier and the pooled-feature norm.
-_FRESH_OK = ("head.", "fc_norm.")
 
 
 @dataclass
@@ -131,6 +129,10 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> LoadReport:
     state_dict = _timm_filter(state_dict, model)
 
     model_state = model.state_dict()
+    # What a fine-tuning model may initialise itself: the classifier ('head', 'fc', 'classifier',
+    # 'head.fc' by family) and the pooled-feature norm.
+    head = model.pretrained_cfg.get("classifier", "head") + "."
+    fresh_ok = (head, "fc_norm.")
     # MAE fine-tuning pools patch tokens and normalises them with fc_norm instead of norm:
     # the pretrained final norm is the right start for it.
     if "norm.weight" in state_dict and "norm.weight" not in model_state and "fc_norm.weight" in model_state:
@@ -141,7 +143,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> LoadReport:
     for key in list(state_dict):
         if key not in model_state or state_dict[key].shape == model_state[key].shape:
             continue
-        if key.startswith("head."):
+        if key.startswith(head):
             report.head_skipped.append(key)
             del state_dict[key]
             continue
@@ -150,7 +152,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> LoadReport:
             f"{tuple(model_state[key].shape)} in the model (another architecture or size?)")
 
     result = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(_FRESH_OK)]
+    missing = [k for k in result.missing_keys if not k.startswith(fresh_ok)]
     if missing:
         shown = ", ".join(missing[:3])
         raise CheckpointError(

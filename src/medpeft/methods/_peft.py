@@ -8,6 +8,7 @@ Linears first (``medpeft.backbones.split_qkv``); merging fuses them back.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import peft
@@ -31,18 +32,25 @@ TARGETS = {
     "all_linear": [r"attn\.qkv", r"attn\.proj", r"mlp\.fc1", r"mlp\.fc2"],
 }
 SPLIT_TARGETS = {"q", "k", "v"}
+CNN_TARGET = "convs"
+"""For CNNs: every ungrouped Conv2d after the stem (peft's LoRA / LoHa / ... on convolutions)."""
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
 def check_targets(targets: list[str]) -> None:
-    unknown = [t for t in targets if t not in TARGETS]
+    unknown = [t for t in targets if t not in TARGETS and t != CNN_TARGET]
     if unknown or not targets:
-        raise ConfigError(f"method.targets {targets} must be a non-empty list of: {', '.join(TARGETS)}")
+        raise ConfigError(f"method.targets {targets} must be a non-empty list of: {', '.join(TARGETS)} "
+                          f"(ViT) or {CNN_TARGET} (CNN)")
     if SPLIT_TARGETS & set(targets) and {"qkv", "all_linear"} & set(targets):
         raise ConfigError("method.targets: q/k/v cannot be combined with the fused qkv (or all_linear)")
 
 
-def target_regex(targets: list[str]) -> str:
+def target_regex(targets: list[str], model: nn.Module | None = None) -> str:
+    """A regex that peft full-matches against module names."""
+    if CNN_TARGET in targets:
+        convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+        return "(?:" + "|".join(re.escape(name) for name in convs[1:]) + ")"  # convs[0] is the stem
     patterns = sorted({p for t in targets for p in TARGETS[t]})
     return r"blocks\.\d+\.(?:" + "|".join(patterns) + ")"
 
@@ -51,7 +59,7 @@ def inject(model: nn.Module, targets: list[str], peft_config: peft.PeftConfig) -
     """Wrap `model` with `peft_config` (its target_modules and modules_to_save are set here)."""
     if SPLIT_TARGETS & set(targets):
         split_qkv(model)
-    peft_config.target_modules = target_regex(targets)
+    peft_config.target_modules = target_regex(targets, model)
     peft_config.modules_to_save = [classifier_name(model)]
     try:
         return peft.get_peft_model(model, peft_config)

@@ -19,5 +19,5 @@ def apply(model: nn.Module, config: FullConfig) -> nn.Module:
 
 register_method(MethodSpec(
     name="full", config_cls=FullConfig, apply=apply,
-    description="Full fine-tuning: all backbone and head parameters are trained.",
+    description="Full fine-tuning: all backbone and head parameters are trained.", families=("vit", "cnn"),
 ))

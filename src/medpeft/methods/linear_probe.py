@@ -21,5 +21,5 @@ def apply(model: nn.Module, config: LinearProbeConfig) -> nn.Module:
 
 register_method(MethodSpec(
     name="linear_probe", config_cls=LinearProbeConfig, apply=apply,
-    description="Linear probe: frozen backbone, trained classification head.",
+    description="Linear probe: frozen backbone, trained classification head.", families=("vit", "cnn"),
 ))

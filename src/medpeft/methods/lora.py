@@ -26,7 +26,8 @@ class LoraConfig:
     """Scaling numerator: the update is multiplied by alpha / r (rsLoRA: alpha / sqrt(r))."""
     dropout: float = 0.0
     targets: list = field(default_factory=lambda: ["qkv"])
-    """Any of: qkv (fused, default), q, k, v (e.g. [q, v] as MED-PEFT), proj, fc1, fc2, mlp, all_linear."""
+    """ViT: any of qkv (fused, default), q, k, v (e.g. [q, v] as MED-PEFT), proj, fc1, fc2, mlp,
+    all_linear. CNN: [convs] (every ungrouped convolution after the stem)."""
 
     def __post_init__(self):
         _peft.check_targets(self.targets)
@@ -54,7 +55,7 @@ def apply(model: nn.Module, config: LoraConfig) -> nn.Module:
 
 _SHARED = dict(apply=apply, save=_peft.save, load=_peft.load, merge=_peft.merge)
 register_method(MethodSpec(
-    name="lora", config_cls=LoraConfig, **_SHARED,
+    name="lora", config_cls=LoraConfig, **_SHARED, families=("vit", "cnn"),
     description="LoRA: trainable low-rank updates of chosen linear layers (HF peft).",
     reference="Hu et al. 2021, arXiv 2106.09685; Lian et al. 2024, arXiv 2401.12215"))
 register_method(MethodSpec(

@@ -78,9 +78,9 @@ register_method(MethodSpec(
     description="Partial fine-tuning: the last k blocks, the final norm and the head.",
     reference="Yosinski et al. 2014; He et al. 2022 (MAE partial fine-tuning)"))
 register_method(MethodSpec(
-    name="bitfit", config_cls=BitFitConfig, apply=apply_bitfit, merge=_identity,
+    name="bitfit", config_cls=BitFitConfig, apply=apply_bitfit, merge=_identity, families=("vit", "cnn"),
     description="BitFit: every bias term and the head.", reference="Ben Zaken et al. 2022, arXiv 2106.10199"))
 register_method(MethodSpec(
-    name="norm", config_cls=NormTuningConfig, apply=apply_norm, merge=_identity,
+    name="norm", config_cls=NormTuningConfig, apply=apply_norm, merge=_identity, families=("vit", "cnn"),
     description="Norm tuning: the affine parameters of every normalisation layer and the head.",
     reference="Basu et al. 2023, arXiv 2302.02681 (LayerNorm tuning); Frankle et al. 2021 (BatchNorm)"))
