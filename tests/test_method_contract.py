@@ -37,10 +37,12 @@ INTENDED = {
     "adaptformer": r"blocks\.\d+\.mlp\.adapter\.(down|up)\.(weight|bias)|head\.(weight|bias)",
     "vpt_shallow": r"vpt_prompts|head\.(weight|bias)",
     "vpt_deep": r"vpt_prompts|head\.(weight|bias)",
+    "fact_tt": r"fact_[uvc]|head\.(weight|bias)",
 }
 # Sizes for the tiny ViT (width 32).
 SETTINGS = {"partial": {"blocks": 1}, "vera": {"r": 8}, "oft": {"block_size": 8}, "fourierft": {"n_frequency": 100},
-            "adapter": {"hidden": 8}, "adaptformer": {"hidden": 8}, "vpt_shallow": {"tokens": 4}, "vpt_deep": {"tokens": 2}}
+            "adapter": {"hidden": 8}, "adaptformer": {"hidden": 8}, "vpt_shallow": {"tokens": 4}, "vpt_deep": {"tokens": 2},
+            "fact_tt": {"r": 4}}
 METHODS = [spec.name for spec in list_methods()]
 
 
@@ -144,7 +146,7 @@ def test_methods_command_lists_every_method():
     assert {m["name"]: m["merges"] for m in listed}["full"] is False
 
 
-@pytest.mark.parametrize("name", ["ssf", "adapter", "adaptformer", "lora", "dora", "ia3"])
+@pytest.mark.parametrize("name", ["ssf", "adapter", "adaptformer", "lora", "dora", "ia3", "fact_tt"])
 def test_identity_initialised_methods_start_at_the_backbone_function(name):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
