@@ -4,7 +4,6 @@ import pytest
 import torch
 import yaml
 from peft import PeftModel
-from PIL import Image
 
 import medpeft
 from medpeft.config import config_from_dict
