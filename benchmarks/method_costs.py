@@ -1,9 +1,10 @@
-"""Training and inference cost of every registered PEFT method on vit_small_patch16_224 (CPU, fp32).
+"""Training and inference cost of every registered PEFT method on a ViT (CPU, fp32).
 
-    python benchmarks/method_costs.py [--steps 5] [--methods full,lora,linear_probe] [--out benchmarks/results]
+    python benchmarks/method_costs.py [--steps 5] [--model vit_small_patch16_224] [--methods full,lora]
+                                      [--out benchmarks/results]
 
 Each method runs in its own fresh worker process (this script with ``--method NAME``, which prints one
-JSON line), so the peak memory is per method. Setup: random-init vit_small_patch16_224, 14 classes,
+JSON line), so the peak memory is per method. Setup: random-init --model, 14 classes,
 drop_path 0, the method's default config, batch 16 at 224 px, torch.set_num_threads(2), one fixed
 seeded batch with random multi-label targets.
   * step: forward + BCE-with-logits + backward + AdamW step over the trainable parameters;
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-MODEL, BATCH, SIZE, CLASSES = "vit_small_patch16_224", 16, 224, 14
+MODEL, BATCH, SIZE, CLASSES = "vit_small_patch16_224", 16, 224, 14  # MODEL: the default of --model
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,7 +60,7 @@ def times_ms(fn, repeats: int, warmup: int = 2) -> list[float]:
     return times
 
 
-def worker(name: str, steps: int) -> dict:
+def worker(name: str, steps: int, model_name: str) -> dict:
     from medpeft.backbones import count_parameters, create_backbone
     from medpeft.config import ModelConfig
     from medpeft.methods import get_method, method_config_from_dict
@@ -67,10 +68,14 @@ def worker(name: str, steps: int) -> dict:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     spec = get_method(name)
-    model, _ = create_backbone(ModelConfig(name=MODEL, weights="random", img_size=SIZE, drop_path_rate=0.0),
+    model, _ = create_backbone(ModelConfig(name=model_name, weights="random", img_size=SIZE, drop_path_rate=0.0),
                                num_classes=CLASSES)
     _, backbone_params = count_parameters(model)
-    model = spec.apply(model, method_config_from_dict({"name": name}))
+    config = method_config_from_dict({"name": name})
+    hooks = spec.hooks  # e.g. AdaLoRA: the run length, a loss term and a step after each optimiser step
+    if hooks is not None:
+        config = hooks.configure(config, steps + 3)
+    model = spec.apply(model, config)
     trainable, total = count_parameters(model)
     rss_build = maxrss_mb()
 
@@ -79,10 +84,16 @@ def worker(name: str, steps: int) -> dict:
     y = (torch.rand(BATCH, CLASSES, generator=g) > 0.5).float()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
+    done = []
+
     def step():
         opt.zero_grad(set_to_none=True)
-        F.binary_cross_entropy_with_logits(model(x), y).backward()
+        loss = F.binary_cross_entropy_with_logits(model(x), y)
+        (loss if hooks is None else loss + hooks.loss(model)).backward()
         opt.step()
+        if hooks is not None:
+            hooks.after_step(model, len(done))
+        done.append(1)
 
     model.train()
     with FlopCounterMode(display=False) as counter:  # first warm-up step, counted
@@ -114,8 +125,9 @@ def worker(name: str, steps: int) -> dict:
                 infer_ms=infer_ms, infer_merged_ms=infer_merged_ms)
 
 
-def run_worker(name: str, steps: int) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--method", name, "--steps", str(steps)]
+def run_worker(name: str, steps: int, model_name: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--method", name, "--steps", str(steps),
+           "--model", model_name]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -145,6 +157,7 @@ def table(results: list[dict]) -> str:
     fulls = [r for r in results if r["method"].startswith("full") and "error" not in r]
     full = min(fulls, key=lambda r: r["step_ms"], default=None)  # the less disturbed of the two runs
     head = ["method", "trainable", "trainable %", "adapter KB", "step ms", "step / full", "train FLOPs / full",
+            "time / FLOP ratio",
             "peak MB", "peak / full", "train incr. MB", "incr. / full", "infer ms", "infer ms merged"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
@@ -154,6 +167,8 @@ def table(results: list[dict]) -> str:
         rows.append("| " + " | ".join([
             r["method"], f"{r['trainable']:,}", f"{r['trainable_pct']:.3g}", f"{r['adapter_bytes'] / 1024:,.0f}",
             fmt(r["step_ms"]), fmt(ratio(r, full, "step_ms"), ".2f"), fmt(ratio(r, full, "train_flops"), ".2f"),
+            fmt(ratio(r, full, "step_ms") / ratio(r, full, "train_flops") if ratio(r, full, "step_ms") else None,
+                ".2f"),
             fmt(r["peak_rss_mb"]), fmt(ratio(r, full, "peak_rss_mb"), ".2f"),
             fmt(r["train_increment_mb"]), fmt(ratio(r, full, "train_increment_mb"), ".2f"),
             fmt(r["infer_ms"]), fmt(r["infer_merged_ms"])]) + " |")
@@ -165,10 +180,11 @@ def main() -> None:
     ap.add_argument("--method", help="worker mode: measure one method, print one JSON line")
     ap.add_argument("--methods", help="comma-separated subset (default: every registered method)")
     ap.add_argument("--steps", type=int, default=5, help="timed training steps per method")
+    ap.add_argument("--model", default=MODEL, help="timm ViT name; results go to methods[_MODEL].json/.md")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
     args = ap.parse_args()
     if args.method:
-        print(json.dumps(worker(args.method, args.steps)))
+        print(json.dumps(worker(args.method, args.steps, args.model)))
         return
 
     import peft
@@ -180,7 +196,7 @@ def main() -> None:
     names = ["full"] + [n for n in names if n != "full"] + ["full"]
     results = []
     for name in names:
-        r = run_worker(name, args.steps)
+        r = run_worker(name, args.steps, args.model)
         if name == "full" and len(results) > 1:
             r["method"] = "full (repeat)"
         results.append(r)
@@ -192,18 +208,21 @@ def main() -> None:
                    timm=timm.__version__, peft=peft.__version__)
     command = "python benchmarks/method_costs.py " + " ".join(sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "methods.json").write_text(json.dumps(dict(
-        model=MODEL, batch=BATCH, img_size=SIZE, num_classes=CLASSES, dtype="float32", device="cpu",
+    stem = "methods" if args.model == MODEL else f"methods_{args.model}"
+    (args.out / f"{stem}.json").write_text(json.dumps(dict(
+        model=args.model, batch=BATCH, img_size=SIZE, num_classes=CLASSES, dtype="float32", device="cpu",
         steps=args.steps, command=command, machine=machine, results=results), indent=2) + "\n")
-    md = (f"# PEFT method costs: {MODEL}, batch {BATCH}, {SIZE} px, CPU fp32, {machine['cpu_count']} cores "
+    md = (f"# PEFT method costs: {args.model}, batch {BATCH}, {SIZE} px, CPU fp32, {machine['cpu_count']} cores "
           f"(2 threads)\n\n`{command}` — torch {machine['torch']}, timm {machine['timm']}, peft {machine['peft']}, "
           f"{machine['platform']}\n\n"
           f"Step: median of {args.steps} steps (fwd + BCE + bwd + AdamW) after 2 warm-ups. Peak = worker ru_maxrss "
           "after the steps; train incr. = peak - ru_maxrss after building + applying. Train FLOPs: one fwd + bwd "
           "counted by torch FlopCounterMode (matmul/conv/attention only, optimizer excluded). trainable % is of "
           "the bare backbone's parameters. Ratios are to `full` in this run (measured first and last; the "
-          "faster of the two is the reference).\n\n" + table(results) + "\n")
-    (args.out / "methods.md").write_text(md)
+          "faster of the two is the reference). time / FLOP ratio = (step / full) / (train FLOPs / full): 1.00 "
+          "means the method saves time exactly in proportion to the FLOPs it saves; above 1, its step costs more "
+          "than its FLOPs explain (unfused extra ops, elementwise work the counter omits).\n\n" + table(results) + "\n")
+    (args.out / f"{stem}.md").write_text(md)
     print(md)
 
 

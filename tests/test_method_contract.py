@@ -26,6 +26,7 @@ INTENDED = {
     "bitfit": r".*\.bias|head\.weight",
     "norm": r"(blocks\.\d+\.norm[12]|norm|head)\.(weight|bias)",
     "ssf": r".*\.ssf_(scale|shift)|head\.(weight|bias)",
+    "adalora": HEAD + r"|.*\.attn\.qkv\.lora_[ABE]\.default",
     "loha": HEAD + r"|.*\.attn\.qkv\.hada_w[12]_[ab]\.default",
     "lokr": HEAD + r"|.*\.attn\.qkv\.lokr_w[12]\.default",
     "ia3": HEAD + r"|.*\.(attn\.qkv|mlp\.fc2)\.ia3_l\.default",
@@ -40,7 +41,7 @@ INTENDED = {
     "fact_tt": r"fact_[uvc]|head\.(weight|bias)",
 }
 # Sizes for the tiny ViT (width 32).
-SETTINGS = {"partial": {"blocks": 1}, "vera": {"r": 8}, "oft": {"block_size": 8}, "fourierft": {"n_frequency": 100},
+SETTINGS = {"adalora": {"total_step": 10}, "partial": {"blocks": 1}, "vera": {"r": 8}, "oft": {"block_size": 8}, "fourierft": {"n_frequency": 100},
             "adapter": {"hidden": 8}, "adaptformer": {"hidden": 8}, "vpt_shallow": {"tokens": 4}, "vpt_deep": {"tokens": 2},
             "fact_tt": {"r": 4}}
 METHODS = [spec.name for spec in list_methods()]

@@ -126,3 +126,84 @@ def test_lora_adapter_of_vit_base_is_well_under_5_mb(tmp_path):
     spec.save(spec.apply(model, method_config_from_dict({"name": "lora", "r": 8})), tmp_path)
     size = (tmp_path / "adapter_model.safetensors").stat().st_size
     assert size < 1.5e6  # 12 blocks x r 8 x (768 + 2304) x 4 bytes + head = 1.2 MB
+
+
+ADALORA = {"name": "adalora", "init_r": 4, "target_r": 2, "total_step": 6, "warmup_fraction": 0.0, "final_fraction": 0.5}
+
+
+def train_with_hooks(model, hooks, steps, before_step=lambda step: None):
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 2, (8, 3)).float()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(steps):
+        before_step(step)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y) + hooks.loss(model)
+        loss.backward()
+        optimizer.step()
+        hooks.after_step(model, step)
+        optimizer.zero_grad()
+
+
+def test_adalora_prunes_to_its_budget_and_reloads_at_the_pruned_ranks(tmp_path):
+    spec = get_method("adalora")
+    torch.manual_seed(0)
+    model = applied(ADALORA)
+    train_with_hooks(model, spec.hooks, 6)
+    pattern = model.peft_config["default"].rank_pattern
+    assert len(pattern) == 2 and sum(sum(kept) for kept in pattern.values()) == 2 * 2  # target_r x layers
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    spec.save(model, tmp_path)
+    torch.manual_seed(0)
+    fresh = applied(ADALORA)
+    spec.load(fresh, tmp_path)
+    ranks = [m.lora_E["default"].shape[0] for name, m in fresh.named_modules() if name.endswith("attn.qkv")]
+    assert sum(ranks) == 4
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), expected, rtol=0, atol=1e-6)
+
+
+def test_adalora_orthogonality_penalty_is_zero_for_orthonormal_factors():
+    hooks = get_method("adalora").hooks
+    model = applied(ADALORA)
+    assert hooks.loss(model) > 0.1
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.copy_(torch.eye(*p.shape))
+            elif ".lora_B." in name:
+                p.copy_(torch.eye(*p.shape))
+    assert hooks.loss(model).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_adalora_needs_a_rank_allocation_phase():
+    with pytest.raises(ConfigError, match="no rank-allocation phase"):
+        applied({**ADALORA, "total_step": 2, "warmup_fraction": 0.5, "final_fraction": 0.49})
+    with pytest.raises(ConfigError, match="total_step is unset"):
+        applied({**ADALORA, "total_step": None})
+
+
+def test_adalora_training_state_round_trips_for_an_exact_resume():
+    """The rank allocator's importance averages matter: restored, training continues exactly; reset, it does not."""
+    hooks = get_method("adalora").hooks
+    config = {**ADALORA, "init_r": 8, "total_step": 20, "final_fraction": 0.2}
+
+    def train(resume: str):
+        torch.manual_seed(0)
+        model = applied(config)
+
+        def interrupt(step):
+            if step == 6 and resume != "none":
+                state = hooks.state_dict(model)
+                model.base_model.rankallocator.reset_ipt()
+                model.peft_config["default"].rank_pattern = None
+                if resume == "restored":
+                    hooks.load_state_dict(model, state)
+
+        train_with_hooks(model, hooks, 20, interrupt)
+        return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+
+    uninterrupted = train("none")
+    assert torch.equal(train("restored"), uninterrupted)
+    assert not torch.allclose(train("reset"), uninterrupted)

@@ -68,7 +68,8 @@ def test_same_seed_gives_identical_metrics_on_cpu(run_config, tmp_path):
     assert scores(run(run_config)) == scores(first)
 
 
-@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4, "targets": ["q", "v"]}])
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4, "targets": ["q", "v"]},
+                                    {"name": "adalora", "init_r": 8, "target_r": 2, "final_fraction": 0.2}])
 def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(run_config, tmp_path, monkeypatch, method):
     run_config["method"] = method
     run_config["train"]["epochs"] = 3
@@ -97,6 +98,8 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(run_config, tm
 
     resumed = run(run_config)
     assert scores(resumed) == scores(uninterrupted)
+    for file in (tmp_path / "run" / "weights").iterdir():
+        assert (out / "weights" / file.name).read_bytes() == file.read_bytes(), file.name
     assert resumed["epochs_run"] == 3
     assert '"event": "resume", "epoch": 1' in (out / "log.jsonl").read_text()
 
@@ -220,3 +223,13 @@ def test_training_from_the_image_cache_decodes_each_image_once(run_config, tmp_p
     run_config["output_dir"] = str(tmp_path / "again")
     assert scores(run(run_config)) == scores(first)
     assert medpeft.evaluate(tmp_path / "again", "test") == first["test"]
+
+
+def test_adalora_run_resolves_its_step_count_and_evaluates_from_its_weights(run_config, tmp_path):
+    run_config["method"] = {"name": "adalora", "init_r": 4, "target_r": 2}
+    run_config["train"].update(epochs=3, grad_accum_steps=2)
+    metrics = run(run_config)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    batches = -(-metrics["split_sizes"]["train"] // 8)
+    assert saved["method"]["total_step"] == 3 * -(-batches // 2)
+    assert medpeft.evaluate(tmp_path / "run", "test") == metrics["test"]

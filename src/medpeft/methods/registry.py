@@ -56,6 +56,20 @@ def load_trainable(model: nn.Module, directory: Path) -> None:
 
 
 @dataclass(frozen=True)
+class TrainingHooks:
+    """For a method that acts during training beyond its parameters' gradients (e.g. AdaLoRA)."""
+    configure: Callable[[Any, int], Any]
+    """(method config, the run's optimiser steps) -> the resolved config, saved with the run."""
+    loss: Callable[[nn.Module], Any]
+    """A term added to the training loss (a scalar tensor)."""
+    after_step: Callable[[nn.Module, int], None]
+    """Called after each optimiser step (0-based), before the gradients are cleared."""
+    state_dict: Callable[[nn.Module], dict]
+    """Training state outside the parameters, checkpointed for an exact resume."""
+    load_state_dict: Callable[[nn.Module, dict], None]
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     name: str
     config_cls: type
@@ -70,6 +84,7 @@ class MethodSpec:
     """Fold the method into plain backbone weights; None when the method cannot merge."""
     families: tuple = ("vit",)
     """Backbone families it applies to: 'vit', 'cnn'."""
+    hooks: TrainingHooks | None = None
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

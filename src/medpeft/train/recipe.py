@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +89,20 @@ def build_model(config: RunConfig) -> Built:
     model = spec.apply(backbone, config.method)
     trainable, _ = count_parameters(model)
     return Built(model, spec, report, backbone_parameters, trainable)
+
+
+def optimizer_steps(config: RunConfig, table: pd.DataFrame) -> int:
+    """Optimiser steps of the whole run (the last batch of an epoch is kept, and ends an accumulation)."""
+    batches = math.ceil(int((table["split"] == "train").sum()) / config.train.batch_size)
+    return config.train.epochs * math.ceil(batches / config.train.grad_accum_steps)
+
+
+def resolve_method(config: RunConfig, table: pd.DataFrame) -> RunConfig:
+    """The config with what the method derives from the run filled in (e.g. AdaLoRA's step count)."""
+    hooks = get_method(config.method.name).hooks
+    if hooks is None:
+        return config
+    return replace(config, method=hooks.configure(config.method, optimizer_steps(config, table)))
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -193,11 +207,12 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
     """Fine-tune as `config` says, write the run directory, return its metrics (also in metrics.json)."""
     console = Console(quiet=quiet)
     run_dir = Path(config.output_dir)
+    table = prepare_table(config)
+    config = resolve_method(config, table)
     config_text = dump_config(config)
     resume = _check_run_dir(run_dir, config_text)
     cfg = config.train
 
-    table = prepare_table(config)
     built = build_model(config)
     model, spec = built.model, built.spec
     if built.load_report is not None:
@@ -225,6 +240,7 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
     scheduler = build_scheduler(optimizer, cfg, math.ceil(len(train_loader) / cfg.grad_accum_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     loss_fn = loss_function(config.data.task)
+    hooks = spec.hooks
 
     state = {"epoch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1, "bad_epochs": 0,
              "stopped_early": False, "elapsed": 0.0}
@@ -233,6 +249,8 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
+        if hooks is not None:
+            hooks.load_state_dict(model, resume["method_state"])
         torch.set_rng_state(resume["rng"])
         if device.type == "cuda":
             torch.cuda.set_rng_state(resume["cuda_rng"], device)
@@ -254,13 +272,16 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
                 with autocast(device, cfg.precision):
                     logits = model(x)
                 loss = loss_fn(logits.float(), y)
-                scaler.scale(loss / cfg.grad_accum_steps).backward()
+                objective = loss if hooks is None else loss + hooks.loss(model)
+                scaler.scale(objective / cfg.grad_accum_steps).backward()
                 if (i + 1) % cfg.grad_accum_steps == 0 or i + 1 == len(train_loader):
                     if cfg.grad_clip:
                         scaler.unscale_(optimizer)
                         nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
                     scaler.step(optimizer)
                     scaler.update()
+                    if hooks is not None:
+                        hooks.after_step(model, state["step"])
                     optimizer.zero_grad(set_to_none=True)
                     state["step"] += 1
                     scheduler.step_update(state["step"])
@@ -296,6 +317,7 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
             "trainable": trainable_state_dict(model), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "rng": torch.get_rng_state(), "state": state,
+            **({"method_state": hooks.state_dict(model)} if hooks is not None else {}),
             **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
         }, run_dir / rundir.CHECKPOINT)
 
