@@ -1,5 +1,6 @@
 import json
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -8,6 +9,7 @@ from peft import PeftModel
 import medpeft
 from medpeft.config import config_from_dict
 from medpeft.errors import CheckpointError, ConfigError, DataError, RunDirError
+from medpeft.metrics import classification_metrics
 from medpeft.train import recipe, rundir
 
 
@@ -22,8 +24,15 @@ def scores(metrics: dict) -> tuple:
 def test_lora_run_writes_a_complete_run_directory(run_config, tmp_path):
     metrics = run(run_config)
     out = tmp_path / "run"
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "log.jsonl", "metrics.json", "split.csv", "weights"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "log.jsonl", "metrics.json", "predictions.csv", "split.csv",
+                                                 "weights"]
     assert json.loads((out / "metrics.json").read_text())["val"] == metrics["val"]
+    predictions = pd.read_csv(out / "predictions.csv")
+    test = predictions[predictions["split"] == "test"]
+    assert len(test) == metrics["split_sizes"]["test"] and set(predictions["split"]) == {"val", "test"}
+    recomputed = classification_metrics(test[["target:bright", "target:dark"]].to_numpy(),
+                                        test[["prob:bright", "prob:dark"]].to_numpy(), ["bright", "dark"], "multilabel")
+    assert recomputed["mean_auroc"] == pytest.approx(metrics["test"]["mean_auroc"], abs=1e-12)
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["method"] == {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "targets": ["qkv"]}
     assert saved["train"]["lr"] == 0.003 and saved["model"]["weights"] == "random"

@@ -149,6 +149,33 @@ def data_cache(config: Path = typer.Argument(..., help="YAML run config (data.ca
     console.print(f"{len(cache)} images at {cache.size}x{cache.size} ({size_mb:.1f} MB) in {cache.path}")
 
 
+study_app = typer.Typer(no_args_is_help=True, help="Run a grid of runs from a study file and report it.")
+app.add_typer(study_app, name="study")
+
+
+@study_app.command("run")
+def study_run(study: Path = typer.Argument(..., help="YAML study file."),
+              out: Optional[Path] = typer.Option(None, "--out", help="Study directory (default: studies-out/NAME)."),
+              jobs: int = typer.Option(1, "--jobs", help="Cells trained at once (cores split between them)."),
+              executor: str = typer.Option("local", "--executor", help="local or ray."),
+              retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed cells again.")):
+    """Run every cell not done yet; safe to interrupt and start again."""
+    from medpeft.errors import ConfigError
+    from medpeft.study.runner import run_study
+
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"--executor must be local or ray, got {executor!r}")
+    run_study(study, out or Path("studies-out") / study.stem, jobs=jobs, executor=executor, retry_failed=retry_failed)
+
+
+@study_app.command("report")
+def study_report(study_dir: Path = typer.Argument(..., help="A study directory (from medpeft study run).")):
+    """Write report.md, report.html, CSV and LaTeX tables and plots into STUDY_DIR/report."""
+    from medpeft.study.report import write_report
+
+    console.print(f"report: {write_report(study_dir)}")
+
+
 def print_metrics(metrics: dict, split: str) -> None:
     table = Table(title=f"{split}: mean AUROC {_fmt(metrics['mean_auroc'])} over {metrics['n']} images")
     for column in ("label", "AUROC", "AUPRC", "positives", "negatives"):

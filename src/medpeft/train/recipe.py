@@ -163,7 +163,10 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, precisio
     return torch.cat(probs).numpy(), torch.cat(targets).numpy()
 
 
-def evaluate_split(model, table, split, config, device, cache: ImageCache | None = None) -> dict | None:
+def evaluate_split(model, table, split, config, device, cache: ImageCache | None = None,
+                   predictions: list | None = None) -> dict | None:
+    """Metrics of `model` on one split (None if the split is empty); with `predictions`, also append a
+    frame of the split's per-image probabilities and targets to it."""
     if not (table["split"] == split).any():
         return None
     probs, targets = predict(model, make_loader(table, split, config, train=False, cache=cache), device,
@@ -171,6 +174,12 @@ def evaluate_split(model, table, split, config, device, cache: ImageCache | None
     if not np.isfinite(probs).all():
         raise TrainingError(f"{config.output_dir}: the model gives non-finite outputs on the {split} split: "
                             f"training diverged (lower train.lr; on GPU prefer bf16 to fp16)")
+    if predictions is not None:
+        labels = config.data.labels
+        predictions.append(pd.concat([
+            pd.DataFrame({"image_id": table.loc[table["split"] == split, "image_id"].to_numpy(), "split": split}),
+            pd.DataFrame(probs, columns=[f"prob:{label}" for label in labels]),
+            pd.DataFrame(targets, columns=[f"target:{label}" for label in labels])], axis=1))
     return classification_metrics(targets, probs, config.data.labels, config.data.task)
 
 
@@ -322,6 +331,7 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
         }, run_dir / rundir.CHECKPOINT)
 
     spec.load(model, run_dir / rundir.WEIGHTS)
+    predictions: list[pd.DataFrame] = []
     metrics = {
         "method": spec.name,
         "model": config.model.name,
@@ -334,9 +344,10 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
         "stopped_early": state["stopped_early"],
         "wall_time_s": time.perf_counter() - started,
         "split_sizes": {s: int((table["split"] == s).sum()) for s in ("train", "val", "test")},
-        "val": evaluate_split(model, table, "val", config, device, cache),
-        "test": evaluate_split(model, table, "test", config, device, cache),
+        "val": evaluate_split(model, table, "val", config, device, cache, predictions),
+        "test": evaluate_split(model, table, "test", config, device, cache, predictions),
     }
+    rundir.write_text_atomic(run_dir / rundir.PREDICTIONS, pd.concat(predictions).to_csv(index=False))
     rundir.write_json_atomic(run_dir / rundir.METRICS, metrics)
     (run_dir / rundir.CHECKPOINT).unlink(missing_ok=True)
     console.print(f"done: val AUROC {_fmt(metrics['val']['mean_auroc'])}, test AUROC "

@@ -5,6 +5,7 @@
     log.jsonl      training log (steps, epochs, resumes)
     weights/       the best trainable weights (the method's save format)
     checkpoint.pt  last epoch's trainable weights + optimiser/scheduler/RNG state, for resume
+    predictions.csv  the best weights' val and test probabilities and targets per image
     metrics.json   validation and test metrics, parameter counts, time; written last
 """
 
@@ -25,6 +26,7 @@ SPLIT = "split.csv"
 LOG = "log.jsonl"
 WEIGHTS = "weights"
 CHECKPOINT = "checkpoint.pt"
+PREDICTIONS = "predictions.csv"
 METRICS = "metrics.json"
 
 

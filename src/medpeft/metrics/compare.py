@@ -1,0 +1,248 @@
+"""Paired comparison of two classifiers scored on the SAME test images.
+
+DeLong's test (DeLong, DeLong & Clarke-Pearson 1988) compares the AUROC of two models on one binary
+label; it is computed with the midrank formulation of Sun & Xu 2014 ("Fast implementation of
+DeLong's algorithm for comparing the areas under correlated receiver operating characteristic
+curves", IEEE SPL 21(11)), O(n log n). The paired bootstrap resamples images (rows) with
+replacement, the same rows for both models, and gives a percentile confidence interval for the
+difference in mean AUROC over labels. Targets are 0/1 with NaN = unknown: an image with an unknown
+label is left out for that label only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import rankdata
+
+from medpeft.metrics.classification import auroc
+
+_CHUNK_CELLS = 4_000_000  # resamples x images held in memory at once by the bootstrap
+
+
+@dataclass(frozen=True)
+class DeLongResult:
+    """DeLong's paired test of AUROC(a) - AUROC(b) on one binary label."""
+
+    auroc_a: float
+    auroc_b: float
+    difference: float  # auroc_a - auroc_b
+    std_error: float  # standard error of the difference
+    z: float
+    p_value: float  # two-sided, normal approximation
+    n_positive: int
+    n_negative: int
+
+
+@dataclass(frozen=True)
+class BootstrapResult:
+    """Percentile bootstrap interval of a mean-AUROC statistic (a single model's, or a - b)."""
+
+    estimate: float  # the statistic on the full sample
+    ci_low: float
+    ci_high: float
+    confidence: float
+    n_resamples: int  # resamples used (requested minus skipped)
+    n_skipped: int  # resamples in which no label had both classes
+    seed: int
+
+
+def delong_test(targets: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> DeLongResult:
+    """DeLong's test for one binary label: targets (N,) 0/1/NaN, scores_a and scores_b (N,).
+
+    Images with a NaN target are dropped. Raises ValueError unless at least two positives and two
+    negatives remain (the variance needs two of each). If the variance of the difference is 0 the
+    p-value is 1.0 when the difference is 0 (e.g. identical scores) and 0.0 otherwise.
+    """
+    y, scores = _check_label(targets, np.stack([_as_vector(scores_a, "scores_a"), _as_vector(scores_b, "scores_b")]))
+    positive = y.astype(bool)
+    m, n = int(positive.sum()), int((~positive).sum())
+    if m < 2 or n < 2:
+        raise ValueError(f"DeLong's test needs both classes (at least 2 positives and 2 negatives); "
+                         f"got {m} positive(s) and {n} negative(s) after dropping unknown targets")
+    # Sun & Xu: midranks among all images (tz), among positives (tx) and among negatives (ty).
+    tz = rankdata(scores, axis=1)
+    tx = rankdata(scores[:, positive], axis=1)
+    ty = rankdata(scores[:, ~positive], axis=1)
+    # Structural components: V10 = share of negatives each positive beats (ties 1/2),
+    # V01 = share of positives that beat each negative.
+    v10 = (tz[:, positive] - tx) / n
+    v01 = 1.0 - (tz[:, ~positive] - ty) / m
+    # var(A - B) = (S10_aa + S10_bb - 2 S10_ab) / m + (S01_aa + ...) / n, taken as the variance of the
+    # component differences: the same quantity, and exactly 0 when the two score vectors rank alike.
+    variance = float(np.var(v10[0] - v10[1], ddof=1) / m + np.var(v01[0] - v01[1], ddof=1) / n)
+    auroc_a, auroc_b = auroc(y, scores[0]), auroc(y, scores[1])
+    difference = auroc_a - auroc_b
+    if variance > 0:
+        z = difference / math.sqrt(variance)
+        p_value = math.erfc(abs(z) / math.sqrt(2))  # 2 * (1 - Phi(|z|))
+    else:
+        z = 0.0 if difference == 0 else math.copysign(math.inf, difference)
+        p_value = 1.0 if difference == 0 else 0.0
+    return DeLongResult(auroc_a=auroc_a, auroc_b=auroc_b, difference=difference,
+                        std_error=math.sqrt(max(variance, 0.0)), z=z, p_value=p_value,
+                        n_positive=m, n_negative=n)
+
+
+def bootstrap_indices(n: int, n_resamples: int, seed: int):
+    """The rows of each bootstrap resample, in order: one `rng.integers(0, n, size=n)` per resample."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n_resamples):
+        yield rng.integers(0, n, size=n)
+
+
+def resampled_mean_aurocs(targets: np.ndarray, *scores: np.ndarray, n_resamples: int = 2000,
+                          seed: int = 0) -> np.ndarray:
+    """Mean AUROC over labels of each model on each paired bootstrap resample: (n_resamples, n_models).
+
+    targets (N, K) or (N,) 0/1/NaN; each scores array has the same shape. Resample b uses the rows
+    from `bootstrap_indices(N, n_resamples, seed)` for every model. A label is left out of a
+    resample's mean when its known rows in that resample hold one class only (the same labels for
+    every model, as the rows are shared); a resample in which no label has both classes is a row
+    of NaN (skipped by the intervals, not redrawn).
+    """
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
+    y, s = _check_multilabel(targets, scores)
+    n, k = y.shape
+    chunk = max(1, _CHUNK_CELLS // max(n, 1))
+    out = np.empty((n_resamples, len(s)))
+    draws = bootstrap_indices(n, n_resamples, seed)
+    # A label with one class on the full sample has one class in every resample: never defined.
+    labels = [_label_levels(y[:, j], [x[:, j] for x in s]) for j in range(k)
+              if {0.0, 1.0} <= set(np.unique(y[np.isfinite(y[:, j]), j]).tolist())]
+    for start in range(0, n_resamples, chunk):
+        rows = np.stack([next(draws) for _ in range(min(chunk, n_resamples - start))])
+        b = rows.shape[0]
+        # Resample b as multiplicities: counts[b, i] = how often image i was drawn.
+        counts = np.bincount((rows + n * np.arange(b)[:, None]).ravel(), minlength=b * n).reshape(b, n)
+        total = np.zeros((b, len(s)))
+        defined = np.zeros(b, dtype=np.int64)
+        for known, positive, levels in labels:
+            c = counts[:, known]
+            n_pos = c[:, positive].sum(1)
+            n_neg = c[:, ~positive].sum(1)
+            ok = (n_pos > 0) & (n_neg > 0)
+            defined += ok
+            for model, (order, starts) in enumerate(levels):
+                area = _weighted_auroc(c[:, order], positive[order], starts, n_pos, n_neg)
+                total[:, model] += np.where(ok, area, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[start:start + b] = np.where(defined[:, None] > 0, total / defined[:, None], np.nan)
+    return out
+
+
+def bootstrap_auroc_difference(targets: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
+                               n_resamples: int = 2000, seed: int = 0,
+                               confidence: float = 0.95) -> BootstrapResult:
+    """Paired bootstrap CI of mean AUROC(a) - mean AUROC(b) over labels, resampling images.
+
+    targets, scores_a, scores_b: (N, K), or (N,) for one label; NaN target = unknown. The estimate
+    averages over the labels defined on the full sample; each resample averages over the labels
+    defined in it. Resamples with no defined label are skipped (not redrawn) and counted.
+    """
+    estimate = _mean_auroc(targets, scores_a) - _mean_auroc(targets, scores_b)
+    means = resampled_mean_aurocs(targets, scores_a, scores_b, n_resamples=n_resamples, seed=seed)
+    return _percentile_interval(estimate, means[:, 0] - means[:, 1], confidence, seed)
+
+
+def bootstrap_auroc_ci(targets: np.ndarray, scores: np.ndarray, n_resamples: int = 2000, seed: int = 0,
+                       confidence: float = 0.95) -> BootstrapResult:
+    """Bootstrap percentile CI of one model's mean AUROC over labels (same resampling as above)."""
+    means = resampled_mean_aurocs(targets, scores, n_resamples=n_resamples, seed=seed)
+    return _percentile_interval(_mean_auroc(targets, scores), means[:, 0], confidence, seed)
+
+
+def _percentile_interval(estimate: float, replicates: np.ndarray, confidence: float, seed: int) -> BootstrapResult:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    used = replicates[np.isfinite(replicates)]
+    if used.size == 0:
+        raise ValueError("no bootstrap resample had a label with both classes")
+    alpha = 1 - confidence
+    low, high = np.quantile(used, [alpha / 2, 1 - alpha / 2])
+    return BootstrapResult(estimate=float(estimate), ci_low=float(low), ci_high=float(high),
+                           confidence=confidence, n_resamples=int(used.size),
+                           n_skipped=int(replicates.size - used.size), seed=seed)
+
+
+def _weighted_auroc(counts: np.ndarray, positive: np.ndarray, starts: np.ndarray,
+                    n_pos: np.ndarray, n_neg: np.ndarray) -> np.ndarray:
+    """Mann-Whitney AUROC of each resample from per-image counts (B, n) sorted by score.
+
+    Images with equal scores form one level (starting at `starts`); a positive beats every negative
+    on a lower level and ties with those on its own level (1/2). Integer sums: exact.
+    """
+    pos_at = np.add.reduceat(counts * positive, starts, axis=1)
+    neg_at = np.add.reduceat(counts * ~positive, starts, axis=1)
+    neg_below = np.cumsum(neg_at, axis=1) - neg_at
+    twice_u = (pos_at * (2 * neg_below + neg_at)).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return twice_u / (2 * n_pos * n_neg)
+
+
+def _label_levels(target: np.ndarray, scores: list[np.ndarray]):
+    """Known rows, their class, and per model the score order and the starts of tied levels."""
+    known = np.isfinite(target)
+    positive = target[known].astype(bool)
+    levels = []
+    for score in scores:
+        s = score[known]
+        order = np.argsort(s, kind="stable")
+        sorted_s = s[order]
+        starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]]) if s.size else np.zeros(0, int)
+        levels.append((order, starts))
+    return known, positive, levels
+
+
+def _mean_auroc(targets: np.ndarray, scores: np.ndarray) -> float:
+    """Mean AUROC over the labels with both classes among their known rows."""
+    y, (s,) = _check_multilabel(targets, (scores,))
+    areas = []
+    for j in range(y.shape[1]):
+        known = np.isfinite(y[:, j])
+        areas.append(auroc(y[known, j], s[known, j]))
+    defined = [a for a in areas if a is not None]
+    if not defined:
+        raise ValueError("no label has both classes among its known targets")
+    return float(np.mean(defined))
+
+
+def _as_vector(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one label), got shape {x.shape}")
+    return x
+
+
+def _check_label(targets: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One label: drop NaN targets, check 0/1 and finite scores; returns (y (n,), scores (M, n))."""
+    y = _as_vector(targets, "targets")
+    if scores.shape[1] != y.size:
+        raise ValueError(f"targets ({y.size},) and scores {scores.shape[1:]} must cover the same images")
+    known = np.isfinite(y)
+    y, scores = y[known], scores[:, known]
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("targets must be 0, 1 or NaN (unknown)")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores must be finite")
+    return y, scores
+
+
+def _check_multilabel(targets: np.ndarray, scores) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(N, K) or (N,) targets and scores of one shape, as 2-D float arrays; 0/1/NaN and finite."""
+    y = np.asarray(targets, dtype=np.float64)
+    s = [np.asarray(x, dtype=np.float64) for x in scores]
+    if y.ndim == 1:
+        y, s = y[:, None], [x.reshape(-1, 1) if x.ndim == 1 else x for x in s]
+    if y.ndim != 2 or any(x.shape != y.shape for x in s):
+        raise ValueError(f"targets {np.shape(targets)} and scores {[np.shape(x) for x in scores]} "
+                         f"must have the same (N, K) or (N,) shape")
+    known = np.isfinite(y)
+    if not np.isin(y[known], (0, 1)).all():
+        raise ValueError("targets must be 0, 1 or NaN (unknown)")
+    if any(not np.isfinite(x[known]).all() for x in s):
+        raise ValueError("scores must be finite where the target is known")
+    return y, s

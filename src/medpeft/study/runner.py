@@ -1,0 +1,200 @@
+"""Run a study: expand its cells, skip the finished ones, run the rest as ordinary training runs.
+
+Layout of a study directory::
+
+    study.yaml       the study file as last run
+    study.sqlite     the results store (medpeft.study.store)
+    configs/KEY.yaml each cell's run config (with its output_dir)
+    runs/KEY/        each cell's run directory
+    logs/KEY.log     each cell's process output
+
+Each cell trains in its own process (``python -m medpeft.study.cell``), so cells are isolated (memory
+is measured per cell, a crash fails one cell) and run side by side: ``jobs`` processes at once, each
+given ``cores / jobs`` threads and, on a GPU machine, one GPU in turn (``CUDA_VISIBLE_DEVICES``). A
+cell process is killed with its runner (Linux ``PR_SET_PDEATHSIG``), so a killed runner never leaves a
+cell training behind; started again, it resumes that cell from its checkpoint. The runner alone writes
+the store. ``executor="ray"`` sends the same cell processes to the workers of a Ray cluster
+(``ray.init(address="auto")`` when one is running, else a local instance); the study directory must
+then be on storage every worker sees.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from medpeft.errors import ConfigError
+from medpeft.study.spec import Cell, load_study
+from medpeft.study.store import Store
+from medpeft.train import rundir
+
+STORE = "study.sqlite"
+
+
+@dataclass(frozen=True)
+class CellResult:
+    key: str
+    ok: bool
+    peak_memory_mb: float | None = None
+    error: str | None = None
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def run_cell(key: str, config_path: str, log_path: str, threads: int, gpu: int | None = None) -> CellResult:
+    """Train one cell in a child process; its output goes to `log_path`."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    with open(log_path, "a") as log:
+        proc = subprocess.run([sys.executable, "-m", "medpeft.study.cell", config_path, str(threads)],
+                              stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                              preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        log.write(proc.stdout)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+        return CellResult(key, True, peak_memory_mb=json.loads(lines[-1])["peak_memory_mb"])
+    errors = [line for line in Path(log_path).read_text().splitlines() if line.strip()]
+    return CellResult(key, False, error=(errors[-1] if errors else f"exit code {proc.returncode}")[:2000])
+
+
+class _LocalExecutor:
+    """`jobs` cell processes at once on this machine, cores split between them, GPUs handed out in turn."""
+
+    def __init__(self, jobs: int):
+        import torch
+
+        self.pool = ThreadPoolExecutor(max_workers=jobs)
+        self.threads = max(1, (os.cpu_count() or 1) // jobs)
+        gpus = torch.cuda.device_count()
+        self.slots: queue.Queue = queue.Queue()
+        for slot in range(jobs):
+            self.slots.put(slot % gpus if gpus else None)
+
+    def submit(self, *args) -> Future:
+        return self.pool.submit(self._run, *args)
+
+    def _run(self, *args) -> CellResult:
+        gpu = self.slots.get()
+        try:
+            return run_cell(*args, threads=self.threads, gpu=gpu)
+        finally:
+            self.slots.put(gpu)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+class _RayExecutor:
+    """Each cell a Ray task that runs the same cell process on a worker with the CPUs / GPU it asked for."""
+
+    def __init__(self, jobs: int):
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("--executor ray needs Ray: pip install 'medpeft[ray]'") from None
+        import torch
+
+        self.ray = ray
+        if not ray.is_initialized():
+            ray.init(address="auto" if os.environ.get("RAY_ADDRESS") else None, include_dashboard=False,
+                     log_to_driver=False)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.threads = max(1, cpus // jobs)
+        gpus = 1 if torch.cuda.is_available() or ray.cluster_resources().get("GPU") else 0
+        self.task = ray.remote(num_cpus=self.threads, num_gpus=gpus, max_retries=0)(run_cell)
+
+    def submit(self, *args) -> Future:
+        return self.task.remote(*args, threads=self.threads).future()
+
+    def close(self) -> None:
+        pass
+
+
+def run_study(study_path: str | Path, out: str | Path, jobs: int = 1, executor: str = "local",
+              retry_failed: bool = False, quiet: bool = False) -> dict:
+    """Run every cell of the study not yet done; return the count of cells per status."""
+    console = Console(quiet=quiet)
+    study = load_study(study_path)
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    out = Path(out)
+    for sub in ("configs", "runs", "logs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    store = Store(out / STORE)
+    try:
+        store.sync(study.cells, (out / "runs").resolve())
+        rundir.write_text_atomic(out / "study.yaml", Path(study_path).read_text())
+        todo = [c for c in study.cells
+                if store.status(c.key) in ("pending", "running") or (retry_failed and store.status(c.key) == "failed")]
+        done = len(study.cells) - len(todo)
+        console.print(f"study {study.name}: {len(study.cells)} cells, {done} done or failed before, {len(todo)} to run "
+                      f"({jobs} at a time, {executor})")
+        pending = [c for c in todo if not _recover(store, c, out)]
+        if pending:
+            _execute(store, pending, out, jobs, executor, console)
+        counts = store.frame()["status"].value_counts().to_dict()
+    finally:
+        store.close()
+    console.print("  ".join(f"{status}: {n}" for status, n in sorted(counts.items())))
+    return counts
+
+
+def _recover(store: Store, cell: Cell, out: Path) -> bool:
+    """A cell whose run finished but was not recorded (runner killed in between) is recorded now."""
+    run_dir = out / "runs" / cell.key
+    if not rundir.is_complete(run_dir):
+        return False
+    store.mark_done(cell.key, json.loads((run_dir / rundir.METRICS).read_text()), None)
+    return True
+
+
+def _execute(store: Store, cells: list[Cell], out: Path, jobs: int, executor: str, console: Console) -> None:
+    """Keep `jobs` cells in flight; a cell is marked running when it is handed to a worker."""
+    pool = _RayExecutor(jobs) if executor == "ray" else _LocalExecutor(jobs)
+    waiting, in_flight, finished = list(cells), {}, 0
+    try:
+        while waiting or in_flight:
+            while waiting and len(in_flight) < jobs:
+                cell = waiting.pop(0)
+                in_flight[_start(pool, store, cell, out)] = cell
+            ready, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in ready:
+                cell, result = in_flight.pop(future), future.result()
+                finished += 1
+                _record(store, cell, result, out, f"[{finished}/{len(cells)}]", console)
+    finally:
+        pool.close()
+
+
+def _start(pool, store: Store, cell: Cell, out: Path) -> Future:
+    config_path = (out / "configs" / f"{cell.key}.yaml").resolve()
+    run_dir = (out / "runs" / cell.key).resolve()
+    rundir.write_text_atomic(config_path, yaml.safe_dump({**cell.config, "output_dir": str(run_dir)}, sort_keys=False))
+    store.mark_running(cell.key)
+    return pool.submit(cell.key, str(config_path), str((out / "logs" / f"{cell.key}.log").resolve()))
+
+
+def _record(store: Store, cell: Cell, result: CellResult, out: Path, counter: str, console: Console) -> None:
+    if not result.ok:
+        store.mark_failed(cell.key, result.error)
+        console.print(f"{counter} {cell.key}: [red]failed[/red]: {result.error}")
+        return
+    metrics = json.loads((out / "runs" / cell.key / rundir.METRICS).read_text())
+    store.mark_done(cell.key, metrics, result.peak_memory_mb)
+    test = (metrics["test"] or {}).get("mean_auroc")
+    console.print(f"{counter} {cell.key}: test AUROC {'n/a' if test is None else f'{test:.4f}'} "
+                  f"({metrics['wall_time_s']:.0f} s)")

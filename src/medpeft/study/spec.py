@@ -1,0 +1,179 @@
+"""A study file: a grid of backbones x datasets x methods x label fractions x seeds over one base run config.
+
+.. code-block:: yaml
+
+    name: kermany-small
+    base:                        # a run config without output_dir, shared by every cell
+      model: {name: vit_small_patch16_224, weights: random, img_size: 64}
+      data: {csv: labels.csv, labels: [pneumonia]}
+      train: {epochs: 10}
+    axes:
+      backbone: {scratch: {}}    # level name -> a partial run config merged into the cell's config
+      dataset: {pneumonia: {}}
+      method:                    # the level's `method` replaces base's; its name defaults to the level's
+        full: {train: {lr: 1.0e-4}}
+        lora: {method: {r: 8}}
+        lora-qv: {method: {name: lora, targets: [q, v]}}
+      fraction: [0.01, 0.1, 1.0] # sets data.split.label_fraction
+      seed: [0, 1, 2]            # sets train.seed (the split stays the same, so seeds are paired)
+    overrides:                   # per-cell settings, applied in order to the cells that match `where`
+      - where: {method: lora, fraction: 0.01}
+        set: {method.r: 4, train.epochs: 100}
+
+Every axis is optional (one level, ``default``, when absent). String values may use environment
+variables (``${NIH_ROOT}/Data_Entry_2017.csv``). Every cell is validated as a run config when the
+study is read, so a typo fails before the first cell trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from medpeft.config import config_from_dict, merge_dicts
+from medpeft.errors import ConfigError
+
+AXES = ("backbone", "dataset", "method", "fraction", "seed")
+NAMED_AXES = ("backbone", "dataset", "method")
+
+
+@dataclass(frozen=True)
+class Cell:
+    backbone: str
+    dataset: str
+    method: str
+    fraction: float
+    seed: int
+    config: dict
+    """The cell's full run config (plain data, validated), output_dir excluded."""
+
+    @property
+    def key(self) -> str:
+        """A unique, filesystem-safe name: the run directory and the store's primary key."""
+        return f"{self.backbone}__{self.dataset}__{self.method}__f{self.fraction:g}__s{self.seed}"
+
+    @property
+    def config_hash(self) -> str:
+        return hashlib.sha256(yaml.safe_dump(self.config, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def task(self) -> tuple:
+        """What a comparison holds fixed: everything but the method and the seed."""
+        return self.backbone, self.dataset, self.fraction
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    path: Path
+    cells: list[Cell]
+
+
+def _expand_env(value):
+    if isinstance(value, str):
+        return os.path.expandvars(value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v) for v in value]
+    return value
+
+
+def _levels(path: Path, axes: dict, axis: str) -> dict:
+    levels = axes.get(axis, {"default": {}} if axis in NAMED_AXES else None)
+    if axis in NAMED_AXES:
+        if not isinstance(levels, dict) or not levels:
+            raise ConfigError(f"{path}: axes.{axis} must be a non-empty mapping of level name -> config")
+        for name, overrides in levels.items():
+            if not isinstance(name, str) or "__" in name or "/" in name:
+                raise ConfigError(f"{path}: axes.{axis} level {name!r} must be a name without '__' or '/'")
+            if not isinstance(overrides, dict | type(None)):
+                raise ConfigError(f"{path}: axes.{axis}.{name} must be a mapping (a partial run config)")
+        return {name: overrides or {} for name, overrides in levels.items()}
+    if levels is None:
+        return {1.0: {}} if axis == "fraction" else {0: {}}
+    if not isinstance(levels, list) or not levels:
+        raise ConfigError(f"{path}: axes.{axis} must be a non-empty list")
+    if axis == "fraction":
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1 for v in levels):
+            raise ConfigError(f"{path}: axes.fraction must be numbers in (0, 1], got {levels}")
+        return {float(v): {"data": {"split": {"label_fraction": float(v)}}} for v in levels}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in levels):
+        raise ConfigError(f"{path}: axes.seed must be integers, got {levels}")
+    return {v: {"train": {"seed": v}} for v in levels}
+
+
+def _nest(dotted: dict) -> dict:
+    """``{'method.r': 4}`` -> ``{'method': {'r': 4}}``."""
+    nested: dict = {}
+    for key, value in dotted.items():
+        *parents, last = str(key).split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return nested
+
+
+def _matches(where: dict, coordinates: dict) -> bool:
+    return all(coordinates[axis] == (float(v) if axis == "fraction" else v) for axis, v in where.items())
+
+
+def load_study(path: str | Path) -> Study:
+    """Read, expand and validate a study file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: study file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a study file is a mapping with name, base, axes, overrides")
+    unknown = sorted(set(data) - {"name", "base", "axes", "overrides"})
+    if unknown:
+        raise ConfigError(f"{path}: study key '{unknown[0]}' does not exist (expected name, base, axes, overrides)")
+    data = _expand_env(data)
+    axes = data.get("axes") or {}
+    if not isinstance(axes, dict) or set(axes) - set(AXES):
+        raise ConfigError(f"{path}: axes must be a mapping with keys among {', '.join(AXES)}")
+    base = data.get("base") or {}
+    if not isinstance(base, dict) or "output_dir" in base:
+        raise ConfigError(f"{path}: base must be a run config without output_dir (the study places each run)")
+    overrides = data.get("overrides") or []
+    for i, rule in enumerate(overrides):
+        if not (isinstance(rule, dict) and set(rule) == {"where", "set"} and isinstance(rule["where"], dict)
+                and set(rule["where"]) <= set(AXES) and isinstance(rule["set"], dict)):
+            raise ConfigError(f"{path}: overrides[{i}] must be {{where: {{axis: level, ...}}, set: {{key: value}}}} "
+                              f"with axes among {', '.join(AXES)}")
+    levels = {axis: _levels(path, axes, axis) for axis in AXES}
+    for i, rule in enumerate(overrides):
+        for axis, value in rule["where"].items():
+            if (float(value) if axis == "fraction" else value) not in levels[axis]:
+                raise ConfigError(f"{path}: overrides[{i}].where.{axis}: {value!r} is not a level of that axis")
+
+    cells = []
+    for combination in itertools.product(*(levels[axis].items() for axis in AXES)):
+        coordinates = {axis: level for axis, (level, _) in zip(AXES, combination)}
+        config = base
+        for axis, (level, partial) in zip(AXES, combination):
+            if axis == "method":  # the level's method replaces the base's; its name defaults to the level's
+                config = {**config, "method": {"name": level, **(partial.get("method") or {})}}
+                partial = {k: v for k, v in partial.items() if k != "method"}
+            config = merge_dicts(config, partial)
+        for rule in overrides:
+            if _matches(rule["where"], coordinates):
+                config = merge_dicts(config, _nest(rule["set"]))
+        where = ", ".join(f"{axis}={level}" for axis, level in coordinates.items())
+        try:
+            resolved = config_from_dict({**config, "output_dir": "-"}).to_dict()
+        except ConfigError as e:
+            raise ConfigError(f"{path}: cell ({where}): {e}") from None
+        del resolved["output_dir"]
+        cells.append(Cell(**coordinates, config=resolved))
+    return Study(name=str(data.get("name") or path.stem), path=path, cells=cells)

@@ -1,0 +1,93 @@
+"""The results store of a study: one SQLite database, one row per cell, every change one transaction.
+
+A row is written when the study is read (``pending``), when its run starts (``running``, attempts + 1)
+and when it ends (``done`` with its metrics, or ``failed`` with the error). A runner killed at any
+moment leaves rows that are ``done`` (finished and recorded) or not; a ``running`` row is picked up
+again and its run resumes from its checkpoint. The cell key is the primary key: no cell is counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from medpeft.errors import ConfigError
+from medpeft.study.spec import Cell
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cells (
+    key TEXT PRIMARY KEY,
+    backbone TEXT NOT NULL, dataset TEXT NOT NULL, method TEXT NOT NULL, fraction REAL NOT NULL,
+    seed INTEGER NOT NULL,
+    config_hash TEXT NOT NULL,
+    run_dir TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    val_mean_auroc REAL, test_mean_auroc REAL,
+    trainable INTEGER, trainable_percent REAL,
+    wall_time_s REAL, peak_memory_mb REAL,
+    metrics TEXT,
+    started_at REAL, finished_at REAL
+)
+"""
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.db = sqlite3.connect(self.path, timeout=60)
+        self.db.row_factory = sqlite3.Row
+        with self.db:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def sync(self, cells: list[Cell], run_root: Path) -> None:
+        """Add the study's new cells as pending; refuse cells whose config changed since they were added."""
+        known = {row["key"]: row["config_hash"] for row in self.db.execute("SELECT key, config_hash FROM cells")}
+        changed = [c.key for c in cells if c.key in known and known[c.key] != c.config_hash]
+        if changed:
+            raise ConfigError(f"{self.path}: the config of {len(changed)} cell(s) changed since they were added "
+                              f"(e.g. {changed[0]}); write the study to a new directory")
+        with self.db:
+            self.db.executemany(
+                "INSERT INTO cells (key, backbone, dataset, method, fraction, seed, config_hash, run_dir, status) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
+                [(c.key, c.backbone, c.dataset, c.method, c.fraction, c.seed, c.config_hash, str(run_root / c.key))
+                 for c in cells if c.key not in known])
+
+    def status(self, key: str) -> str:
+        return self.db.execute("SELECT status FROM cells WHERE key = ?", (key,)).fetchone()["status"]
+
+    def mark_running(self, key: str) -> None:
+        with self.db:
+            self.db.execute("UPDATE cells SET status = 'running', attempts = attempts + 1, error = NULL, "
+                            "started_at = ? WHERE key = ?", (time.time(), key))
+
+    def mark_done(self, key: str, metrics: dict, peak_memory_mb: float | None) -> None:
+        with self.db:
+            self.db.execute(
+                "UPDATE cells SET status = 'done', error = NULL, val_mean_auroc = ?, test_mean_auroc = ?, "
+                "trainable = ?, trainable_percent = ?, wall_time_s = ?, peak_memory_mb = ?, metrics = ?, "
+                "finished_at = ? WHERE key = ?",
+                (metrics["val"]["mean_auroc"], (metrics["test"] or {}).get("mean_auroc"),
+                 metrics["parameters"]["trainable"], metrics["parameters"]["trainable_percent"],
+                 metrics["wall_time_s"], peak_memory_mb, json.dumps(metrics), time.time(), key))
+
+    def mark_failed(self, key: str, error: str) -> None:
+        with self.db:
+            self.db.execute("UPDATE cells SET status = 'failed', error = ?, finished_at = ? WHERE key = ?",
+                            (error, time.time(), key))
+
+    def frame(self) -> pd.DataFrame:
+        """Every row, metrics parsed (None where absent)."""
+        frame = pd.read_sql_query("SELECT * FROM cells ORDER BY rowid", self.db)
+        frame["metrics"] = [json.loads(m) if isinstance(m, str) else None for m in frame["metrics"]]
+        return frame

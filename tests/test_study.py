@@ -1,0 +1,160 @@
+"""Studies: the study file expands into validated cells; the runner runs each as an ordinary run,
+records it in the store exactly once, survives SIGKILL, and records failures without stopping."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import medpeft
+from medpeft.config import config_from_dict
+from medpeft.errors import ConfigError
+from medpeft.study.runner import run_study
+from medpeft.study.spec import load_study
+from medpeft.study.store import Store
+
+from conftest import TINY_VIT
+
+
+def write_study(path: Path, squares_csv, **changes) -> Path:
+    study = {
+        "name": "squares",
+        "base": {
+            "model": {**TINY_VIT, "drop_path_rate": 0.0},
+            "data": {"csv": str(squares_csv), "patient_column": "patient", "labels": ["bright", "dark"],
+                     "split": {"val_fraction": 0.25, "test_fraction": 0.25, "seed": 0}},
+            "train": {"epochs": 4, "batch_size": 8, "lr": 0.003, "warmup_epochs": 0.5},
+        },
+        "axes": {"method": {"full": {"train": {"lr": 0.001}}, "lora": {"method": {"r": 4, "alpha": 8}}},
+                 "fraction": [0.5, 1.0], "seed": [0]},
+        **changes,
+    }
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def test_study_expands_every_combination_with_levels_and_overrides(tmp_path, squares_csv):
+    path = write_study(tmp_path / "study.yaml", squares_csv, overrides=[
+        {"where": {"method": "lora", "fraction": 0.5}, "set": {"method.r": 2, "train.epochs": 7}}])
+    study = load_study(path)
+    assert [c.key for c in study.cells] == [f"default__default__{m}__f{f}__s0" for m in ("full", "lora") for f in (0.5, 1)]
+    by_key = {c.key: c.config for c in study.cells}
+    full = by_key["default__default__full__f0.5__s0"]
+    assert full["method"] == {"name": "full"} and full["train"]["lr"] == 0.001
+    assert full["data"]["split"]["label_fraction"] == 0.5 and full["train"]["seed"] == 0
+    small_lora = by_key["default__default__lora__f0.5__s0"]
+    assert small_lora["method"]["r"] == 2 and small_lora["method"]["alpha"] == 8 and small_lora["train"]["epochs"] == 7
+    assert by_key["default__default__lora__f1__s0"]["method"]["r"] == 4
+    assert by_key["default__default__lora__f1__s0"]["train"]["epochs"] == 4
+    assert len({c.config_hash for c in study.cells}) == 4
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"axes": {"model": {}}}, "axes must be a mapping with keys among"),
+    ({"axes": {"fraction": [0, 0.5]}}, r"axes.fraction must be numbers in \(0, 1\]"),
+    ({"overrides": [{"where": {"method": "dora"}, "set": {"method.r": 2}}]}, r"overrides\[0\].where.method: 'dora'"),
+    ({"axes": {"method": {"lora": {"method": {"rank": 4}}}}}, r"cell \(backbone=default.*method=lora.*'method.rank'"),
+    ({"epochs": 3}, "study key 'epochs' does not exist"),
+])
+def test_bad_study_files_fail_with_one_line_naming_the_problem(tmp_path, squares_csv, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        load_study(write_study(tmp_path / "study.yaml", squares_csv, **changes))
+
+
+def test_environment_variables_expand_in_study_files(tmp_path, squares_csv, monkeypatch):
+    monkeypatch.setenv("SQUARES_CSV", str(squares_csv))
+    path = tmp_path / "study.yaml"
+    write_study(path, squares_csv)
+    path.write_text(path.read_text().replace(str(squares_csv), "${SQUARES_CSV}"))
+    assert all(c.config["data"]["csv"] == str(squares_csv) for c in load_study(path).cells)
+
+
+def rows(out: Path) -> dict:
+    frame = Store(out / "study.sqlite").frame()
+    return {row.key: row for row in frame.itertuples()}
+
+
+def cell_processes(out: Path) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(out) in (proc / "cmdline").read_text():
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
+def test_study_killed_mid_cell_resumes_and_equals_an_uninterrupted_study(tmp_path, squares_csv):
+    study = write_study(tmp_path / "study.yaml", squares_csv, axes={
+        "method": {"full": {"train": {"lr": 0.001}}, "lora": {"method": {"r": 4, "alpha": 8}}}})
+    reference = {}  # each cell as an ordinary run, uninterrupted
+    for cell in load_study(study).cells:
+        config = config_from_dict({**cell.config, "output_dir": str(tmp_path / "a" / cell.key)})
+        reference[cell.key] = medpeft.train(config, quiet=True)
+
+    out = tmp_path / "b"
+    runner = subprocess.Popen([sys.executable, "-m", "medpeft", "study", "run", str(study), "--out", str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(out.glob("runs/*/checkpoint.pt")) and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(runner.pid, signal.SIGKILL)
+    runner.wait()
+    interrupted = [p.parent for p in out.glob("runs/*/checkpoint.pt") if not (p.parent / "metrics.json").exists()]
+    assert interrupted, "the runner was not killed mid-cell"
+    deadline = time.time() + 10
+    while cell_processes(out) and time.time() < deadline:  # the cell process dies with its runner
+        time.sleep(0.05)
+    assert cell_processes(out) == []
+    assert rows(out)[interrupted[0].name].status == "running"
+
+    run_study(study, out, quiet=True)
+    resumed = rows(out)
+    assert resumed.keys() == reference.keys()
+    with sqlite3.connect(out / "study.sqlite") as db:
+        assert db.execute("SELECT COUNT(*), COUNT(DISTINCT key) FROM cells").fetchone() == (2, 2)
+    for key, row in resumed.items():
+        assert row.status == "done"
+        assert row.metrics["val"] == reference[key]["val"] and row.metrics["test"] == reference[key]["test"]
+        assert row.test_mean_auroc == reference[key]["test"]["mean_auroc"]
+    assert resumed[interrupted[0].name].attempts == 2
+    assert '"event": "resume"' in (interrupted[0] / "log.jsonl").read_text()
+    assert sum(r.attempts for r in resumed.values()) <= 2 + 1
+
+    assert run_study(study, out, quiet=True) == {"done": 2}  # nothing left: nothing runs again
+    assert sum(r.attempts for r in rows(out).values()) == sum(r.attempts for r in resumed.values())
+
+
+def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path, squares_csv):
+    study = write_study(tmp_path / "study.yaml", squares_csv, axes={
+        "dataset": {"squares": {}, "broken": {"data": {"csv": str(tmp_path / "missing.csv")}}},
+        "method": {"linear_probe": {}}})
+    counts = run_study(study, tmp_path / "out", quiet=True)
+    assert counts == {"done": 1, "failed": 1}
+    failed = rows(tmp_path / "out")["default__broken__linear_probe__f1__s0"]
+    assert "missing.csv" in failed.error and failed.metrics is None
+    assert run_study(study, tmp_path / "out", quiet=True) == {"done": 1, "failed": 1}  # not retried by default
+    assert rows(tmp_path / "out")["default__broken__linear_probe__f1__s0"].attempts == 1
+
+
+def test_changing_a_cell_after_it_ran_is_refused(tmp_path, squares_csv):
+    study = write_study(tmp_path / "study.yaml", squares_csv, axes={"method": {"linear_probe": {}}})
+    run_study(study, tmp_path / "out", quiet=True)
+    write_study(study, squares_csv, axes={"method": {"linear_probe": {"train": {"lr": 0.1}}}})
+    with pytest.raises(ConfigError, match="changed since they were added"):
+        run_study(study, tmp_path / "out", quiet=True)
+
+
+def test_parallel_jobs_run_every_cell(tmp_path, squares_csv):
+    study = write_study(tmp_path / "study.yaml", squares_csv, axes={"method": {"linear_probe": {}, "bitfit": {}}})
+    assert run_study(study, tmp_path / "out", jobs=2, quiet=True) == {"done": 2}
+    assert all(json.loads((Path(r.run_dir) / "metrics.json").read_text())["method"] == r.method
+               for r in rows(tmp_path / "out").values())
