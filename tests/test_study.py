@@ -158,3 +158,74 @@ def test_parallel_jobs_run_every_cell(tmp_path, squares_csv):
     assert run_study(study, tmp_path / "out", jobs=2, quiet=True) == {"done": 2}
     assert all(json.loads((Path(r.run_dir) / "metrics.json").read_text())["method"] == r.method
                for r in rows(tmp_path / "out").values())
+
+
+SHARED = Path(__file__).resolve().parents[1] / "../shared/data/cxr-metadata"
+MED_PEFT_STUDY = Path(__file__).resolve().parents[1] / "studies/med-peft-18.yaml"
+
+
+@pytest.fixture
+def med_peft_env(monkeypatch, tmp_path):
+    for name, value in {"MRM_CHECKPOINT": tmp_path / "MRM.pth", "CXR_MAE_CHECKPOINT": tmp_path / "CXR_MAE.pth",
+                        "MED_PEFT_SPLITS": SHARED / "splits/MED-PEFT", "NIH_ROOT": SHARED / "nih-chestxray14",
+                        "CHEXPERT_ROOT": SHARED / "chexpert", "CHEXPERT_TEST_CSV": tmp_path / "test.csv",
+                        "RSNA_ROOT": SHARED / "rsna-pneumonia"}.items():
+        monkeypatch.setenv(name, str(value))
+
+
+def test_med_peft_study_is_36_runs_per_seed_with_the_published_settings(med_peft_env):
+    cells = load_study(MED_PEFT_STUDY).cells
+    assert len(cells) == 36 and len({c.key for c in cells}) == 36
+    assert {(c.backbone, c.dataset, c.fraction) for c in cells} == {
+        (b, d, f) for b in ("mrm", "cxr-mae") for d in ("nih", "chexpert", "rsna") for f in (0.01, 0.1, 1.0)}
+    lora = {(c.backbone, c.dataset, c.fraction): c.config for c in cells if c.method == "lora"}
+    assert lora[("mrm", "chexpert", 0.1)]["method"] == {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.1,
+                                                         "targets": ["q", "v"]}
+    assert lora[("mrm", "nih", 1.0)]["train"]["lr"] == 0.2 and lora[("mrm", "nih", 1.0)]["train"]["optimizer"] == "sgd"
+    assert lora[("cxr-mae", "nih", 0.01)]["train"]["epochs"] == 400
+    assert all(c.config["data"]["split"]["label_fraction"] == 1.0 for c in cells)  # the lists are the fractions
+    assert lora[("mrm", "rsna", 0.01)]["data"]["split"]["files"]["train"].endswith("RSNA_Pneumonia/train_1.txt")
+
+
+def test_med_peft_study_with_three_seeds_is_108_runs(med_peft_env, tmp_path):
+    study = yaml.safe_load(MED_PEFT_STUDY.read_text())
+    study["axes"]["seed"] = [0, 1, 2]
+    (tmp_path / "three.yaml").write_text(yaml.safe_dump(study))
+    assert len(load_study(tmp_path / "three.yaml").cells) == 108
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"real CXR metadata not found at {SHARED}")
+def test_med_peft_study_splits_read_with_the_dataset_readers(med_peft_env):
+    """Each dataset's cells read through its reader and the published lists present here (the CheXpert
+    100% list and the CheXpert / RSNA test labels are not in the shared metadata: left out)."""
+    from dataclasses import replace
+
+    from medpeft.data.readers import read_split_dataset
+
+    expected = {("nih", 0.01): (785, 11_219, 22_433), ("nih", 0.1): (7_847, 11_219, 22_433),
+                ("nih", 1.0): (78_468, 11_219, 22_433), ("chexpert", 0.01): (2_234, 234, 0),
+                ("chexpert", 0.1): (22_341, 234, 0), ("rsna", 0.01): (251, 1_500, 0), ("rsna", 0.1): (2_518, 1_500, 0),
+                ("rsna", 1.0): (25_184, 1_500, 0)}
+    cells = {(c.dataset, c.fraction): c for c in load_study(MED_PEFT_STUDY).cells
+             if c.backbone == "mrm" and c.method == "lora"}
+    for (dataset, fraction), sizes in expected.items():
+        data = config_from_dict({**cells[dataset, fraction].config, "output_dir": "-"}).data
+        if dataset != "nih":
+            files = {k: v for k, v in data.split.files.items() if k != "test"}
+            data = replace(data, split=replace(data.split, files=files),
+                           csv=data.csv[:2] if dataset == "chexpert" else data.csv)
+        split = read_split_dataset(data)["split"].value_counts()
+        assert tuple(int(split.get(s, 0)) for s in ("train", "val", "test")) == sizes, (dataset, fraction)
+
+
+def test_ray_executor_runs_every_cell_on_a_local_ray_instance(tmp_path, squares_csv):
+    ray = pytest.importorskip("ray")
+    study = write_study(tmp_path / "study.yaml", squares_csv, axes={"method": {"linear_probe": {}, "bitfit": {}}})
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert run_study(study, tmp_path / "out", jobs=2, executor="ray", quiet=True) == {"done": 2}
+    finally:
+        ray.shutdown()
+    for row in rows(tmp_path / "out").values():
+        metrics = json.loads((Path(row.run_dir) / "metrics.json").read_text())
+        assert row.metrics == metrics and metrics["method"] == row.method and row.peak_memory_mb > 0
