@@ -315,20 +315,25 @@ def config_from_dict(data: dict) -> RunConfig:
     return RunConfig(method=method, **kwargs)
 
 
+def read_yaml_mapping(path: str | Path, what: str, expected: str) -> dict:
+    """A YAML file that must hold a mapping; one-line errors naming the file."""
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected {expected}, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
     """Read a YAML config file (or start from `base`), apply ``key=value`` overrides, validate."""
     data = dict(base or {})
     if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
-        data = merge_dicts(data, loaded)
+        data = merge_dicts(data, read_yaml_mapping(path, "config file", "a mapping of sections"))
     data = merge_dicts(data, parse_overrides(list(overrides)))
     return config_from_dict(data)
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from medpeft.config import config_from_dict, merge_dicts
+from medpeft.config import config_from_dict, merge_dicts, read_yaml_mapping
 from medpeft.errors import ConfigError
 
 AXES = ("backbone", "dataset", "method", "fraction", "seed")
@@ -127,14 +127,7 @@ def _matches(where: dict, coordinates: dict) -> bool:
 def load_study(path: str | Path) -> Study:
     """Read, expand and validate a study file."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: study file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a study file is a mapping with name, base, axes, overrides")
+    data = read_yaml_mapping(path, "study file", "a mapping with name, base, axes, overrides")
     unknown = sorted(set(data) - {"name", "base", "axes", "overrides"})
     if unknown:
         raise ConfigError(f"{path}: study key '{unknown[0]}' does not exist (expected name, base, axes, overrides)")
