@@ -22,7 +22,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Formats and the labels they use when data.labels is not given.
 DEFAULT_LABELS = {"csv": (), "nih": NIH_LABELS, "chexpert": CHEXPERT_COMPETITION_LABELS, "rsna": RSNA_LABELS,
-                  "folder": (), "medmnist": ()}
+                  "folder": (), "medmnist": (), "images": ()}
 
 
 @dataclass
@@ -84,7 +84,8 @@ class DataConfig:
     format: str = "csv"
     """Reader: 'csv' (generic labels CSV), 'nih' (Data_Entry_2017*.csv), 'chexpert' (train.csv /
     valid.csv), 'rsna' (stage_2_train_labels.csv), 'folder' (data.csv names the root of <class>/
-    folders), 'medmnist' (data.csv names the .npz file, which carries its own split)."""
+    folders), 'medmnist' (data.csv names the .npz file, which carries its own split), 'images' (data.csv
+    names a folder; every image below it, no labels: for pretraining)."""
     csv: str | list = ""
     """The dataset's label file, or a list of them read as one dataset (CheXpert: [train.csv, valid.csv])."""
     image_root: str | None = None
@@ -120,6 +121,7 @@ class DataConfig:
     mean: list = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list = field(default_factory=lambda: list(IMAGENET_STD))
     num_workers: int = 0
+    labels_required: typing.ClassVar[bool] = True
 
     def __post_init__(self):
         if not self.csv:
@@ -131,7 +133,7 @@ class DataConfig:
                 self.labels = list(RSNA_CLASSES)
             else:
                 self.labels = list(DEFAULT_LABELS[self.format])
-        if not self.labels:
+        if not self.labels and self.labels_required:
             raise ConfigError("data.labels is required: the list of label names")
         if len(set(self.labels)) != len(self.labels):
             raise ConfigError(f"data.labels has duplicates: {self.labels}")
@@ -141,6 +143,13 @@ class DataConfig:
         for key in ("mean", "std"):
             if len(getattr(self, key)) != 3:
                 raise ConfigError(f"data.{key} must have 3 values (RGB), got {getattr(self, key)}")
+
+
+@dataclass
+class UnlabelledDataConfig(DataConfig):
+    """Images for pretraining: as DataConfig, but labels are optional (a reader's are read, never used)."""
+
+    labels_required: typing.ClassVar[bool] = False
 
 
 @dataclass
@@ -209,6 +218,76 @@ class RunConfig:
         out = dataclasses.asdict(self)
         out["method"] = {"name": self.method.name, **dataclasses.asdict(self.method)}
         return out
+
+
+@dataclass
+class MAEConfig:
+    """Masked-autoencoder pretraining (He et al. 2022); defaults follow the medical recipe of Xiao et al.
+    2023 for chest X-rays (mask ratio 0.9; RandomResizedCrop scale 0.5-1 is PRETRAIN_DEFAULTS' augment)."""
+
+    mask_ratio: float = 0.9
+    norm_pix_loss: bool = True
+    """Reconstruct each patch normalised by its own mean and variance (MAE's better target)."""
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.95])
+    preview_every: int = 10
+    """Write a reconstruction preview PNG every this many epochs (and after the last); 0 = never."""
+    preview_images: int = 4
+
+    def __post_init__(self):
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"mae.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "preview_images"):
+            _positive(f"mae.{key}", getattr(self, key))
+        if self.decoder_embed_dim % self.decoder_num_heads:
+            raise ConfigError(f"mae.decoder_embed_dim ({self.decoder_embed_dim}) must be divisible by "
+                              f"mae.decoder_num_heads ({self.decoder_num_heads})")
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"mae.adam_betas must have 2 values, got {self.adam_betas}")
+        if self.preview_every < 0:
+            raise ConfigError(f"mae.preview_every must be >= 0, got {self.preview_every}")
+
+
+@dataclass
+class PretrainConfig:
+    """``medpeft pretrain``: the encoder (model), unlabelled images (data: any reader, labels unused;
+    trains on the 'train' split, reports reconstruction loss on 'val', never reads 'test'), mae, train
+    (epochs, batch_size, lr, min_lr, warmup_epochs, weight_decay, grad_accum_steps, grad_clip, precision,
+    device, seed), augment, output_dir. Defaults not given here are PRETRAIN_DEFAULTS."""
+
+    model: ModelConfig
+    data: UnlabelledDataConfig
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    output_dir: str = ""
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise ConfigError("output_dir is required: the run directory to write")
+        if self.data.split.label_fraction != 1.0:
+            raise ConfigError("data.split.label_fraction does not apply to pretraining (labels are not used)")
+        for key in ("layer_decay", "early_stopping_patience"):
+            if getattr(self.train, key) is not None:
+                raise ConfigError(f"train.{key} does not apply to pretraining")
+        if self.train.optimizer != "adamw":
+            raise ConfigError("train.optimizer: MAE pretraining uses adamw")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# The MAE recipe (He et al. 2022: AdamW, base lr 1.5e-4 per 256 images, 40 warmup epochs of 800, no drop
+# path) with the chest X-ray choices of Xiao et al. 2023 (mask ratio 0.9 in MAEConfig, crop scale 0.5-1).
+PRETRAIN_DEFAULTS = {
+    "model": {"weights": "random", "drop_path_rate": 0.0},
+    "data": {"split": {"val_fraction": 0.05, "test_fraction": 0.0}},
+    "train": {"epochs": 800, "batch_size": 256, "lr": 1.5e-4, "min_lr": 0.0, "warmup_epochs": 40,
+              "weight_decay": 0.05, "precision": "bf16"},
+    "augment": {"scale": [0.5, 1.0]},
+}
 
 
 def _choice(key: str, value, allowed) -> None:
@@ -338,5 +417,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     return config_from_dict(data)
 
 
-def dump_config(config: RunConfig) -> str:
+def load_pretrain_config(path: str | Path | None = None, overrides: list[str] = (),
+                         base: dict | None = None) -> PretrainConfig:
+    """A pretraining config: PRETRAIN_DEFAULTS, then `base`, the YAML file and ``key=value`` overrides."""
+    data = merge_dicts(PRETRAIN_DEFAULTS, base or {})
+    if path is not None:
+        data = merge_dicts(data, read_yaml_mapping(path, "config file", "a mapping of sections"))
+    data = merge_dicts(data, parse_overrides(list(overrides)))
+    for section in ("model", "data"):
+        if section not in data:
+            raise ConfigError(f"config section '{section}' is required")
+    return build_dataclass(PretrainConfig, data, "")
+
+
+def dump_config(config: RunConfig | PretrainConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,4 +1,5 @@
-"""Folder-per-class datasets (``root/<class>/<image>``, as ImageFolder and Kermany's release lay them out)."""
+"""Image folders: folder-per-class datasets (``root/<class>/<image>``, as ImageFolder and Kermany's release lay
+them out), and unlabelled image trees for pretraining."""
 
 from __future__ import annotations
 
@@ -12,6 +13,33 @@ import pandas as pd
 from medpeft.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".bmp", ".tif", ".tiff")
+
+
+def _patient_of(name: str, pattern: re.Pattern | None, path: Path, default: str) -> str:
+    if pattern is None:
+        return default
+    match = pattern.search(name)
+    if not match:
+        raise DataError(f"{path}: patient_pattern {pattern.pattern!r} does not match the name")
+    return match.group(1)
+
+
+def read_images(root: str | Path, patient_pattern: str | None = None) -> pd.DataFrame:
+    """The plain table of every image file below `root` (recursively), without labels.
+
+    image_id is the path relative to `root`; the patient is found as in `read_folder`.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder not found")
+    pattern = re.compile(patient_pattern) if patient_pattern else None
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise DataError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) below this folder")
+    ids = [p.relative_to(root).as_posix() for p in paths]
+    return pd.DataFrame({"image_id": ids, "path": [str(p) for p in paths],
+                         "patient_id": [_patient_of(p.name, pattern, p, i) for p, i in zip(paths, ids)],
+                         "view": ""})
 
 
 def read_folder(root: str | Path, labels, patient_pattern: str | None = None) -> pd.DataFrame:
@@ -33,13 +61,7 @@ def read_folder(root: str | Path, labels, patient_pattern: str | None = None) ->
             raise DataError(f"{folder}: class folder not found (folders: {', '.join(present)})")
         # scandir lists names without opening or stat-ing each image
         for name in sorted(e.name for e in os.scandir(folder) if e.name.lower().endswith(IMAGE_SUFFIXES)):
-            if pattern:
-                match = pattern.search(name)
-                if not match:
-                    raise DataError(f"{folder / name}: patient_pattern {patient_pattern!r} does not match the name")
-                patient = match.group(1)
-            else:
-                patient = f"{label}/{name}"
+            patient = _patient_of(name, pattern, folder / name, f"{label}/{name}")
             rows.append((f"{label}/{name}", str(folder / name), patient, k))
     if not rows:
         raise DataError(f"{root}: no images in the class folders {list(labels)}")

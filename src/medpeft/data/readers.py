@@ -10,7 +10,7 @@ import pandas as pd
 from medpeft.config import DataConfig
 from medpeft.data.chexpert import read_chexpert
 from medpeft.data.csv_reader import read_csv_dataset
-from medpeft.data.folder import read_folder
+from medpeft.data.folder import read_folder, read_images
 from medpeft.data.medmnist import read_medmnist
 from medpeft.data.nih import read_nih
 from medpeft.data.rsna import read_rsna
@@ -25,6 +25,7 @@ READERS: dict[str, Callable[[DataConfig, str], pd.DataFrame]] = {
     "rsna": lambda c, path: read_rsna(path, c.class_info, c.image_root),
     "folder": lambda c, path: read_folder(path, c.labels, c.patient_pattern),
     "medmnist": lambda c, path: read_medmnist(path, c.labels, c.task),
+    "images": lambda c, path: read_images(path, c.patient_pattern),
 }
 TABLE_COLUMNS = ["image_id", "path", "patient_id", "view"]
 
