@@ -31,11 +31,11 @@ from medpeft.backbones import create_backbone
 from medpeft.config import PretrainConfig, dump_config
 from medpeft.data.images import check_images
 from medpeft.data.readers import read_split_dataset
-from medpeft.errors import DataError, RunDirError, TrainingError
+from medpeft.errors import DataError, TrainingError
 from medpeft.pretrain.mae import MaskedAutoencoder
 from medpeft.train import rundir
 from medpeft.train.recipe import (
-    _check_run_dir, _progress, _split_frame, autocast, build_scheduler, image_cache, make_loader, resolve_device)
+    _check_run_dir, _progress, autocast, build_scheduler, image_cache, make_loader, resolve_device, start_run_dir)
 
 MAE_CHECKPOINT = "mae.pth"
 PREVIEWS = "previews"
@@ -109,13 +109,7 @@ def pretrain(config: PretrainConfig, quiet: bool = False) -> dict:
     console.print(f"MAE pretraining of {config.model.name} ({encoder_parameters:,} encoder parameters), "
                   f"mask ratio {config.mae.mask_ratio}, {int((table['split'] == 'train').sum()):,} images")
     device = resolve_device(cfg.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    split_path = run_dir / rundir.SPLIT
-    if resume is not None and not _split_frame(table).equals(
-            pd.read_csv(split_path, dtype=str, keep_default_na=False)):
-        raise RunDirError(f"{split_path}: the data no longer give the split this run started with")
-    rundir.write_text_atomic(run_dir / rundir.CONFIG, config_text)
-    rundir.write_text_atomic(split_path, _split_frame(table).to_csv(index=False))
+    start_run_dir(run_dir, config_text, table, resuming=resume is not None)
 
     model.to(device)
     cache = image_cache(table, config, progress=console.is_terminal)

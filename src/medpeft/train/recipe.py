@@ -205,6 +205,16 @@ def _split_frame(table: pd.DataFrame) -> pd.DataFrame:
     return table[["image_id", "patient_id", "split"]].reset_index(drop=True)
 
 
+def start_run_dir(run_dir: Path, config_text: str, table: pd.DataFrame, resuming: bool) -> None:
+    """Write config.yaml and split.csv; a resumed run must see the split it started with."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    split_path = run_dir / rundir.SPLIT
+    if resuming and not _split_frame(table).equals(pd.read_csv(split_path, dtype=str, keep_default_na=False)):
+        raise RunDirError(f"{split_path}: the data no longer give the split this run started with")
+    rundir.write_text_atomic(run_dir / rundir.CONFIG, config_text)
+    rundir.write_text_atomic(split_path, _split_frame(table).to_csv(index=False))
+
+
 def _progress(console: Console) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.4f}  {task.fields[ips]:.0f} img/s"),
@@ -234,13 +244,7 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"train.precision 'fp16' needs a CUDA device, not {device}; use 'bf16'")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    split_path = run_dir / rundir.SPLIT
-    if resume is not None and not _split_frame(table).equals(
-            pd.read_csv(split_path, dtype=str, keep_default_na=False)):
-        raise RunDirError(f"{split_path}: the data no longer give the split this run started with")
-    rundir.write_text_atomic(run_dir / rundir.CONFIG, config_text)
-    rundir.write_text_atomic(split_path, _split_frame(table).to_csv(index=False))
+    start_run_dir(run_dir, config_text, table, resuming=resume is not None)
 
     model.to(device)
     cache = image_cache(table, config, progress=console.is_terminal)
