@@ -5,7 +5,8 @@
 
 Runs, from the repository root, the commands written in studies/kermany-mae-pretrain.yaml and
 studies/kermany-mae.yaml (pretrain, study run, study report; finished steps are reused), then writes
-kermany_mae.json and kermany_mae.md: the test mean AUROC per method, task and label fraction (mean +- sd
+kermany_mae.json and kermany_mae.md (and the last reconstruction preview and the AUROC vs
+fraction plot as PNGs): the test mean AUROC per method, task and label fraction (mean +- sd
 over 3 seeds), each method's seed-paired difference to training from scratch, pretraining losses and
 times. Skips (exit 0, with the reason) when the data folder is absent.
 """
@@ -68,15 +69,19 @@ def main() -> None:
         [*medpeft, "study", "report", str(study_dir)],
     ]
     env = {"KERMANY_MAE": str(pretrain_dir / "mae.pth")}
-    seconds = [run(command, env) for command in commands]
+    pretrained = (ROOT / pretrain_dir / "metrics.json").is_file()  # a finished pretraining run is reused
+    seconds = [0.0 if i == 0 and pretrained else run(command, env) for i, command in enumerate(commands)]
 
     pretraining = json.loads((ROOT / pretrain_dir / "metrics.json").read_text())
+    seconds[0] = pretraining["wall_time_s"]
     report = ROOT / study_dir / "report"
     results = pd.read_csv(report / "results.csv")
     table = differences(results, "scratch")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(report / "figures" / "auroc_vs_fraction.png", out / "kermany_mae_auroc_vs_fraction.png")
+    last_preview = sorted((ROOT / pretrain_dir / "previews").iterdir())[-1]
+    shutil.copy(last_preview, out / "kermany_mae_preview.png")
     record = {
         "commands": [" ".join(["medpeft", *c[3:]]) for c in commands],
         "env": env,
