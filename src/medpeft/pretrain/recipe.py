@@ -35,7 +35,8 @@ from medpeft.errors import DataError, TrainingError
 from medpeft.pretrain.mae import MaskedAutoencoder
 from medpeft.train import rundir
 from medpeft.train.recipe import (
-    _check_run_dir, _progress, autocast, build_scheduler, image_cache, make_loader, resolve_device, start_run_dir)
+    _check_run_dir, _progress, autocast, build_scheduler, image_cache, make_loader, resolve_device, resumed_state,
+    rng_state, start_run_dir)
 
 MAE_CHECKPOINT = "mae.pth"
 PREVIEWS = "previews"
@@ -130,12 +131,7 @@ def pretrain(config: PretrainConfig, quiet: bool = False) -> dict:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
-        torch.set_rng_state(resume["rng"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(resume["cuda_rng"], device)
-        state = resume["state"]
-        rundir.append_log(run_dir, {"event": "resume", "epoch": state["epoch"]})
-        console.print(f"resuming {run_dir} at epoch {state['epoch'] + 1}")
+        state = resumed_state(resume, device, run_dir, console)
 
     started = time.perf_counter() - state["elapsed"]
     while state["epoch"] < cfg.epochs:
@@ -185,8 +181,7 @@ def pretrain(config: PretrainConfig, quiet: bool = False) -> dict:
             write_preview(model, preview_images, config, run_dir / PREVIEWS / f"epoch-{epoch + 1:04d}.png")
         rundir.torch_save_atomic({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "state": state,
-            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+            "scheduler": scheduler.state_dict(), **rng_state(device), "state": state,
         }, run_dir / rundir.CHECKPOINT)
 
     rundir.torch_save_atomic({"model": model.mae_state_dict(), "epoch": state["epoch"]}, run_dir / MAE_CHECKPOINT)

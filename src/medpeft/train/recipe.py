@@ -215,6 +215,22 @@ def start_run_dir(run_dir: Path, config_text: str, table: pd.DataFrame, resuming
     rundir.write_text_atomic(split_path, _split_frame(table).to_csv(index=False))
 
 
+def rng_state(device: torch.device) -> dict:
+    """The RNG states a checkpoint keeps so that a resumed run draws what an uninterrupted one would."""
+    return {"rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+
+
+def resumed_state(resume: dict, device: torch.device, run_dir: Path, console: Console) -> dict:
+    """Restore a checkpoint's RNG states, log the resume, return its loop state."""
+    torch.set_rng_state(resume["rng"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(resume["cuda_rng"], device)
+    rundir.append_log(run_dir, {"event": "resume", "epoch": resume["state"]["epoch"]})
+    console.print(f"resuming {run_dir} at epoch {resume['state']['epoch'] + 1}")
+    return resume["state"]
+
+
 def _progress(console: Console) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.4f}  {task.fields[ips]:.0f} img/s"),
@@ -264,12 +280,7 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
         scaler.load_state_dict(resume["scaler"])
         if hooks is not None:
             hooks.load_state_dict(model, resume["method_state"])
-        torch.set_rng_state(resume["rng"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(resume["cuda_rng"], device)
-        state = resume["state"]
-        rundir.append_log(run_dir, {"event": "resume", "epoch": state["epoch"]})
-        console.print(f"resuming {run_dir} at epoch {state['epoch'] + 1}")
+        state = resumed_state(resume, device, run_dir, console)
 
     started = time.perf_counter() - state["elapsed"]
     while state["epoch"] < cfg.epochs and not state["stopped_early"]:
@@ -329,9 +340,8 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
         rundir.torch_save_atomic({
             "trainable": trainable_state_dict(model), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "rng": torch.get_rng_state(), "state": state,
+            **rng_state(device), "state": state,
             **({"method_state": hooks.state_dict(model)} if hooks is not None else {}),
-            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
         }, run_dir / rundir.CHECKPOINT)
 
     spec.load(model, run_dir / rundir.WEIGHTS)
