@@ -24,8 +24,8 @@ def scores(metrics: dict) -> tuple:
 def test_lora_run_writes_a_complete_run_directory(run_config, tmp_path):
     metrics = run(run_config)
     out = tmp_path / "run"
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "log.jsonl", "metrics.json", "predictions.csv", "split.csv",
-                                                 "weights"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "log.jsonl", "metrics.json", "predictions.csv",
+                                                     "split.csv", "thresholds.json", "weights"]
     assert json.loads((out / "metrics.json").read_text())["val"] == metrics["val"]
     predictions = pd.read_csv(out / "predictions.csv")
     test = predictions[predictions["split"] == "test"]
@@ -61,11 +61,12 @@ def test_evaluate_reproduces_the_run_test_metrics(run_config, tmp_path):
 
 def test_run_adapter_loads_through_peft_from_pretrained(run_config, tmp_path):
     run(run_config)
-    config, table, model = medpeft.load_run(tmp_path / "run")
+    finished = medpeft.load_run(tmp_path / "run")
+    model = finished.model
     torch.manual_seed(0)
     from medpeft.backbones import create_backbone
 
-    base, _ = create_backbone(config.model, 2)
+    base, _ = create_backbone(finished.config.model, 2)
     reloaded = PeftModel.from_pretrained(base, str(tmp_path / "run" / "weights")).eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(reloaded(x), model.eval()(x), rtol=0, atol=0)

@@ -58,6 +58,61 @@ def evaluate(
 
 
 @app.command()
+def predict(
+    paths: List[Path] = typer.Argument(..., help="RUN_DIR, then image files and folders (PNG, JPEG, TIFF, DICOM); "
+                                                 "with --runs, only images and folders."),
+    out: Path = typer.Option(..., "--out", help="CSV to write: one row per image."),
+    runs: Optional[str] = typer.Option(None, "--runs", help="Comma-separated run directories fine-tuned from one "
+                                                           "backbone: it is loaded once, one column group per run."),
+    threshold: str = typer.Option("youden", "--threshold",
+                                  help="Decision rule chosen on each run's val split: youden or sensitivity:X."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default: the run's eval_batch_size."),
+    workers: int = typer.Option(0, "--workers", help="Image decoding processes."),
+    strict: bool = typer.Option(False, "--strict", help="Fail (writing nothing) if any input cannot be read."),
+    saliency: Optional[Path] = typer.Option(None, "--saliency", help="Folder for saliency overlays of the labels "
+                                                                    "called positive."),
+):
+    """Probabilities and decisions per label for new images; unreadable inputs are listed with the reason."""
+    import warnings
+
+    from medpeft.inference import load_runs, predict as run_prediction
+    from medpeft.train.rundir import write_text_atomic
+
+    run_dirs = [Path(p) for p in runs.split(",")] if runs else paths[:1]
+    images = paths if runs else paths[1:]
+    if not images:
+        raise typer.BadParameter("give images or folders to predict on")
+    loaded = load_runs(run_dirs, threshold)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = run_prediction(loaded, images, batch_size=batch_size, strict=strict, workers=workers, progress=True)
+    for warning in caught:
+        Console(stderr=True).print(f"[yellow]warning:[/yellow] {warning.message}", highlight=False, soft_wrap=True)
+    write_text_atomic(out, table.to_csv(index=False))
+    read = int((table["error"] == "").sum())
+    console.print(f"{read} of {len(table)} images predicted by {', '.join(r.name for r in loaded)} -> {out}")
+    for run in loaded:
+        if run.thresholds is not None:
+            rule = ", ".join(f"{k} {'n/a' if t is None else f'{t:.4f}'}" for k, t in run.thresholds.items())
+            console.print(f"[dim]{run.name}: {run.rule} thresholds: {rule}[/dim]")
+    if saliency is not None:
+        for run in loaded:
+            maps = run.explain(images, saliency / run.name if len(loaded) > 1 else saliency)
+            console.print(f"{run.name}: {int(maps['file'].notna().sum())} saliency overlays -> {saliency}")
+
+
+@app.command()
+def export(run_dir: Path = typer.Argument(..., help="A finished run directory."),
+           out: Path = typer.Option(..., "--out", help="Folder to create for the exported model.")):
+    """A standalone model: merged weights as safetensors that timm loads alone, TorchScript and ONNX."""
+    from medpeft.inference import load_run
+
+    manifest = load_run(run_dir).export(out)
+    sizes = ", ".join(f"{name} {size / 2**20:.1f} MB" for name, size in manifest["files"].items())
+    console.print(f"exported {manifest['parameters']:,} parameters -> {out}: {sizes}")
+
+
+@app.command()
 def demo(out: Path = typer.Option(Path("demo-runs"), "--out", help="Folder for the phantoms, runs and report."),
          jobs: int = typer.Option(2, "--jobs", help="Fine-tuning runs at a time (the cores are shared out).")):
     """Phantom X-rays: MAE-pretrain a small ViT without labels, then compare training from scratch, linear

@@ -10,22 +10,21 @@ class SplitQKV(nn.Module):
     """A fused ``qkv`` Linear as three Linears ``q``, ``k``, ``v`` whose outputs are concatenated.
 
     Lets a PEFT method target the query and value projections alone (as MED-PEFT does) with
-    ordinary ``nn.Linear`` layers; ``fuse_qkv`` turns it back into one Linear, bit for bit.
+    ordinary ``nn.Linear`` layers; ``fuse_qkv`` turns it back into one Linear, bit for bit. The three
+    weights are views of the fused ones: splitting copies nothing, so runs that share a backbone in
+    memory keep sharing it.
     """
 
     def __init__(self, qkv: nn.Linear):
         super().__init__()
         dim = qkv.out_features // 3
-        bias = qkv.bias is not None
         for i, name in enumerate(("q", "k", "v")):
-            linear = nn.Linear(qkv.in_features, dim, bias=bias, device=qkv.weight.device, dtype=qkv.weight.dtype)
-            with torch.no_grad():
-                linear.weight.copy_(qkv.weight[i * dim:(i + 1) * dim])
-                if bias:
-                    linear.bias.copy_(qkv.bias[i * dim:(i + 1) * dim])
-            linear.weight.requires_grad_(qkv.weight.requires_grad)
-            if bias:
-                linear.bias.requires_grad_(qkv.bias.requires_grad)
+            # Views of the fused weights: no copy, no random init drawn.
+            linear = nn.Linear(qkv.in_features, dim, bias=qkv.bias is not None, device="meta")
+            rows = slice(i * dim, (i + 1) * dim)
+            linear.weight = nn.Parameter(qkv.weight.detach()[rows], requires_grad=qkv.weight.requires_grad)
+            if qkv.bias is not None:
+                linear.bias = nn.Parameter(qkv.bias.detach()[rows], requires_grad=qkv.bias.requires_grad)
             setattr(self, name, linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader
 
+from medpeft import __version__
 from medpeft.backbones import LoadReport, count_parameters, create_backbone
 from medpeft.config import RunConfig, TrainConfig, dump_config, load_config
 from medpeft.data.cache import ImageCache, build_cache
@@ -33,6 +34,7 @@ from medpeft.errors import ConfigError, DataError, RunDirError, TrainingError
 from medpeft.methods import MethodSpec, get_method, unwrap
 from medpeft.methods.registry import load_trainable_state_dict, trainable_state_dict
 from medpeft.metrics import classification_metrics
+from medpeft.metrics.thresholds import YOUDEN, select_thresholds
 from medpeft.train import rundir
 
 
@@ -347,6 +349,7 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
     spec.load(model, run_dir / rundir.WEIGHTS)
     predictions: list[pd.DataFrame] = []
     metrics = {
+        "medpeft_version": __version__,
         "method": spec.name,
         "model": config.model.name,
         "labels": list(config.data.labels),
@@ -362,6 +365,7 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
         "test": evaluate_split(model, table, "test", config, device, cache, predictions),
     }
     rundir.write_text_atomic(run_dir / rundir.PREDICTIONS, pd.concat(predictions).to_csv(index=False))
+    rundir.write_json_atomic(run_dir / rundir.THRESHOLDS, decision_rule(predictions[0], config))
     rundir.write_json_atomic(run_dir / rundir.METRICS, metrics)
     (run_dir / rundir.CHECKPOINT).unlink(missing_ok=True)
     console.print(f"done: val AUROC {_fmt(metrics['val']['mean_auroc'])}, test AUROC "
@@ -369,35 +373,71 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
     return metrics
 
 
+def decision_rule(val: pd.DataFrame, config: RunConfig) -> dict:
+    """What turns probabilities into decisions, chosen on the val predictions: arg-max for a multiclass
+    task, else a per-label threshold by Youden's J."""
+    if config.data.task == "multiclass":
+        return {"rule": "argmax", "thresholds": None}
+    labels = list(config.data.labels)
+    return {"rule": YOUDEN, "thresholds": select_thresholds(
+        val[[f"target:{label}" for label in labels]].to_numpy(dtype=float),
+        val[[f"prob:{label}" for label in labels]].to_numpy(dtype=float), labels, YOUDEN)}
+
+
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-# ----------------------------------------------------------------------------- evaluate a finished run
-def load_run(run_dir: str | Path) -> tuple[RunConfig, pd.DataFrame, nn.Module]:
-    """The config, the table with the run's own split, and the model with the run's best weights."""
-    run_dir = Path(run_dir)
+# ----------------------------------------------------------------------------- a finished run
+def check_finished(run_dir: Path) -> None:
+    """Refuse a folder that is not a complete run of this medpeft (or an older one)."""
+    from packaging.version import Version
+
+    from medpeft import __version__
+
     if not (run_dir / rundir.CONFIG).is_file():
         raise RunDirError(f"{run_dir}: not a medpeft run directory (no {rundir.CONFIG})")
     if not rundir.is_complete(run_dir):
         raise RunDirError(f"{run_dir}: the run is incomplete (no {rundir.METRICS}); resume it with medpeft train")
+    metrics = rundir.read_json(run_dir / rundir.METRICS)
+    written_by = metrics.get("medpeft_version", "0")
+    if Version(written_by) > Version(__version__):
+        raise RunDirError(f"{run_dir}: written by medpeft {written_by}, newer than this medpeft {__version__}; "
+                          f"upgrade medpeft to use it")
+    labels = list(load_config(run_dir / rundir.CONFIG).data.labels)
+    if labels != metrics["labels"]:
+        raise RunDirError(f"{run_dir}: {rundir.CONFIG} names the labels {labels}, but the run was trained for "
+                          f"{metrics['labels']} ({rundir.METRICS})")
+
+
+def load_model(run_dir: str | Path) -> tuple[RunConfig, Built]:
+    """The config of a finished run and its model with the best weights (eval mode, on the CPU)."""
+    run_dir = Path(run_dir)
+    check_finished(run_dir)
     config = load_config(run_dir / rundir.CONFIG)
+    built = build_model(config)
+    built.spec.load(built.model, run_dir / rundir.WEIGHTS)
+    built.model.eval()
+    return config, built
+
+
+def run_table(run_dir: Path, config: RunConfig) -> pd.DataFrame:
+    """The run's dataset with the run's own split (split.csv)."""
     table = read_dataset(config.data).drop(columns="split", errors="ignore")
     saved = pd.read_csv(run_dir / rundir.SPLIT, dtype=str, keep_default_na=False)
     table = table.merge(saved[["image_id", "split"]], on="image_id", how="inner")
     if len(table) != len(saved):
         raise DataError(f"{config.data.csv}: lacks {len(saved) - len(table)} images of the run's split "
                         f"({run_dir / rundir.SPLIT})")
-    built = build_model(config)
-    built.spec.load(built.model, run_dir / rundir.WEIGHTS)
-    return config, table, built.model
+    return table
 
 
 def evaluate(run_dir: str | Path, split: str = "test") -> dict:
     """Metrics of a finished run's best weights on one split of its own data split."""
-    config, table, model = load_run(run_dir)
+    config, built = load_model(run_dir)
+    table = run_table(Path(run_dir), config)
     device = resolve_device(config.train.device)
-    metrics = evaluate_split(model.to(device), table, split, config, device, image_cache(table, config))
+    metrics = evaluate_split(built.model.to(device), table, split, config, device, image_cache(table, config))
     if metrics is None:
         raise DataError(f"{run_dir}: the run's '{split}' split is empty")
     return metrics

@@ -6,6 +6,7 @@
     weights/       the best trainable weights (the method's save format)
     checkpoint.pt  last epoch's trainable weights + optimiser/scheduler/RNG state, for resume
     predictions.csv  the best weights' val and test probabilities and targets per image
+    thresholds.json  the decision rule chosen on val: per-label thresholds (Youden's J) or arg-max
     metrics.json   validation and test metrics, parameter counts, time; written last
 """
 
@@ -27,6 +28,7 @@ LOG = "log.jsonl"
 WEIGHTS = "weights"
 CHECKPOINT = "checkpoint.pt"
 PREDICTIONS = "predictions.csv"
+THRESHOLDS = "thresholds.json"
 METRICS = "metrics.json"
 
 
@@ -75,6 +77,10 @@ def atomic_directory(path: Path):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
 
 
 def append_log(run_dir: Path, record: dict) -> None:

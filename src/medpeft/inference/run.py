@@ -1,0 +1,260 @@
+"""A finished run put to use: probabilities and decisions for new images (PNG, JPEG, TIFF, DICOM),
+several task runs on one shared backbone, saliency maps and a standalone export.
+
+    run = medpeft.load_run("runs/nih-lora")
+    table = run.predict(["scans/", "a.dcm"])      # one row per image: prob:<label>, pred:<label>
+    run.explain(["a.dcm"], "saliency/")           # heatmap overlays for the labels called positive
+    run.export("export/")                         # merged safetensors for timm, TorchScript, ONNX
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from medpeft.config import RunConfig
+from medpeft.data.dataset import build_transform
+from medpeft.data.images import is_dicom, load_grayscale
+from medpeft.errors import ConfigError, DataError, RunDirError
+from medpeft.methods import MethodSpec
+from medpeft.metrics.thresholds import YOUDEN, parse_rule, select_thresholds
+from medpeft.train import recipe, rundir
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
+
+
+class UnreadableInputWarning(UserWarning):
+    """Some inputs could not be read; they are listed in the output with the reason."""
+
+
+@dataclass
+class Run:
+    """A finished run's model with its best weights, its preprocessing, labels and decision rule."""
+
+    path: Path
+    config: RunConfig
+    model: nn.Module
+    """The model in eval mode, on the CPU until `predict` moves it."""
+    spec: MethodSpec
+    rule: str
+    """'youden', 'sensitivity:X' or 'argmax' (multiclass)."""
+    thresholds: dict | None
+    """{label: threshold, None where val had one class}; None for arg-max."""
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.config.data.labels)
+
+    @property
+    def preprocessing(self) -> dict:
+        return preprocessing(self.config)
+
+    def transform(self):
+        return build_transform(self.config.model.img_size, self.config.data.mean, self.config.data.std, None)
+
+    def decide(self, probs: np.ndarray) -> pd.DataFrame:
+        """Decision columns for (N, K) probabilities: pred:<label> 0/1, or pred = the arg-max label."""
+        if self.thresholds is None:
+            return pd.DataFrame({"pred": np.asarray(self.labels)[probs.argmax(1)]})
+        return pd.DataFrame({
+            f"pred:{label}": pd.array(np.where(probs[:, k] >= t, 1, 0) if t is not None else [None] * len(probs),
+                                      dtype="Int64")
+            for k, (label, t) in enumerate(self.thresholds.items())})
+
+    def predict(self, images, batch_size: int | None = None, strict: bool = False, workers: int = 0,
+                progress: bool = False) -> pd.DataFrame:
+        """One row per image: input, error ('' when read), prob:<label>..., pred:<label>... (or pred)."""
+        return predict([self], images, batch_size=batch_size, strict=strict, workers=workers, progress=progress)
+
+    def explain(self, images, out_dir, labels: list[str] | None = None) -> pd.DataFrame:
+        """Saliency overlays (PNG) per image and per label called positive (or `labels`), see medpeft.inference.saliency."""
+        from medpeft.inference.saliency import explain
+
+        return explain(self, images, out_dir, labels)
+
+    def export(self, out_dir) -> dict:
+        """A standalone model (merged safetensors loadable by timm, TorchScript, ONNX), see medpeft.inference.export."""
+        from medpeft.inference.export import export
+
+        return export(self, out_dir)
+
+
+def preprocessing(config: RunConfig) -> dict:
+    """What turns a grayscale image into the model's input (see medpeft.data.dataset.build_transform)."""
+    return {"img_size": config.model.img_size, "mean": list(config.data.mean), "std": list(config.data.std),
+            "resize": "squash (the whole image, no crop)", "channels": "grayscale repeated to RGB"}
+
+
+# ----------------------------------------------------------------------------- loading
+def _decision_rule(run_dir: Path, config: RunConfig, rule: str) -> tuple[str, dict | None]:
+    """The stored rule (thresholds.json), or another threshold rule chosen on the run's val predictions."""
+    path = run_dir / rundir.THRESHOLDS
+    if not path.is_file():
+        raise RunDirError(f"{run_dir}: no {rundir.THRESHOLDS} (written by medpeft 0.1 before decision thresholds "
+                          f"were stored); train the run again to predict with it")
+    stored = rundir.read_json(path)
+    if stored["rule"] == "argmax" or rule == stored["rule"]:
+        return stored["rule"], stored["thresholds"]
+    parse_rule(rule)
+    val = pd.read_csv(run_dir / rundir.PREDICTIONS).query("split == 'val'")
+    labels = list(config.data.labels)
+    return rule, select_thresholds(val[[f"target:{label}" for label in labels]].to_numpy(dtype=float),
+                                   val[[f"prob:{label}" for label in labels]].to_numpy(dtype=float), labels, rule)
+
+
+def load_run(path, threshold: str = YOUDEN) -> Run:
+    """Load a finished run directory (as written by `medpeft train`) for prediction, saliency or export.
+
+    threshold: 'youden' (the rule stored with the run) or 'sensitivity:X', chosen on the run's
+    validation predictions. Multiclass runs decide by arg-max."""
+    run_dir = Path(path)
+    config, built = recipe.load_model(run_dir)
+    rule, thresholds = _decision_rule(run_dir, config, threshold)
+    return Run(run_dir, config, built.model, built.spec, rule, thresholds)
+
+
+def load_runs(paths, threshold: str = YOUDEN) -> list[Run]:
+    """Several finished runs fine-tuned from one backbone checkpoint, sharing its frozen weights in memory:
+    each run adds its own trained parameters (its adapter and head), not a backbone."""
+    from medpeft.inference.shared import shared_models
+
+    run_dirs = [Path(p) for p in paths]
+    if len(run_dirs) == 1:
+        return [load_run(run_dirs[0], threshold)]
+    names = [d.name for d in run_dirs]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"--runs: two runs have the same folder name ({', '.join(names)}); the output's column "
+                          f"groups are named by it")
+    configs = []
+    for run_dir in run_dirs:
+        recipe.check_finished(run_dir)
+        configs.append(recipe.load_config(run_dir / rundir.CONFIG))
+    first = run_dirs[0]
+    for run_dir, config in zip(run_dirs[1:], configs[1:]):
+        if preprocessing(config) != preprocessing(configs[0]):
+            raise ConfigError(f"{run_dir}: its preprocessing (img_size, mean, std) differs from {first}'s; "
+                              f"runs in --runs must take the same input")
+    runs = []
+    for run_dir, config, (model, spec) in zip(run_dirs, configs, shared_models(configs, run_dirs)):
+        rule, thresholds = _decision_rule(run_dir, config, threshold)
+        runs.append(Run(run_dir, config, model, spec, rule, thresholds))
+    return runs
+
+
+# ----------------------------------------------------------------------------- inputs
+def collect_inputs(inputs) -> list:
+    """Expand folders (recursively: image files by suffix, and DICOM files without one) into sorted files;
+    PIL images pass through. A path that does not exist is an error."""
+    items = []
+    for item in [inputs] if isinstance(inputs, (str, Path, Image.Image)) else inputs:
+        if isinstance(item, Image.Image):
+            items.append(item)
+            continue
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(str(f) for f in path.rglob("*") if f.is_file() and (
+                f.suffix.lower() in IMAGE_SUFFIXES or (not f.suffix and is_dicom(f))))
+            if not found:
+                raise DataError(f"{path}: no images below this folder (expected {', '.join(IMAGE_SUFFIXES)} "
+                                f"or DICOM files)")
+            items += found
+        elif path.is_file():
+            items.append(str(path))
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    return items
+
+
+class InputImages(Dataset):
+    """Items (image tensor, error message): an unreadable input gives zeros and the reason, not an exception."""
+
+    def __init__(self, items: list, transform, img_size: int):
+        self.items, self.transform, self.img_size = items, transform, img_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        item = self.items[index]
+        try:
+            image = item.convert("L") if isinstance(item, Image.Image) else load_grayscale(item)
+            return self.transform(image), ""
+        except DataError as e:
+            return torch.zeros(3, self.img_size, self.img_size), str(e)
+
+
+def input_name(item, index: int) -> str:
+    return f"<image {index}>" if isinstance(item, Image.Image) else str(item)
+
+
+def read_batches(items: list, run: Run, batch_size: int, workers: int = 0) -> DataLoader:
+    return DataLoader(InputImages(items, run.transform(), run.config.model.img_size), batch_size=batch_size,
+                      num_workers=workers)
+
+
+def report_unreadable(names: list[str], errors: list[str], strict: bool) -> None:
+    bad = [(name, error) for name, error in zip(names, errors) if error]
+    if not bad:
+        return
+    if strict:
+        raise DataError(f"{bad[0][1]} ({len(bad)} of {len(names)} inputs unreadable; --strict)")
+    warnings.warn(f"{len(bad)} of {len(names)} inputs could not be read and have no prediction (see the "
+                  f"'error' column); first: {bad[0][1]}", UnreadableInputWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- prediction
+def predict(runs: list[Run], images, batch_size: int | None = None, strict: bool = False, workers: int = 0,
+            progress: bool = False) -> pd.DataFrame:
+    """Decode each image once and apply every run to it. One run: columns prob:<label>, pred:<label>;
+    several: the same under '<run name>/'. With `strict`, an unreadable input raises DataError."""
+    items = collect_inputs(images)
+    device = recipe.resolve_device(runs[0].config.train.device)
+    batch_size = batch_size or runs[0].config.train.eval_batch_size
+    probs = [[] for _ in runs]
+    errors = []
+    console = Console(stderr=True)
+    with Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=not (progress and console.is_terminal)) as bar:
+        task = bar.add_task("", total=len(items))
+        for x, batch_errors in read_batches(items, runs[0], batch_size, workers):
+            x = x.to(device)
+            for run, out in zip(runs, probs):
+                out.append(class_probabilities(run, x, device))
+            errors += list(batch_errors)
+            bar.advance(task, len(x))
+    names = [input_name(item, i) for i, item in enumerate(items)]
+    report_unreadable(names, errors, strict)
+    ok = np.array([not e for e in errors])
+    frames = [pd.DataFrame({"input": names, "error": errors})]
+    for run, out in zip(runs, probs):
+        p = torch.cat(out).numpy() if out else np.zeros((0, len(run.labels)))
+        p[~ok] = np.nan
+        group = pd.concat([pd.DataFrame(p, columns=[f"prob:{label}" for label in run.labels]), run.decide(p)], axis=1)
+        group.loc[~ok, [c for c in group.columns if c.startswith("pred")]] = None
+        if len(runs) > 1:
+            group.columns = [f"{run.name}/{c}" for c in group.columns]
+        frames.append(group)
+    return pd.concat(frames, axis=1)
+
+
+@torch.no_grad()
+def class_probabilities(run: Run, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, K) probabilities: sigmoid per label, softmax for a multiclass task; in the run's precision."""
+    model = run.model.to(device)
+    with recipe.autocast(device, run.config.train.precision):
+        logits = model(x).float()
+    return (logits.softmax(1) if run.config.data.task == "multiclass" else logits.sigmoid()).cpu()
