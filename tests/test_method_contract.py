@@ -144,7 +144,8 @@ def test_methods_command_lists_every_method():
     listed = json.loads(CliRunner().invoke(app, ["methods", "--json"]).output)
     assert [m["name"] for m in listed] == METHODS
     assert {m["name"]: m["merges"] for m in listed}["ssf"] is True
-    assert {m["name"]: m["merges"] for m in listed}["full"] is False
+    assert {m["name"]: m["merges"] for m in listed}["full"] is True  # its own weights: nothing to fold
+    assert {m["name"]: m["merges"] for m in listed}["vpt_deep"] is False
 
 
 @pytest.mark.parametrize("name", ["ssf", "adapter", "adaptformer", "lora", "dora", "ia3", "fact_tt"])

@@ -23,3 +23,7 @@ class RunDirError(MedpeftError):
 
 class TrainingError(MedpeftError):
     """Training cannot go on (e.g. it diverged)."""
+
+
+class ExportError(MedpeftError):
+    """A run cannot be exported: the output folder is taken, or a format fails or differs from the run."""

@@ -5,7 +5,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from medpeft.methods.registry import MethodSpec, register_method
+from medpeft.methods.registry import MethodSpec, own_weights, register_method
 
 
 @dataclass
@@ -18,6 +18,6 @@ def apply(model: nn.Module, config: FullConfig) -> nn.Module:
 
 
 register_method(MethodSpec(
-    name="full", config_cls=FullConfig, apply=apply,
+    name="full", config_cls=FullConfig, apply=apply, merge=own_weights,
     description="Full fine-tuning: all backbone and head parameters are trained.", families=("vit", "cnn"),
 ))

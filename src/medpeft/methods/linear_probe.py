@@ -5,7 +5,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from medpeft.methods.registry import MethodSpec, freeze, register_method
+from medpeft.methods.registry import MethodSpec, freeze, own_weights, register_method
 
 
 @dataclass
@@ -20,6 +20,6 @@ def apply(model: nn.Module, config: LinearProbeConfig) -> nn.Module:
 
 
 register_method(MethodSpec(
-    name="linear_probe", config_cls=LinearProbeConfig, apply=apply,
+    name="linear_probe", config_cls=LinearProbeConfig, apply=apply, merge=own_weights,
     description="Linear probe: frozen backbone, trained classification head.", families=("vit", "cnn"),
 ))

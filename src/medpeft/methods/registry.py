@@ -55,6 +55,11 @@ def load_trainable(model: nn.Module, directory: Path) -> None:
     load_trainable_state_dict(model, load_file(str(path)), str(path))
 
 
+def own_weights(model: nn.Module) -> nn.Module:
+    """The merge of a method that trains the timm model's own weights: there is nothing to fold."""
+    return model
+
+
 @dataclass(frozen=True)
 class TrainingHooks:
     """For a method that acts during training beyond its parameters' gradients (e.g. AdaLoRA)."""

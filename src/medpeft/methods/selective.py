@@ -10,7 +10,7 @@ from typing import ClassVar
 from torch import nn
 
 from medpeft.errors import ConfigError
-from medpeft.methods.registry import MethodSpec, freeze, register_method
+from medpeft.methods.registry import MethodSpec, freeze, own_weights, register_method
 
 
 def _train_head(model: nn.Module) -> nn.Module:
@@ -69,18 +69,14 @@ def apply_norm(model: nn.Module, config: NormTuningConfig) -> nn.Module:
     return _train_head(model)
 
 
-def _identity(model: nn.Module) -> nn.Module:
-    return model
-
-
 register_method(MethodSpec(
-    name="partial", config_cls=PartialConfig, apply=apply_partial, merge=_identity,
+    name="partial", config_cls=PartialConfig, apply=apply_partial, merge=own_weights,
     description="Partial fine-tuning: the last k blocks, the final norm and the head.",
     reference="Yosinski et al. 2014; He et al. 2022 (MAE partial fine-tuning)"))
 register_method(MethodSpec(
-    name="bitfit", config_cls=BitFitConfig, apply=apply_bitfit, merge=_identity, families=("vit", "cnn"),
+    name="bitfit", config_cls=BitFitConfig, apply=apply_bitfit, merge=own_weights, families=("vit", "cnn"),
     description="BitFit: every bias term and the head.", reference="Ben Zaken et al. 2022, arXiv 2106.10199"))
 register_method(MethodSpec(
-    name="norm", config_cls=NormTuningConfig, apply=apply_norm, merge=_identity, families=("vit", "cnn"),
+    name="norm", config_cls=NormTuningConfig, apply=apply_norm, merge=own_weights, families=("vit", "cnn"),
     description="Norm tuning: the affine parameters of every normalisation layer and the head.",
     reference="Basu et al. 2023, arXiv 2302.02681 (LayerNorm tuning); Frankle et al. 2021 (BatchNorm)"))
