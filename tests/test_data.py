@@ -84,10 +84,13 @@ def test_split_column_is_checked_for_values_and_patient_leaks():
 def test_images_of_any_mode_decode_to_8_bit_gray(tmp_path):
     gray16 = np.full((8, 8), 257 * 128, dtype=np.uint16)  # 16-bit value of 8-bit 128
     Image.fromarray(gray16).save(tmp_path / "g16.png")
-    Image.new("RGBA", (8, 8), (200, 200, 200, 0)).save(tmp_path / "rgba.png")
+    Image.new("RGBA", (8, 8), (200, 200, 200, 255)).save(tmp_path / "rgba.png")  # opaque: alpha carries nothing
     Image.new("RGB", (8, 8), (10, 10, 10)).save(tmp_path / "rgb.jpg")
     assert load_grayscale(str(tmp_path / "g16.png")).getpixel((0, 0)) == 128
-    assert load_grayscale(str(tmp_path / "rgba.png")).mode == "L"
+    assert load_grayscale(str(tmp_path / "rgba.png")).getpixel((0, 0)) == 200
+    Image.new("RGBA", (8, 8), (200, 200, 200, 0)).save(tmp_path / "clear.png")
+    with pytest.raises(DataError, match="clear.png: has transparent pixels"):
+        load_grayscale(str(tmp_path / "clear.png"))
     assert abs(load_grayscale(str(tmp_path / "rgb.jpg")).getpixel((0, 0)) - 10) <= 2
 
 
