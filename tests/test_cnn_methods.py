@@ -86,3 +86,21 @@ def test_cnn_method_contract(model_name, method, tmp_path):
             assert [type(m) for m in merged.modules()] == [type(m) for m in reference.modules()]
             assert {k: v.shape for k, v in merged.state_dict().items()} == \
                 {k: v.shape for k, v in reference.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", [{"name": "linear_probe"}, {"name": "lora", "targets": ["convs"], "r": 2}])
+def test_a_reloaded_cnn_run_has_its_batchnorm_statistics(run_config, tmp_path, method):
+    """Training moves BatchNorm's running statistics even in a frozen backbone: the run must keep them."""
+
+    import medpeft
+    from medpeft.config import config_from_dict
+
+    run_config["model"] = {"name": "resnet50", "weights": "random", "img_size": 32, "drop_path_rate": 0.0,
+                           "kwargs": CNNS["resnet50"]}
+    run_config["method"] = method
+    metrics = medpeft.train(config_from_dict(run_config), quiet=True)
+    assert (tmp_path / "run" / "weights" / "running_stats.safetensors").is_file()
+    run = medpeft.load_run(tmp_path / "run")
+    bn = run.model.get_submodule("base_model.model.bn1" if method["name"] == "lora" else "bn1")
+    assert bn.running_var.abs().sub(1).abs().max() > 1e-3  # not the fresh statistics (mean 0, variance 1)
+    assert medpeft.evaluate(tmp_path / "run", "test") == metrics["test"]

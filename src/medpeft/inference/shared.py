@@ -15,6 +15,7 @@ from medpeft.backbones import create_backbone
 from medpeft.config import RunConfig
 from medpeft.errors import ConfigError
 from medpeft.methods import MethodSpec, get_method
+from medpeft.methods.registry import load_weights
 from medpeft.train import rundir
 
 
@@ -57,6 +58,6 @@ def shared_models(configs: list[RunConfig], run_dirs: list[Path]) -> list[tuple[
         spec = get_method(config.method.name)
         model = spec.apply(model, config.method)
         _unshare_trainable(model, shared)
-        spec.load(model, run_dir / rundir.WEIGHTS)
+        load_weights(spec, model, run_dir / rundir.WEIGHTS)
         out.append((model.eval(), spec))
     return out

@@ -13,6 +13,7 @@ from torch import nn
 from medpeft.errors import CheckpointError, ConfigError
 
 ADAPTER_FILE = "adapter.safetensors"
+RUNNING_STATS_FILE = "running_stats.safetensors"
 
 
 def freeze(model: nn.Module) -> None:
@@ -53,6 +54,44 @@ def load_trainable(model: nn.Module, directory: Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"{path}: adapter weights not found")
     load_trainable_state_dict(model, load_file(str(path)), str(path))
+
+
+def running_stats(model: nn.Module) -> dict:
+    """The BatchNorm running statistics: buffers that training changes even where the weights are frozen."""
+    return {f"{name}.{key}" if name else key: buffer.detach().cpu().clone()
+            for name, module in model.named_modules() if isinstance(module, nn.modules.batchnorm._NormBase)
+            for key, buffer in module._buffers.items() if buffer is not None}
+
+
+def load_running_stats(model: nn.Module, state: dict, source: str) -> None:
+    """Put saved running statistics into `model` as new tensors (a backbone shared with other runs is left as is)."""
+    expected = running_stats(model)
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise CheckpointError(f"{source}: BatchNorm statistics do not fit the model: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}")
+    for key, value in state.items():
+        module_name, _, buffer_name = key.rpartition(".")
+        model.get_submodule(module_name)._buffers[buffer_name] = value.clone()
+
+
+def save_weights(spec: "MethodSpec", model: nn.Module, directory: Path) -> None:
+    """A run's weights: the method's trained parameters, and the BatchNorm statistics if the model has any."""
+    spec.save(model, directory)
+    stats = running_stats(model)
+    if stats:
+        save_file(stats, str(Path(directory) / RUNNING_STATS_FILE))
+
+
+def load_weights(spec: "MethodSpec", model: nn.Module, directory: Path) -> None:
+    """Load what `save_weights` wrote into a model that `spec.apply` has just prepared."""
+    spec.load(model, directory)
+    if running_stats(model):
+        path = Path(directory) / RUNNING_STATS_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{path}: BatchNorm statistics not found (runs of medpeft 0.1 before they were "
+                                  f"saved lose them: train the run again)")
+        load_running_stats(model, load_file(str(path)), str(path))
 
 
 def own_weights(model: nn.Module) -> nn.Module:

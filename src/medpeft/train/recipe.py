@@ -32,7 +32,8 @@ from medpeft.data.images import check_images
 from medpeft.data.readers import read_dataset, read_split_dataset
 from medpeft.errors import ConfigError, DataError, RunDirError, TrainingError
 from medpeft.methods import MethodSpec, get_method, unwrap
-from medpeft.methods.registry import load_trainable_state_dict, trainable_state_dict
+from medpeft.methods.registry import (load_running_stats, load_trainable_state_dict, load_weights, running_stats,
+                                     save_weights, trainable_state_dict)
 from medpeft.metrics import classification_metrics
 from medpeft.metrics.thresholds import YOUDEN, select_thresholds
 from medpeft.train import rundir
@@ -277,6 +278,7 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
              "stopped_early": False, "elapsed": 0.0}
     if resume is not None:
         load_trainable_state_dict(model, resume["trainable"], str(run_dir / rundir.CHECKPOINT))
+        load_running_stats(model, resume["running_stats"], str(run_dir / rundir.CHECKPOINT))
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
@@ -326,7 +328,7 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
         if improved:
             state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
             with rundir.atomic_directory(run_dir / rundir.WEIGHTS) as tmp:
-                spec.save(model, tmp)
+                save_weights(spec, model, tmp)
         else:
             state["bad_epochs"] += 1
         patience = cfg.early_stopping_patience
@@ -340,13 +342,14 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
                       f"val AUROC {_fmt(val['mean_auroc'])}{'  *best' if improved else ''}  "
                       f"{seen / epoch_time:.0f} img/s  {epoch_time:.1f}s")
         rundir.torch_save_atomic({
-            "trainable": trainable_state_dict(model), "optimizer": optimizer.state_dict(),
+            "trainable": trainable_state_dict(model), "running_stats": running_stats(model),
+            "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             **rng_state(device), "state": state,
             **({"method_state": hooks.state_dict(model)} if hooks is not None else {}),
         }, run_dir / rundir.CHECKPOINT)
 
-    spec.load(model, run_dir / rundir.WEIGHTS)
+    load_weights(spec, model, run_dir / rundir.WEIGHTS)
     predictions: list[pd.DataFrame] = []
     metrics = {
         "medpeft_version": __version__,
@@ -416,7 +419,7 @@ def load_model(run_dir: str | Path) -> tuple[RunConfig, Built]:
     check_finished(run_dir)
     config = load_config(run_dir / rundir.CONFIG)
     built = build_model(config)
-    built.spec.load(built.model, run_dir / rundir.WEIGHTS)
+    load_weights(built.spec, built.model, run_dir / rundir.WEIGHTS)
     built.model.eval()
     return config, built
 
