@@ -233,3 +233,17 @@ def test_runs_of_another_backbone_or_bad_run_dirs_are_refused(runs, tmp_path):
         medpeft.load_run(tmp_path)
     with pytest.raises(DataError, match="no such file"):
         medpeft.load_run(runs["lora"]).predict([tmp_path / "missing.png"])
+
+
+def test_cli_saliency_and_export(runs, tmp_path):
+    paths, _ = _test_images(runs["lora"])
+    result = CliRunner().invoke(app, ["predict", runs["lora"], *paths[:3], "--out", str(tmp_path / "p.csv"),
+                                      "--saliency", str(tmp_path / "maps")])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "p.csv")
+    positives = int(table[["pred:bright", "pred:dark"]].to_numpy().sum())
+    assert len(list((tmp_path / "maps").glob("*.png"))) == positives
+    exported = CliRunner().invoke(app, ["export", runs["lora"], "--out", str(tmp_path / "export")])
+    assert exported.exit_code == 0, exported.output
+    manifest = json.loads((tmp_path / "export" / "export.json").read_text())
+    assert f"exported {manifest['parameters']:,} parameters" in exported.output and manifest["merged"] is True
