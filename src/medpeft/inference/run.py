@@ -27,7 +27,7 @@ from medpeft.data.dataset import build_transform
 from medpeft.data.images import is_dicom, load_grayscale
 from medpeft.errors import ConfigError, DataError, RunDirError
 from medpeft.methods import MethodSpec
-from medpeft.metrics.thresholds import YOUDEN, parse_rule, select_thresholds
+from medpeft.metrics.thresholds import YOUDEN, parse_rule
 from medpeft.train import recipe, rundir
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
@@ -111,9 +111,7 @@ def _decision_rule(run_dir: Path, config: RunConfig, rule: str) -> tuple[str, di
         return stored["rule"], stored["thresholds"]
     parse_rule(rule)
     val = pd.read_csv(run_dir / rundir.PREDICTIONS).query("split == 'val'")
-    labels = list(config.data.labels)
-    return rule, select_thresholds(val[[f"target:{label}" for label in labels]].to_numpy(dtype=float),
-                                   val[[f"prob:{label}" for label in labels]].to_numpy(dtype=float), labels, rule)
+    return rule, recipe.val_thresholds(val, list(config.data.labels), rule)
 
 
 def load_run(path, threshold: str = YOUDEN) -> Run:
@@ -139,10 +137,7 @@ def load_runs(paths, threshold: str = YOUDEN) -> list[Run]:
     if len(set(names)) < len(names):
         raise ConfigError(f"--runs: two runs have the same folder name ({', '.join(names)}); the output's column "
                           f"groups are named by it")
-    configs = []
-    for run_dir in run_dirs:
-        recipe.check_finished(run_dir)
-        configs.append(recipe.load_config(run_dir / rundir.CONFIG))
+    configs = [recipe.check_finished(run_dir) for run_dir in run_dirs]
     first = run_dirs[0]
     for run_dir, config in zip(run_dirs[1:], configs[1:]):
         if preprocessing(config) != preprocessing(configs[0]):
@@ -179,6 +174,11 @@ def collect_inputs(inputs) -> list:
     return items
 
 
+def read_input(item) -> Image.Image:
+    """A PIL image as grayscale, or a file through medpeft.data.images.load_grayscale (DataError if unreadable)."""
+    return item.convert("L") if isinstance(item, Image.Image) else load_grayscale(item)
+
+
 class InputImages(Dataset):
     """Items (image tensor, error message): an unreadable input gives zeros and the reason, not an exception."""
 
@@ -191,8 +191,7 @@ class InputImages(Dataset):
     def __getitem__(self, index: int):
         item = self.items[index]
         try:
-            image = item.convert("L") if isinstance(item, Image.Image) else load_grayscale(item)
-            return self.transform(image), ""
+            return self.transform(read_input(item)), ""
         except DataError as e:
             return torch.zeros(3, self.img_size, self.img_size), str(e)
 
@@ -227,6 +226,8 @@ def predict(runs: list[Run], images, batch_size: int | None = None, strict: bool
     probs = [[] for _ in runs]
     errors = []
     console = Console(stderr=True)
+    for run in runs:
+        run.model.to(device)
     with Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=not (progress and console.is_terminal)) as bar:
         task = bar.add_task("", total=len(items))
@@ -254,7 +255,6 @@ def predict(runs: list[Run], images, batch_size: int | None = None, strict: bool
 @torch.no_grad()
 def class_probabilities(run: Run, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """(B, K) probabilities: sigmoid per label, softmax for a multiclass task; in the run's precision."""
-    model = run.model.to(device)
     with recipe.autocast(device, run.config.train.precision):
-        logits = model(x).float()
+        logits = run.model(x).float()
     return (logits.softmax(1) if run.config.data.task == "multiclass" else logits.sigmoid()).cpu()

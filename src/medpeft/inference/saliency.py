@@ -28,9 +28,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from medpeft.data.images import load_grayscale
 from medpeft.errors import ConfigError, DataError
-from medpeft.inference.run import Run, collect_inputs, input_name, report_unreadable
+from medpeft.inference.run import Run, collect_inputs, input_name, read_input, report_unreadable
 from medpeft.methods.registry import unwrap
 from medpeft.train import recipe
 from medpeft.train.rundir import write_bytes_atomic
@@ -91,10 +90,9 @@ def grad_cam(logit: torch.Tensor, store: dict) -> np.ndarray:
 def _forward(run: Run, x: torch.Tensor, store: dict) -> tuple[torch.Tensor, np.ndarray]:
     """Logits (K,) of one input (3, H, W) with the graph kept, and its probabilities. In fp32 whatever the
     run's precision, so a probability may differ from `predict`'s in the last digits."""
-    model = run.model.to(recipe.resolve_device(run.config.train.device))
-    device = next(model.parameters()).device
+    device = recipe.resolve_device(run.config.train.device)
     with torch.enable_grad():
-        logits = model(x.reshape(1, *x.shape[-3:]).to(device).float())[0]
+        logits = run.model.to(device)(x.reshape(1, *x.shape[-3:]).to(device).float())[0]
     if "leaf" not in store:
         raise RuntimeError("the saliency target layer did not run in the model's forward pass")
     probs = logits.softmax(0) if run.config.data.task == "multiclass" else logits.sigmoid()
@@ -161,7 +159,7 @@ def explain(run: Run, images, out_dir, labels: list[str] | None = None) -> pd.Da
         name = input_name(item, i)
         names.append(name)
         try:
-            image = item.convert("L") if isinstance(item, Image.Image) else load_grayscale(item)
+            image = read_input(item)
         except DataError as e:
             errors.append(str(e))
             rows.append({"input": name, "label": None, "probability": np.nan, "file": None, "error": str(e)})

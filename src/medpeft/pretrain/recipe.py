@@ -35,7 +35,7 @@ from medpeft.errors import DataError, TrainingError
 from medpeft.pretrain.mae import MaskedAutoencoder
 from medpeft.train import rundir
 from medpeft.train.recipe import (
-    _check_run_dir, _progress, autocast, build_scheduler, image_cache, make_loader, resolve_device, resumed_state,
+    _check_run_dir, _progress, autocast, begin_epoch, build_scheduler, image_cache, make_loader, resolve_device, resumed_state,
     rng_state, start_run_dir)
 
 MAE_CHECKPOINT = "mae.pth"
@@ -136,8 +136,7 @@ def pretrain(config: PretrainConfig, quiet: bool = False) -> dict:
     started = time.perf_counter() - state["elapsed"]
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
-        train_loader.dataset.epoch = epoch
-        train_loader.generator.manual_seed(cfg.seed * 7919 + epoch)
+        begin_epoch(train_loader, cfg.seed, epoch)
         model.train()
         losses, seen, epoch_start = [], 0, time.perf_counter()
         with _progress(console) as progress:

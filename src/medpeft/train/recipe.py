@@ -234,6 +234,12 @@ def resumed_state(resume: dict, device: torch.device, run_dir: Path, console: Co
     return resume["state"]
 
 
+def begin_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Seed an epoch's shuffle and augmentation from (seed, epoch): a resumed run draws what an uninterrupted one would."""
+    loader.dataset.epoch = epoch
+    loader.generator.manual_seed(seed * 7919 + epoch)
+
+
 def _progress(console: Console) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.4f}  {task.fields[ips]:.0f} img/s"),
@@ -289,8 +295,7 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
     started = time.perf_counter() - state["elapsed"]
     while state["epoch"] < cfg.epochs and not state["stopped_early"]:
         epoch = state["epoch"]
-        train_loader.dataset.epoch = epoch
-        train_loader.generator.manual_seed(cfg.seed * 7919 + epoch)
+        begin_epoch(train_loader, cfg.seed, epoch)
         model.train()
         losses, seen, epoch_start = [], 0, time.perf_counter()
         with _progress(console) as progress:
@@ -381,10 +386,13 @@ def decision_rule(val: pd.DataFrame, config: RunConfig) -> dict:
     task, else a per-label threshold by Youden's J."""
     if config.data.task == "multiclass":
         return {"rule": "argmax", "thresholds": None}
-    labels = list(config.data.labels)
-    return {"rule": YOUDEN, "thresholds": select_thresholds(
-        val[[f"target:{label}" for label in labels]].to_numpy(dtype=float),
-        val[[f"prob:{label}" for label in labels]].to_numpy(dtype=float), labels, YOUDEN)}
+    return {"rule": YOUDEN, "thresholds": val_thresholds(val, list(config.data.labels), YOUDEN)}
+
+
+def val_thresholds(val: pd.DataFrame, labels: list[str], rule: str) -> dict:
+    """Per-label thresholds by `rule` from val rows of predictions.csv (prob:LABEL, target:LABEL columns)."""
+    return select_thresholds(val[[f"target:{label}" for label in labels]].to_numpy(dtype=float),
+                             val[[f"prob:{label}" for label in labels]].to_numpy(dtype=float), labels, rule)
 
 
 def _fmt(value) -> str:
@@ -392,8 +400,8 @@ def _fmt(value) -> str:
 
 
 # ----------------------------------------------------------------------------- a finished run
-def check_finished(run_dir: Path) -> None:
-    """Refuse a folder that is not a complete run of this medpeft (or an older one)."""
+def check_finished(run_dir: Path) -> RunConfig:
+    """The config of a complete run of this medpeft (or an older one); refuse any other folder."""
     from packaging.version import Version
 
     from medpeft import __version__
@@ -407,17 +415,18 @@ def check_finished(run_dir: Path) -> None:
     if Version(written_by) > Version(__version__):
         raise RunDirError(f"{run_dir}: written by medpeft {written_by}, newer than this medpeft {__version__}; "
                           f"upgrade medpeft to use it")
-    labels = list(load_config(run_dir / rundir.CONFIG).data.labels)
+    config = load_config(run_dir / rundir.CONFIG)
+    labels = list(config.data.labels)
     if labels != metrics["labels"]:
         raise RunDirError(f"{run_dir}: {rundir.CONFIG} names the labels {labels}, but the run was trained for "
                           f"{metrics['labels']} ({rundir.METRICS})")
+    return config
 
 
 def load_model(run_dir: str | Path) -> tuple[RunConfig, Built]:
     """The config of a finished run and its model with the best weights (eval mode, on the CPU)."""
     run_dir = Path(run_dir)
-    check_finished(run_dir)
-    config = load_config(run_dir / rundir.CONFIG)
+    config = check_finished(run_dir)
     built = build_model(config)
     load_weights(built.spec, built.model, run_dir / rundir.WEIGHTS)
     built.model.eval()
