@@ -64,8 +64,8 @@ def test_gradient_accumulation_matches_one_larger_batch(run_config, tmp_path):
     medpeft.train(config_from_dict(run_config), quiet=True)
     one = load_file(str(tmp_path / "run" / "weights" / "adapter.safetensors"))
     two = load_file(str(tmp_path / "accumulated" / "weights" / "adapter.safetensors"))
-    for name, value in one.items():  # Adam moves each weight by ~lr = 3e-3 a step; float noise stays far below
-        torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-5)
+    for name, value in one.items():  # Adam moves each weight by ~lr = 3e-3 a step; float noise stays below 1% of it
+        torch.testing.assert_close(two[name], value, rtol=1e-4, atol=3e-5)
     initial = build_model(config_from_dict(run_config)).model.state_dict()
     moved = sum(not torch.equal(initial[n], v) for n, v in one.items())
     assert moved > len(one) // 2  # the step really changed the weights

@@ -243,3 +243,19 @@ def test_adalora_run_resolves_its_step_count_and_evaluates_from_its_weights(run_
     batches = -(-metrics["split_sizes"]["train"] // 8)
     assert saved["method"]["total_step"] == 3 * -(-batches // 2)
     assert medpeft.evaluate(tmp_path / "run", "test") == metrics["test"]
+
+
+def test_compiled_training_follows_the_eager_run(run_config, tmp_path):
+    run_config["train"].update(epochs=1, log_every_steps=1)
+    eager = run(run_config)
+    run_config["train"]["compile"] = True
+    run_config["output_dir"] = str(tmp_path / "compiled")
+    compiled = run(run_config)
+
+    def losses(name):
+        return [json.loads(line)["loss"] for line in (tmp_path / name / "log.jsonl").read_text().splitlines()
+                if '"event": "step"' in line]
+
+    assert len(losses("compiled")) == compiled["split_sizes"]["train"] // 8 >= 3
+    assert losses("compiled") == pytest.approx(losses("run"), rel=1e-4)
+    assert compiled["test"]["mean_auroc"] == pytest.approx(eager["test"]["mean_auroc"], abs=0.02)

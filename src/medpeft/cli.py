@@ -23,13 +23,44 @@ def train(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key: --set train.lr=1e-3 (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (overrides output_dir)."),
     on_missing: Optional[str] = typer.Option(None, "--on-missing", help="error or skip missing/unreadable images."),
+    devices: int = typer.Option(1, "--devices", min=1, help="Data-parallel processes to start on this machine: "
+                                "one per GPU, or CPU processes (train.batch_size stays the global batch)."),
 ):
     """Fine-tune a backbone as CONFIG says; an unfinished run in the same directory resumes."""
     from medpeft import load_config, train as run_training
+    from medpeft.train.distributed import Processes
 
     overrides = list(set_ or []) + ([f"output_dir={out}"] if out else []) + _on_missing(on_missing)
-    metrics = run_training(load_config(config, overrides))
-    print_metrics(metrics["test"] or metrics["val"], "test" if metrics["test"] else "val")
+    run_config = load_config(config, overrides)
+    if devices > 1:
+        _launch(devices, ["train", str(config), *(f"--set={o}" for o in overrides)])
+        return
+    metrics = run_training(run_config)
+    if Processes.from_env().main:
+        print_metrics(metrics["test"] or metrics["val"], "test" if metrics["test"] else "val")
+
+
+def _launch(devices: int, args: list[str]) -> None:
+    """Run `medpeft ARGS` in `devices` local processes through torch's elastic launcher (torchrun)."""
+    import os
+
+    import torch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    from medpeft.errors import ConfigError, TrainingError
+
+    if "WORLD_SIZE" in os.environ:
+        raise ConfigError("--devices starts the processes itself; under a launcher (torchrun, accelerate "
+                          "launch) leave it out")
+    if torch.cuda.is_available() and devices > torch.cuda.device_count():
+        raise ConfigError(f"--devices {devices}: this machine has {torch.cuda.device_count()} GPUs")
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={devices}", "-m", "medpeft", *args]))
+    except ChildFailedError as e:
+        rank, failure = min(e.failures.items())
+        raise TrainingError(f"process {rank} of {devices} failed (exit code {failure.exitcode}); "
+                            f"its error is printed above") from None
 
 
 @app.command()
@@ -50,11 +81,18 @@ def pretrain(
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
     split: str = typer.Option("test", help="train, val or test."),
+    devices: int = typer.Option(1, "--devices", min=1, help="Processes to share the images between."),
 ):
     """Evaluate a finished run's best weights on a split of its own data split."""
     from medpeft import evaluate as run_evaluation
+    from medpeft.train.distributed import Processes
 
-    print_metrics(run_evaluation(run_dir, split), split)
+    if devices > 1:
+        _launch(devices, ["evaluate", str(run_dir), f"--split={split}"])
+        return
+    metrics = run_evaluation(run_dir, split)
+    if Processes.from_env().main:
+        print_metrics(metrics, split)
 
 
 @app.command()

@@ -183,6 +183,8 @@ class TrainConfig:
     """'fp32', 'bf16' (autocast; CPU or GPU) or 'fp16' (autocast + loss scaling; GPU only)."""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda[:N]'."""
+    compile: bool = False
+    """torch.compile the training forward (inductor: needs a C/C++ compiler; pays off on GPUs and long runs)."""
     early_stopping_patience: int | None = None
     """Stop after this many epochs without a better validation mean AUROC; None = never."""
     seed: int = 0

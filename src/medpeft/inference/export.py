@@ -44,6 +44,8 @@ def export(run, out_dir) -> dict:
     size = run.config.model.img_size
     reference = run.model.cpu().eval()
     model, merge_note = _merged(run)
+    if model is not None:
+        model.to(memory_format=torch.contiguous_format)  # safetensors stores the default layout
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))  # batch 2: not the trace's 1
     with torch.no_grad():
         expected = reference(x)

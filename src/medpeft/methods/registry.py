@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -30,8 +31,10 @@ def classifier_name(model: nn.Module) -> str:
 
 
 def trainable_state_dict(model: nn.Module) -> dict:
-    """Only the parameters that training changes, detached, on the CPU."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Only the parameters that training changes, detached, on the CPU, in the default layout (a CNN's
+    weights are channels-last in training)."""
+    return {n: p.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+            for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state_dict(model: nn.Module, state: dict, source: str) -> None:

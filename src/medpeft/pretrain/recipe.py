@@ -123,7 +123,7 @@ def pretrain(config: PretrainConfig, quiet: bool = False) -> dict:
                                  train=False, cache=cache)
     preview_images = next(iter(preview_loader))[0].to(device)
     optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    betas=tuple(config.mae.adam_betas))
+                                    betas=tuple(config.mae.adam_betas), fused=True)
     scheduler = build_scheduler(optimizer, cfg, math.ceil(len(train_loader) / cfg.grad_accum_steps))
 
     state = {"epoch": 0, "step": 0, "elapsed": 0.0, "history": []}

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from timm.optim import create_optimizer_v2
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from medpeft import __version__
 from medpeft.backbones import LoadReport, count_parameters, create_backbone
+from medpeft.backbones.build import family
 from medpeft.config import RunConfig, TrainConfig, dump_config, load_config
 from medpeft.data.cache import ImageCache, build_cache
 from medpeft.data.dataset import ImageDataset, build_transform
@@ -37,6 +39,7 @@ from medpeft.methods.registry import (load_running_stats, load_trainable_state_d
 from medpeft.metrics import classification_metrics
 from medpeft.metrics.thresholds import YOUDEN, select_thresholds
 from medpeft.train import rundir
+from medpeft.train.distributed import SINGLE, BatchPlan, Processes, check_launcher_precision, start, stop
 
 
 # ----------------------------------------------------------------------------- data
@@ -59,17 +62,20 @@ def image_cache(table: pd.DataFrame, config: RunConfig, progress: bool = False) 
 
 
 def make_loader(table: pd.DataFrame, split: str, config: RunConfig, train: bool,
-                cache: ImageCache | None = None) -> DataLoader:
+                cache: ImageCache | None = None, procs: Processes = SINGLE) -> DataLoader:
+    """This process's batches of one split: training takes its part of each shuffled global batch,
+    evaluation its share of whole batches in dataset order (see ``BatchPlan``)."""
     rows = table[table["split"] == split]
     transform = build_transform(config.model.img_size, config.data.mean, config.data.std,
                                 config.augment if train else None)
     dataset = ImageDataset(rows["path"].tolist(), rows[config.data.labels].to_numpy(), transform,
                            seed=config.train.seed, random=train and config.augment.enabled,
                            cache=cache, image_ids=rows["image_id"].tolist())
-    return DataLoader(
-        dataset, batch_size=config.train.batch_size if train else config.train.eval_batch_size,
-        shuffle=train, num_workers=config.data.num_workers, generator=torch.Generator(),
-        pin_memory=torch.cuda.is_available())
+    generator = torch.Generator()
+    plan = BatchPlan(len(dataset), config.train.batch_size if train else config.train.eval_batch_size,
+                     shuffle=train, generator=generator, procs=procs, split=train)
+    return DataLoader(dataset, batch_sampler=plan, num_workers=config.data.num_workers, generator=generator,
+                      pin_memory=torch.cuda.is_available())
 
 
 # ----------------------------------------------------------------------------- model
@@ -89,9 +95,15 @@ def build_model(config: RunConfig) -> Built:
     backbone, report = create_backbone(config.model, len(config.data.labels))
     _, backbone_parameters = count_parameters(backbone)
     spec = get_method(config.method.name)
-    model = spec.apply(backbone, config.method)
+    model = spec.apply(backbone, config.method).to(memory_format=memory_format(config))
     trainable, _ = count_parameters(model)
     return Built(model, spec, report, backbone_parameters, trainable)
+
+
+def memory_format(config: RunConfig) -> torch.memory_format:
+    """Channels-last for CNNs (ResNet-50 train steps 1.1-1.5x faster on the CPU here; the layout GPUs'
+    convolutions want), the default layout for ViTs."""
+    return torch.channels_last if family(config.model.name) == "cnn" else torch.contiguous_format
 
 
 def optimizer_steps(config: RunConfig, table: pd.DataFrame) -> int:
@@ -111,10 +123,11 @@ def resolve_method(config: RunConfig, table: pd.DataFrame) -> RunConfig:
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """timm's optimiser factory on the unwrapped timm model, over trainable parameters only: no weight
     decay for 1-D parameters (norms, biases) and the model's no_weight_decay() set (pos_embed,
-    cls_token); layer-wise lr decay from the model's block structure (lr_scale per group)."""
+    cls_token); layer-wise lr decay from the model's block structure (lr_scale per group). AdamW is fused
+    (one kernel for all parameters: 4.7x faster steps than for-each for ViT-B on the CPU here)."""
     return create_optimizer_v2(
         unwrap(model), opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
-        **({"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}))
+        **({"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {"fused": True}))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> CosineLRScheduler:
@@ -154,26 +167,34 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device, precision: str, task: str):
-    """Probabilities (N, K) and targets (N, K) over the whole loader, in dataset order."""
+def predict(model: nn.Module, loader: DataLoader, device: torch.device, config: RunConfig,
+            procs: Processes = SINGLE):
+    """Probabilities (N, K) and targets (N, K) over the whole dataset, in dataset order: each process
+    computes its batches of the loader's plan and the outputs of all processes are gathered."""
     model.eval()
     probs, targets = [], []
+    task, layout = config.data.task, memory_format(config)
     for x, y in loader:
-        with autocast(device, precision):
-            logits = model(x.to(device, non_blocking=True)).float()
+        with autocast(device, config.train.precision):
+            logits = model(x.to(device, non_blocking=True, memory_format=layout)).float()
         probs.append((logits.softmax(1) if task == "multiclass" else logits.sigmoid()).cpu())
         targets.append(y)
-    return torch.cat(probs).numpy(), torch.cat(targets).numpy()
+    indices = [i for batch in loader.batch_sampler for i in batch]
+    mine = (indices, torch.cat(probs).numpy(), torch.cat(targets).numpy()) if probs else None
+    parts = [part for part in procs.all_gather(mine) if part is not None]
+    order = np.argsort(np.concatenate([part[0] for part in parts]), kind="stable")
+    return (np.concatenate([part[1] for part in parts])[order],
+            np.concatenate([part[2] for part in parts])[order])
 
 
 def evaluate_split(model, table, split, config, device, cache: ImageCache | None = None,
-                   predictions: list | None = None) -> dict | None:
+                   predictions: list | None = None, procs: Processes = SINGLE) -> dict | None:
     """Metrics of `model` on one split (None if the split is empty); with `predictions`, also append a
-    frame of the split's per-image probabilities and targets to it."""
+    frame of the split's per-image probabilities and targets to it. Under DDP, pass the unwrapped model."""
     if not (table["split"] == split).any():
         return None
-    probs, targets = predict(model, make_loader(table, split, config, train=False, cache=cache), device,
-                             config.train.precision, config.data.task)
+    loader = make_loader(table, split, config, train=False, cache=cache, procs=procs)
+    probs, targets = predict(model, loader, device, config, procs)
     if not np.isfinite(probs).all():
         raise TrainingError(f"{config.output_dir}: the model gives non-finite outputs on the {split} split: "
                             f"training diverged (lower train.lr; on GPU prefer bf16 to fp16)")
@@ -194,7 +215,7 @@ def _check_run_dir(run_dir: Path, config_text: str) -> dict | None:
                           f"choose another output_dir")
     config_path = run_dir / rundir.CONFIG
     if config_path.is_file():
-        if config_path.read_text() != config_text:
+        if yaml.safe_load(config_path.read_text()) != yaml.safe_load(config_text):  # key order aside
             raise RunDirError(f"{run_dir}: holds an unfinished run of another config; "
                               f"choose another output_dir or delete it")
         checkpoint = run_dir / rundir.CHECKPOINT
@@ -218,18 +239,26 @@ def start_run_dir(run_dir: Path, config_text: str, table: pd.DataFrame, resuming
     rundir.write_text_atomic(split_path, _split_frame(table).to_csv(index=False))
 
 
-def rng_state(device: torch.device) -> dict:
-    """The RNG states a checkpoint keeps so that a resumed run draws what an uninterrupted one would."""
-    return {"rng": torch.get_rng_state(),
-            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+def rng_state(device: torch.device, procs: Processes = SINGLE) -> dict:
+    """The RNG states of every process, which a checkpoint keeps so that a resumed run draws what an
+    uninterrupted one would (dropout, drop-path)."""
+    mine = {"cpu": torch.get_rng_state(),
+            **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+    return {"rng": procs.all_gather(mine)}
 
 
-def resumed_state(resume: dict, device: torch.device, run_dir: Path, console: Console) -> dict:
-    """Restore a checkpoint's RNG states, log the resume, return its loop state."""
-    torch.set_rng_state(resume["rng"])
+def resumed_state(resume: dict, device: torch.device, run_dir: Path, console: Console,
+                  procs: Processes = SINGLE) -> dict:
+    """Restore this process's RNG states from a checkpoint, log the resume, return its loop state."""
+    states = resume["rng"]
+    if len(states) != procs.world:
+        raise RunDirError(f"{run_dir / rundir.CHECKPOINT}: the run was started on {len(states)} processes; "
+                          f"resume it on as many (--devices {len(states)})")
+    torch.set_rng_state(states[procs.rank]["cpu"])
     if device.type == "cuda":
-        torch.cuda.set_rng_state(resume["cuda_rng"], device)
-    rundir.append_log(run_dir, {"event": "resume", "epoch": resume["state"]["epoch"]})
+        torch.cuda.set_rng_state(states[procs.rank]["cuda"], device)
+    if procs.main:
+        rundir.append_log(run_dir, {"event": "resume", "epoch": resume["state"]["epoch"]})
     console.print(f"resuming {run_dir} at epoch {resume['state']['epoch'] + 1}")
     return resume["state"]
 
@@ -248,14 +277,31 @@ def _progress(console: Console) -> Progress:
 
 # ----------------------------------------------------------------------------- the recipe
 def train(config: RunConfig, quiet: bool = False) -> dict:
-    """Fine-tune as `config` says, write the run directory, return its metrics (also in metrics.json)."""
-    console = Console(quiet=quiet)
+    """Fine-tune as `config` says, write the run directory, return its metrics (also in metrics.json).
+
+    Started by a launcher (torchrun, accelerate launch, ``medpeft train --devices N``), every process
+    runs this with torch DDP (see ``medpeft.train.distributed``); rank 0 alone writes and prints.
+    """
+    cfg = config.train
+    check_launcher_precision(cfg.precision)
+    procs, device = start(resolve_device(cfg.device))
+    try:
+        return _train(config, procs, device, Console(quiet=quiet or not procs.main))
+    finally:
+        stop(procs)
+
+
+def _train(config: RunConfig, procs: Processes, device: torch.device, console: Console) -> dict:
     run_dir = Path(config.output_dir)
     table = prepare_table(config)
     config = resolve_method(config, table)
     config_text = dump_config(config)
     resume = _check_run_dir(run_dir, config_text)
+    procs.barrier()  # every process has checked the folder before rank 0 writes into it
     cfg = config.train
+    if cfg.batch_size < procs.world:
+        raise ConfigError(f"train.batch_size {cfg.batch_size} is the global batch: it must be at least the "
+                          f"number of processes ({procs.world})")
 
     built = build_model(config)
     model, spec = built.model, built.spec
@@ -263,21 +309,28 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
         console.print(f"[dim]{built.load_report.summary()}[/dim]")
     percent = 100.0 * built.trainable_parameters / built.backbone_parameters
     console.print(f"{config.model.name} + {spec.name}: {built.trainable_parameters:,} trainable parameters "
-                  f"({percent:.3f}% of {built.backbone_parameters:,})")
+                  f"({percent:.3f}% of {built.backbone_parameters:,})"
+                  + (f", {procs.world} processes (DDP)" if procs.world > 1 else ""))
 
-    device = resolve_device(cfg.device)
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"train.precision 'fp16' needs a CUDA device, not {device}; use 'bf16'")
 
-    start_run_dir(run_dir, config_text, table, resuming=resume is not None)
+    if procs.main:
+        start_run_dir(run_dir, config_text, table, resuming=resume is not None)
 
+    if procs.world > 1:
+        torch.manual_seed(cfg.seed * 1009 + procs.rank)  # each process draws its own dropout
+        if device.type == "cuda":  # batch statistics over the global batch, as in one process
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     cache = image_cache(table, config, progress=console.is_terminal)
-    train_loader = make_loader(table, "train", config, train=True, cache=cache)
+    train_loader = make_loader(table, "train", config, train=True, cache=cache, procs=procs)
+    plan = train_loader.batch_sampler
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, math.ceil(len(train_loader) / cfg.grad_accum_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     loss_fn = loss_function(config.data.task)
+    layout = memory_format(config)
     hooks = spec.hooks
 
     state = {"epoch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1, "bad_epochs": 0,
@@ -290,7 +343,12 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
         scaler.load_state_dict(resume["scaler"])
         if hooks is not None:
             hooks.load_state_dict(model, resume["method_state"])
-        state = resumed_state(resume, device, run_dir, console)
+        state = resumed_state(resume, device, run_dir, console, procs)
+    # DDP averages the gradients of the trainable parameters (frozen ones are not synchronised).
+    forward = model if procs.world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        forward = torch.compile(forward)
 
     started = time.perf_counter() - state["elapsed"]
     while state["epoch"] < cfg.epochs and not state["stopped_early"]:
@@ -301,13 +359,21 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
         with _progress(console) as progress:
             bar = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(train_loader), loss=0.0, ips=0.0)
             for i, (x, y) in enumerate(train_loader):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast(device, cfg.precision):
-                    logits = model(x)
-                loss = loss_fn(logits.float(), y)
-                objective = loss if hooks is None else loss + hooks.loss(model)
-                scaler.scale(objective / cfg.grad_accum_steps).backward()
-                if (i + 1) % cfg.grad_accum_steps == 0 or i + 1 == len(train_loader):
+                x, y = x.to(device, non_blocking=True, memory_format=layout), y.to(device, non_blocking=True)
+                stepping = (i + 1) % cfg.grad_accum_steps == 0 or i + 1 == len(train_loader)
+                # This process's part of the global batch, weighted so that DDP's mean over processes
+                # is the whole batch's mean loss (the weight is 1 in one process).
+                mine, total = plan.share(i)
+                with forward.no_sync() if procs.world > 1 and not stepping else nullcontext():
+                    with autocast(device, cfg.precision):
+                        logits = forward(x)
+                    loss = loss_fn(logits.float(), y)
+                    objective = loss * (mine * procs.world / total)
+                    if hooks is not None:
+                        objective = objective + hooks.loss(model)
+                    scaler.scale(objective / cfg.grad_accum_steps).backward()
+                batch_loss = loss.item() if procs.world == 1 else procs.sum(loss.item() * mine) / total
+                if stepping:
                     if cfg.grad_clip:
                         scaler.unscale_(optimizer)
                         nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
@@ -318,22 +384,24 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                     state["step"] += 1
                     scheduler.step_update(state["step"])
-                    if state["step"] % cfg.log_every_steps == 0:
+                    if procs.main and state["step"] % cfg.log_every_steps == 0:
                         rundir.append_log(run_dir, {"event": "step", "epoch": epoch, "step": state["step"],
-                                                    "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                                                    "loss": batch_loss, "lr": optimizer.param_groups[0]["lr"],
                                                     "images_per_s": seen / (time.perf_counter() - epoch_start)})
-                losses.append(loss.item())
-                seen += len(x)
+                losses.append(batch_loss)
+                seen += total
                 progress.update(bar, advance=1, loss=float(np.mean(losses[-20:])),
                                 ips=seen / (time.perf_counter() - epoch_start))
 
-        val = evaluate_split(model, table, "val", config, device, cache)
+        procs.broadcast_buffers(model)
+        val = evaluate_split(model, table, "val", config, device, cache, procs=procs)
         score = val["mean_auroc"]
         improved = score > state["best_score"]
         if improved:
             state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
-            with rundir.atomic_directory(run_dir / rundir.WEIGHTS) as tmp:
-                save_weights(spec, model, tmp)
+            if procs.main:
+                with rundir.atomic_directory(run_dir / rundir.WEIGHTS) as tmp:
+                    save_weights(spec, model, tmp)
         else:
             state["bad_epochs"] += 1
         patience = cfg.early_stopping_patience
@@ -341,19 +409,21 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
         state["epoch"] = epoch + 1
         state["elapsed"] = time.perf_counter() - started
         epoch_time = time.perf_counter() - epoch_start
-        rundir.append_log(run_dir, {"event": "epoch", "epoch": epoch, "train_loss": float(np.mean(losses)),
-                                    "val_mean_auroc": val["mean_auroc"], "val": val, "seconds": epoch_time})
         console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {np.mean(losses):.4f}  "
                       f"val AUROC {_fmt(val['mean_auroc'])}{'  *best' if improved else ''}  "
                       f"{seen / epoch_time:.0f} img/s  {epoch_time:.1f}s")
-        rundir.torch_save_atomic({
-            "trainable": trainable_state_dict(model), "running_stats": running_stats(model),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            **rng_state(device), "state": state,
-            **({"method_state": hooks.state_dict(model)} if hooks is not None else {}),
-        }, run_dir / rundir.CHECKPOINT)
+        rng = rng_state(device, procs)  # gathered from every process
+        if procs.main:
+            rundir.append_log(run_dir, {"event": "epoch", "epoch": epoch, "train_loss": float(np.mean(losses)),
+                                        "val_mean_auroc": val["mean_auroc"], "val": val, "seconds": epoch_time})
+            rundir.torch_save_atomic({
+                "trainable": trainable_state_dict(model), "running_stats": running_stats(model),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **rng, "state": state,
+                **({"method_state": hooks.state_dict(model)} if hooks is not None else {}),
+            }, run_dir / rundir.CHECKPOINT)
 
+    procs.barrier()  # the best weights are on disk (output_dir is on a filesystem all processes share)
     load_weights(spec, model, run_dir / rundir.WEIGHTS)
     predictions: list[pd.DataFrame] = []
     metrics = {
@@ -364,18 +434,21 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
         "task": config.data.task,
         "parameters": {"trainable": built.trainable_parameters, "backbone": built.backbone_parameters,
                        "trainable_percent": percent},
+        "processes": procs.world,
         "best_epoch": state["best_epoch"] + 1,
         "epochs_run": state["epoch"],
         "stopped_early": state["stopped_early"],
         "wall_time_s": time.perf_counter() - started,
         "split_sizes": {s: int((table["split"] == s).sum()) for s in ("train", "val", "test")},
-        "val": evaluate_split(model, table, "val", config, device, cache, predictions),
-        "test": evaluate_split(model, table, "test", config, device, cache, predictions),
+        "val": evaluate_split(model, table, "val", config, device, cache, predictions, procs),
+        "test": evaluate_split(model, table, "test", config, device, cache, predictions, procs),
     }
-    rundir.write_text_atomic(run_dir / rundir.PREDICTIONS, pd.concat(predictions).to_csv(index=False))
-    rundir.write_json_atomic(run_dir / rundir.THRESHOLDS, decision_rule(predictions[0], config))
-    rundir.write_json_atomic(run_dir / rundir.METRICS, metrics)
-    (run_dir / rundir.CHECKPOINT).unlink(missing_ok=True)
+    if procs.main:
+        rundir.write_text_atomic(run_dir / rundir.PREDICTIONS, pd.concat(predictions).to_csv(index=False))
+        rundir.write_json_atomic(run_dir / rundir.THRESHOLDS, decision_rule(predictions[0], config))
+        rundir.write_json_atomic(run_dir / rundir.METRICS, metrics)
+        (run_dir / rundir.CHECKPOINT).unlink(missing_ok=True)
+    procs.barrier()  # the run is complete for every process
     console.print(f"done: val AUROC {_fmt(metrics['val']['mean_auroc'])}, test AUROC "
                   f"{_fmt(metrics['test']['mean_auroc'] if metrics['test'] else None)} -> {run_dir}")
     return metrics
@@ -445,11 +518,16 @@ def run_table(run_dir: Path, config: RunConfig) -> pd.DataFrame:
 
 
 def evaluate(run_dir: str | Path, split: str = "test") -> dict:
-    """Metrics of a finished run's best weights on one split of its own data split."""
+    """Metrics of a finished run's best weights on one split of its own data split (on every process
+    of a launcher, each computing its share of the images)."""
     config, built = load_model(run_dir)
     table = run_table(Path(run_dir), config)
-    device = resolve_device(config.train.device)
-    metrics = evaluate_split(built.model.to(device), table, split, config, device, image_cache(table, config))
+    procs, device = start(resolve_device(config.train.device))
+    try:
+        metrics = evaluate_split(built.model.to(device), table, split, config, device, image_cache(table, config),
+                                 procs=procs)
+    finally:
+        stop(procs)
     if metrics is None:
         raise DataError(f"{run_dir}: the run's '{split}' split is empty")
     return metrics
