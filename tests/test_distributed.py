@@ -187,6 +187,9 @@ def every_method_ddp(odd_csv, tmp_path_factory):
                         "kwargs": CNNS["resnet50"]}
         cnn["train"]["batch_size"] = 10  # the last batch (5) splits 3 + 2: the processes' BatchNorm statistics differ
         runs.append(cnn)
+    bf16 = config(odd_csv, root / "lora-bf16")
+    bf16["train"]["precision"] = "bf16"
+    runs.append(bf16)
     for run in runs:
         run["train"]["epochs"] = 1
     (root / "configs.json").write_text(json.dumps(runs))
@@ -198,7 +201,7 @@ def test_every_method_trains_under_ddp_and_its_processes_stay_in_step(every_meth
     """No DDP error (e.g. unused parameters), and the metrics the processes computed together equal the
     saved model's in one process, which holds only if every process held the same weights and statistics."""
     _, runs = every_method_ddp
-    assert len(runs) == len(list_methods()) + 2
+    assert len(runs) == len(list_methods()) + 3
     for run in runs:
         metrics = rundir.read_json(Path(run["output_dir"]) / rundir.METRICS)
         assert metrics["processes"] == 2
@@ -219,3 +222,19 @@ def test_full_fine_tuning_in_two_processes_gives_the_single_process_weights(ever
     # AdamW's g / sqrt(v) turns float-level gradient differences of near-zero gradients into
     # differences of a small fraction of a step.
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 0.01 * moved
+
+
+def test_bf16_training_in_two_processes_follows_the_single_process_run(every_method_ddp, tmp_path):
+    root, runs = every_method_ddp
+    single = {**next(run for run in runs if Path(run["output_dir"]).name == "lora-bf16"), "output_dir": str(tmp_path)}
+    medpeft.train(config_from_dict(single), quiet=True)
+
+    def losses(run_dir):
+        return [json.loads(line)["loss"] for line in (Path(run_dir) / rundir.LOG).read_text().splitlines()
+                if '"event": "step"' in line]
+
+    # bf16 rounds differently for different batch shapes: close, not equal.
+    assert losses(root / "lora-bf16") == pytest.approx(losses(tmp_path), rel=0.02)
+    a, b = (load_file(Path(d) / "weights" / "adapter_model.safetensors") for d in (tmp_path, root / "lora-bf16"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0.05, atol=2e-4)
