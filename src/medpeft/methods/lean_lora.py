@@ -1,0 +1,170 @@
+"""A leaner forward and backward for peft's LoRA Linear layers: same parameters, names and results.
+
+peft computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` op by op: four output-sized tensors
+in forward and three input-sized ones for the input's gradient per layer, and under autocast it keeps
+low-precision copies of W, A and B for backward. Here one autograd function computes
+``y = x W^T + b + s (x A^T) B^T`` with the low-rank update added in place into the base matmul's output
+(and the input's gradient likewise into one buffer), and saves only x (once, in the compute dtype), the
+small ``x A^T`` and the parameters themselves. A fused qkv split into q, k, v
+(``medpeft.backbones.SplitQKV``) with some of them adapted runs as one matmul over the fused weight, each
+update added into its slice of the output.
+
+``make_lean`` converts the layers of a model that ``peft.get_peft_model`` has wrapped by changing their
+class: state-dict names, ``save_pretrained``, ``PeftModel.from_pretrained`` and ``merge_and_unload`` are
+peft's own. A layer falls back to peft's forward whenever its adapter is not plain LoRA (see
+``LeanLinear.lean_adapter``).
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.lora.layer import Linear as PeftLinear
+from torch import nn
+
+from medpeft.backbones.layers import SplitQKV
+
+
+def _stack_rows(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The row-wise concatenation of `parts`: a view when they are adjacent blocks of one tensor (as
+    ``split_qkv`` leaves q, k, v), else a copy (e.g. once ``Module.to`` has moved each block on its own)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    offset, adjacent = first.storage_offset(), True
+    for part in parts:
+        adjacent &= (part.is_contiguous() and part.dtype == first.dtype and part.shape[1:] == first.shape[1:]
+                     and part.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+                     and part.storage_offset() == offset)
+        offset += part.numel()
+    if not adjacent:
+        return torch.cat(parts)
+    return first.as_strided((sum(p.shape[0] for p in parts), *first.shape[1:]), first.stride(),
+                            first.storage_offset())
+
+
+def _forward(ctx, x, weights, bias, slices, *factors):
+    """weights: the frozen weight as row blocks; bias: frozen or None; slices: ``(start, stop, scaling)``
+    output columns of each adapter, whose ``A, B`` follow in `factors`."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    weight_t = _stack_rows(weights).to(dtype).t()
+    out = torch.mm(x2, weight_t) if bias is None else torch.addmm(bias.to(dtype), x2, weight_t)
+    xas = []
+    for (start, stop, scaling), a, b in zip(slices, factors[0::2], factors[1::2]):
+        xa = torch.mm(x2, a.to(dtype).t())
+        out[:, start:stop].addmm_(xa, b.to(dtype).t(), alpha=scaling)
+        xas.append(xa)
+    ctx.save_for_backward(x2, *weights, *xas, *factors)
+    ctx.dtype, ctx.x_shape, ctx.x_dtype, ctx.slices, ctx.n_weights = dtype, x.shape, x.dtype, slices, len(weights)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _backward(ctx, grad_out):
+    x2, *saved = ctx.saved_tensors
+    weights, saved = saved[:ctx.n_weights], saved[ctx.n_weights:]
+    xas, factors = saved[:len(ctx.slices)], saved[len(ctx.slices):]
+    gy = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
+    grad_x = torch.mm(gy, _stack_rows(weights).to(ctx.dtype)) if ctx.needs_input_grad[0] else None
+    grads = []
+    for (start, stop, scaling), xa, a, b in zip(ctx.slices, xas, factors[0::2], factors[1::2]):
+        gy_slice = gy[:, start:stop]
+        gyb = torch.mm(gy_slice, b.to(ctx.dtype)).mul_(scaling)  # s (gy B): N x r
+        if grad_x is not None:
+            grad_x.addmm_(gyb, a.to(ctx.dtype))
+        grads += [torch.mm(gyb.t(), x2).to(a.dtype), torch.mm(gy_slice.t(), xa).mul_(scaling).to(b.dtype)]
+    if grad_x is not None:
+        grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+    return grad_x, None, None, None, *grads
+
+
+def _make_function(device_type: str) -> type[torch.autograd.Function]:
+    """The autograd function for one device type (``custom_fwd``/``custom_bwd`` are bound to one), so
+    that backward runs under the autocast state of its forward."""
+    return type(f"LoraLinear_{device_type}", (torch.autograd.Function,), {
+        "forward": staticmethod(torch.amp.custom_fwd(_forward, device_type=device_type)),
+        "backward": staticmethod(torch.amp.custom_bwd(_backward, device_type=device_type))})
+
+
+# Made at import for the usual devices: torch.compile cannot trace making a class.
+_FUNCTIONS = {device: _make_function(device) for device in ("cpu", "cuda")}
+
+
+def lora_linear(x: torch.Tensor, weights: tuple[torch.Tensor, ...], bias: torch.Tensor | None,
+                slices: tuple[tuple[int, int, float], ...], *factors: torch.Tensor) -> torch.Tensor:
+    """``x W^T + b`` (W frozen, given as row blocks) plus ``scaling (x A^T) B^T`` on the output columns
+    ``start:stop`` of each slice, with ``A, B`` per slice in `factors`. Returns and saves no full-size
+    update or weight delta; under autocast it computes in the autocast dtype and returns the parameters'
+    gradients in their own dtype."""
+    device = x.device.type
+    function = _FUNCTIONS.get(device) or _FUNCTIONS.setdefault(device, _make_function(device))
+    return function.apply(x, weights, bias, slices, *factors)
+
+
+def _frozen(linear: nn.Module) -> bool:
+    return type(linear) is nn.Linear and not any(p.requires_grad for p in linear.parameters())
+
+
+class LeanLinear(PeftLinear):
+    """peft's LoRA Linear with its forward through ``lora_linear`` when the adapter is plain LoRA."""
+
+    def lean_adapter(self) -> str | None:
+        """The one active adapter if plain LoRA can run it: not merged or disabled, no DoRA or other
+        variant, no dropout in training, no bias on lora_B, a frozen nn.Linear base; else None."""
+        if self.disable_adapters or self.merged or len(self.active_adapters) != 1 or self.fan_in_fan_out:
+            return None
+        adapter = self.active_adapters[0]
+        if adapter not in self.lora_A or adapter in self.lora_variant or self.lora_B[adapter].bias is not None:
+            return None
+        dropout = self.lora_dropout[adapter]
+        inactive = type(dropout) is nn.Dropout and (dropout.p == 0 or not dropout.training)
+        if not (isinstance(dropout, nn.Identity) or inactive):
+            return None
+        return adapter if _frozen(self.get_base_layer()) else None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter = None if args or kwargs else self.lean_adapter()
+        if adapter is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        return lora_linear(x, (base.weight,), base.bias, ((0, base.out_features, self.scaling[adapter]),),
+                           self.lora_A[adapter].weight, self.lora_B[adapter].weight)
+
+
+class LeanSplitQKV(SplitQKV):
+    """A SplitQKV whose adapted q/k/v run as one matmul over the fused weight plus in-place updates."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, biases, slices, factors, start = [], [], [], [], 0
+        for child in (self.q, self.k, self.v):
+            if isinstance(child, LeanLinear):
+                adapter = child.lean_adapter()
+                if adapter is None:
+                    return super().forward(x)
+                base = child.get_base_layer()
+                stop = start + base.out_features
+                slices.append((start, stop, child.scaling[adapter]))
+                factors += [child.lora_A[adapter].weight, child.lora_B[adapter].weight]
+            elif _frozen(child):
+                base, stop = child, start + child.out_features
+            else:
+                return super().forward(x)
+            weights.append(base.weight)
+            biases.append(base.bias)
+            start = stop
+        bias = None if biases[0] is None else torch.cat(biases)
+        return lora_linear(x, tuple(weights), bias, tuple(slices), *factors)
+
+
+def make_lean(model: nn.Module) -> int:
+    """Give every peft LoRA Linear of `model` the lean forward (and every SplitQKV holding one the fused
+    path), in place; returns the number of LoRA layers converted."""
+    converted = 0
+    for module in model.modules():
+        if type(module) is PeftLinear:
+            module.__class__ = LeanLinear
+            converted += 1
+    for module in model.modules():
+        if type(module) is SplitQKV and any(isinstance(c, LeanLinear) for c in module.children()):
+            module.__class__ = LeanSplitQKV
+    return converted
