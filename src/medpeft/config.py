@@ -183,6 +183,12 @@ class TrainConfig:
     """'fp32', 'bf16' (autocast; CPU or GPU) or 'fp16' (autocast + loss scaling; GPU only)."""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda[:N]'."""
+    recompute: str = "none"
+    """Activation recomputation of ViT blocks: 'none', 'selective' (keep matmul and attention outputs,
+    recompute norms, GELU, adds: much less memory for a few % more time) or 'blocks' (keep block inputs only)."""
+    frozen_prefix_cache: bool = False
+    """Compute the part of the model the method leaves frozen once per image and train the rest on it
+    (linear probe, ViTs with frozen leading blocks; needs augment.enabled: false). See medpeft.train.prefix."""
     compile: bool = False
     """torch.compile the training forward (inductor: needs a C/C++ compiler; pays off on GPUs and long runs)."""
     early_stopping_patience: int | None = None
@@ -193,6 +199,7 @@ class TrainConfig:
     def __post_init__(self):
         _choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
         _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _choice("train.recompute", self.recompute, ("none", "selective", "blocks"))
         for key in ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "log_every_steps"):
             _positive(f"train.{key}", getattr(self, key))
         _positive("train.lr", self.lr)

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from medpeft import __version__
 from medpeft.backbones import LoadReport, count_parameters, create_backbone
@@ -39,6 +39,8 @@ from medpeft.methods.registry import (load_running_stats, load_trainable_state_d
 from medpeft.metrics import classification_metrics
 from medpeft.metrics.thresholds import YOUDEN, select_thresholds
 from medpeft.train import rundir
+from medpeft.train.prefix import HEAD, Suffix, frozen_prefix, prefix
+from medpeft.train.recompute import apply_recompute
 from medpeft.train.distributed import SINGLE, BatchPlan, Processes, check_launcher_precision, start, stop
 
 
@@ -62,15 +64,21 @@ def image_cache(table: pd.DataFrame, config: RunConfig, progress: bool = False) 
 
 
 def make_loader(table: pd.DataFrame, split: str, config: RunConfig, train: bool,
-                cache: ImageCache | None = None, procs: Processes = SINGLE) -> DataLoader:
+                cache: ImageCache | None = None, procs: Processes = SINGLE,
+                features: torch.Tensor | None = None) -> DataLoader:
     """This process's batches of one split: training takes its part of each shuffled global batch,
-    evaluation its share of whole batches in dataset order (see ``BatchPlan``)."""
+    evaluation its share of whole batches in dataset order (see ``BatchPlan``). With `features` (the
+    split's cached frozen-prefix outputs, in table order), their batches instead of the images'."""
     rows = table[table["split"] == split]
-    transform = build_transform(config.model.img_size, config.data.mean, config.data.std,
-                                config.augment if train else None)
-    dataset = ImageDataset(rows["path"].tolist(), rows[config.data.labels].to_numpy(), transform,
-                           seed=config.train.seed, random=train and config.augment.enabled,
-                           cache=cache, image_ids=rows["image_id"].tolist())
+    targets = rows[config.data.labels].to_numpy()
+    if features is not None:
+        dataset = TensorDataset(features, torch.tensor(targets, dtype=torch.float32))
+    else:
+        transform = build_transform(config.model.img_size, config.data.mean, config.data.std,
+                                    config.augment if train else None)
+        dataset = ImageDataset(rows["path"].tolist(), targets, transform, seed=config.train.seed,
+                               random=train and config.augment.enabled, cache=cache,
+                               image_ids=rows["image_id"].tolist())
     generator = torch.Generator()
     plan = BatchPlan(len(dataset), config.train.batch_size if train else config.train.eval_batch_size,
                      shuffle=train, generator=generator, procs=procs, split=train)
@@ -120,6 +128,16 @@ def resolve_method(config: RunConfig, table: pd.DataFrame) -> RunConfig:
     return replace(config, method=hooks.configure(config.method, optimizer_steps(config, table)))
 
 
+def cached_prefix_end(model: nn.Module, config: RunConfig) -> int | None:
+    """Where the cached frozen prefix ends (see medpeft.train.prefix), or None without train.frozen_prefix_cache."""
+    if not config.train.frozen_prefix_cache:
+        return None
+    if config.augment.enabled:
+        raise ConfigError("train.frozen_prefix_cache needs augment.enabled: false (an augmented image gives a "
+                          "new prefix output every epoch)")
+    return frozen_prefix(model)
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """timm's optimiser factory on the unwrapped timm model, over trainable parameters only: no weight
     decay for 1-D parameters (norms, biases) and the model's no_weight_decay() set (pos_embed,
@@ -166,34 +184,47 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         else logits.sum() * 0.0
 
 
+def to_device(x: torch.Tensor, device: torch.device, layout: torch.memory_format) -> torch.Tensor:
+    """A batch on the device; images (4-D) in the model's memory layout."""
+    return x.to(device, non_blocking=True, memory_format=layout) if x.dim() == 4 else x.to(device, non_blocking=True)
+
+
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device, config: RunConfig,
-            procs: Processes = SINGLE):
-    """Probabilities (N, K) and targets (N, K) over the whole dataset, in dataset order: each process
+def gathered(fn, loader: DataLoader, device: torch.device, config: RunConfig, procs: Processes = SINGLE):
+    """``fn(batch)`` (on the CPU) and the targets over the whole dataset, in dataset order: each process
     computes its batches of the loader's plan and the outputs of all processes are gathered."""
-    model.eval()
-    probs, targets = [], []
-    task, layout = config.data.task, memory_format(config)
+    outputs, targets = [], []
+    layout = memory_format(config)
     for x, y in loader:
         with autocast(device, config.train.precision):
-            logits = model(x.to(device, non_blocking=True, memory_format=layout)).float()
-        probs.append((logits.softmax(1) if task == "multiclass" else logits.sigmoid()).cpu())
+            outputs.append(fn(to_device(x, device, layout)).cpu())
         targets.append(y)
     indices = [i for batch in loader.batch_sampler for i in batch]
-    mine = (indices, torch.cat(probs).numpy(), torch.cat(targets).numpy()) if probs else None
+    mine = (indices, torch.cat(outputs), torch.cat(targets)) if outputs else None
     parts = [part for part in procs.all_gather(mine) if part is not None]
-    order = np.argsort(np.concatenate([part[0] for part in parts]), kind="stable")
-    return (np.concatenate([part[1] for part in parts])[order],
-            np.concatenate([part[2] for part in parts])[order])
+    order = torch.from_numpy(np.argsort(np.concatenate([part[0] for part in parts]), kind="stable"))
+    return torch.cat([part[1] for part in parts])[order], torch.cat([part[2] for part in parts])[order]
+
+
+def predict(model: nn.Module, loader: DataLoader, device: torch.device, config: RunConfig,
+            procs: Processes = SINGLE):
+    """Probabilities (N, K) and targets (N, K) as numpy arrays over the whole dataset, in dataset order."""
+    model.eval()
+    logits, targets = gathered(lambda x: model(x).float(), loader, device, config, procs)
+    probs = logits.softmax(1) if config.data.task == "multiclass" else logits.sigmoid()
+    return probs.numpy(), targets.numpy()
 
 
 def evaluate_split(model, table, split, config, device, cache: ImageCache | None = None,
-                   predictions: list | None = None, procs: Processes = SINGLE) -> dict | None:
+                   predictions: list | None = None, procs: Processes = SINGLE, features: dict | None = None
+                   ) -> dict | None:
     """Metrics of `model` on one split (None if the split is empty); with `predictions`, also append a
-    frame of the split's per-image probabilities and targets to it. Under DDP, pass the unwrapped model."""
+    frame of the split's per-image probabilities and targets to it. Under DDP, pass the unwrapped model;
+    with `features` (cached frozen-prefix outputs per split), pass the model's Suffix."""
     if not (table["split"] == split).any():
         return None
-    loader = make_loader(table, split, config, train=False, cache=cache, procs=procs)
+    loader = make_loader(table, split, config, train=False, cache=cache, procs=procs,
+                         features=features[split] if features else None)
     probs, targets = predict(model, loader, device, config, procs)
     if not np.isfinite(probs).all():
         raise TrainingError(f"{config.output_dir}: the model gives non-finite outputs on the {split} split: "
@@ -312,6 +343,8 @@ def _train(config: RunConfig, procs: Processes, device: torch.device, console: C
                   f"({percent:.3f}% of {built.backbone_parameters:,})"
                   + (f", {procs.world} processes (DDP)" if procs.world > 1 else ""))
 
+    apply_recompute(model, cfg.recompute)
+    prefix_end = cached_prefix_end(model, config)
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"train.precision 'fp16' needs a CUDA device, not {device}; use 'bf16'")
 
@@ -324,7 +357,19 @@ def _train(config: RunConfig, procs: Processes, device: torch.device, console: C
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     cache = image_cache(table, config, progress=console.is_terminal)
-    train_loader = make_loader(table, "train", config, train=True, cache=cache, procs=procs)
+    # What training calls: the model, or with a cached frozen prefix the rest of it on cached features.
+    trained, features = model, None
+    if prefix_end is not None:
+        model.eval()
+        features = {split: gathered(lambda x: prefix(model, x, prefix_end).float(),
+                                    make_loader(table, split, config, train=False, cache=cache, procs=procs),
+                                    device, config, procs)[0]
+                    for split in ("train", "val", "test") if (table["split"] == split).any()}
+        trained = Suffix(model, prefix_end)
+        console.print(f"frozen prefix cached: {'pre-logits features' if prefix_end == HEAD else f'{prefix_end} blocks'}"
+                      f", {sum(f.numel() * f.element_size() for f in features.values()) / 2**20:.0f} MB")
+    train_loader = make_loader(table, "train", config, train=True, cache=cache, procs=procs,
+                               features=features and features["train"])
     plan = train_loader.batch_sampler
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, math.ceil(len(train_loader) / cfg.grad_accum_steps))
@@ -345,8 +390,8 @@ def _train(config: RunConfig, procs: Processes, device: torch.device, console: C
             hooks.load_state_dict(model, resume["method_state"])
         state = resumed_state(resume, device, run_dir, console, procs)
     # DDP averages the gradients of the trainable parameters (frozen ones are not synchronised).
-    forward = model if procs.world == 1 else nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = trained if procs.world == 1 else nn.parallel.DistributedDataParallel(
+        trained, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         forward = torch.compile(forward)
 
@@ -359,7 +404,7 @@ def _train(config: RunConfig, procs: Processes, device: torch.device, console: C
         with _progress(console) as progress:
             bar = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(train_loader), loss=0.0, ips=0.0)
             for i, (x, y) in enumerate(train_loader):
-                x, y = x.to(device, non_blocking=True, memory_format=layout), y.to(device, non_blocking=True)
+                x, y = to_device(x, device, layout), y.to(device, non_blocking=True)
                 stepping = (i + 1) % cfg.grad_accum_steps == 0 or i + 1 == len(train_loader)
                 # This process's part of the global batch, weighted so that DDP's mean over processes
                 # is the whole batch's mean loss (the weight is 1 in one process).
@@ -394,7 +439,7 @@ def _train(config: RunConfig, procs: Processes, device: torch.device, console: C
                                 ips=seen / (time.perf_counter() - epoch_start))
 
         procs.broadcast_buffers(model)
-        val = evaluate_split(model, table, "val", config, device, cache, procs=procs)
+        val = evaluate_split(trained, table, "val", config, device, cache, procs=procs, features=features)
         score = val["mean_auroc"]
         improved = score > state["best_score"]
         if improved:
@@ -440,8 +485,8 @@ def _train(config: RunConfig, procs: Processes, device: torch.device, console: C
         "stopped_early": state["stopped_early"],
         "wall_time_s": time.perf_counter() - started,
         "split_sizes": {s: int((table["split"] == s).sum()) for s in ("train", "val", "test")},
-        "val": evaluate_split(model, table, "val", config, device, cache, predictions, procs),
-        "test": evaluate_split(model, table, "test", config, device, cache, predictions, procs),
+        "val": evaluate_split(trained, table, "val", config, device, cache, predictions, procs, features),
+        "test": evaluate_split(trained, table, "test", config, device, cache, predictions, procs, features),
     }
     if procs.main:
         rundir.write_text_atomic(run_dir / rundir.PREDICTIONS, pd.concat(predictions).to_csv(index=False))

@@ -1,0 +1,89 @@
+"""train.recompute: the same outputs and gradients, with the cheap ops (selective) or whole blocks
+recomputed in backward, and the costly ones (matmuls) not recomputed by 'selective'."""
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import medpeft
+from medpeft.backbones import create_backbone
+from medpeft.config import ModelConfig, config_from_dict
+from medpeft.errors import ConfigError
+from medpeft.methods import get_method, method_config_from_dict
+from medpeft.train.recompute import apply_recompute
+
+from conftest import TINY_VIT
+
+METHODS = [{"name": "full"}, {"name": "lora", "targets": ["all_linear"]}, {"name": "lora", "targets": ["q", "v"]},
+           {"name": "lora", "targets": ["qkv"], "dropout": 0.1}, {"name": "vpt_deep", "tokens": 2}]
+
+
+def build(method: dict, mode: str):
+    torch.manual_seed(0)
+    model, _ = create_backbone(ModelConfig(**TINY_VIT), num_classes=3)  # drop path 0.1: random masks
+    model = get_method(method["name"]).apply(model, method_config_from_dict(method))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.3)
+    apply_recompute(model, mode)
+    return model.train()
+
+
+class Ops(TorchDispatchMode):
+    """Counts the aten ops that run."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def forward_backward(model, x):
+    torch.manual_seed(5)
+    y = model(x)
+    with Ops() as ops:
+        y.square().sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return y.detach(), grads, ops.counts
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: "-".join(map(str, m.values())))
+def test_recomputation_gives_the_same_outputs_and_gradients(method):
+    x = torch.randn(4, 3, 32, 32)
+    y, grads, ops = forward_backward(build(method, "none"), x)
+    depth = TINY_VIT["kwargs"]["depth"]
+    assert ops["native_layer_norm"] == 0
+    for mode in ("selective", "blocks"):
+        y2, grads2, ops2 = forward_backward(build(method, mode), x)
+        torch.testing.assert_close(y2, y, rtol=0, atol=1e-6)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grads2[name], grad, rtol=0, atol=1e-6, msg=f"{mode} {name}")
+        assert ops2["native_layer_norm"] == 2 * depth  # both norms of every block recomputed in backward
+        matmuls = sum(ops2[op] - ops[op] for op in ("mm", "addmm", "bmm"))
+        if mode == "selective":
+            assert matmuls == 0  # matmul outputs are kept, never computed again
+        else:
+            assert matmuls > 0
+
+
+def test_recomputation_needs_a_vit_and_trains_like_none(run_config, tmp_path):
+    from test_cnn_methods import CNNS
+
+    resnet = ModelConfig(name="resnet50", weights="random", img_size=32, kwargs=CNNS["resnet50"])
+    with pytest.raises(ConfigError, match="train.recompute 'selective' needs a ViT"):
+        apply_recompute(create_backbone(resnet, num_classes=2)[0], "selective")
+    with pytest.raises(ConfigError, match="train.recompute"):
+        config_from_dict({**run_config, "train": {"recompute": "some"}})
+
+    plain = medpeft.train(config_from_dict(run_config), quiet=True)
+    run_config["train"]["recompute"] = "selective"
+    run_config["output_dir"] = str(tmp_path / "selective")
+    selective = medpeft.train(config_from_dict(run_config), quiet=True)
+    assert (selective["val"], selective["test"]) == (plain["val"], plain["test"])
