@@ -10,8 +10,10 @@ default of `method: lora`); `@selective` / `@blocks` add `train.recompute` (e.g.
 process (this script with --cell), random-init model, 14 labels, 224 px, one fixed batch, 2 threads:
   * step: forward + BCE + backward + AdamW over the trainable parameters, under bf16 autocast for
     bf16 (fp32 master weights); the median of --steps timed steps after 2 warm-ups.
-  * memory: ru_maxrss after building the model ("build") and after the steps ("peak"); "train" = peak -
-    build, what training adds to holding the model (activations, gradients, optimiser state, temporaries).
+  * memory: "train MB" = the optimiser state + the most a step holds at once beyond what lives at its
+    start (torch's memory events under the profiler: activations, gradients, temporaries), i.e. what
+    training adds to holding the model, as the allocator sees it. Also ru_maxrss after the timed steps
+    ("peak RSS": libraries and allocator caches included, so its ratios are closer to 1).
   * FLOPs: one forward + backward counted by torch FlopCounterMode (matmul / attention); GFLOP/s =
     FLOPs / step time, against the best square matmul (1024-4096) of the dtype on the same threads.
   * inference: eval, no_grad, median of 5 forwards: unmerged, and merged (LoRA folded into W).
@@ -69,6 +71,21 @@ def matmul_gflops(dtype: torch.dtype) -> float:
     return best
 
 
+def step_peak_mb(step) -> float:
+    """The most memory one call of `step` holds at once beyond what lives at its start (tensors the
+    allocator hands out, from the profiler's memory events): activations, gradients, temporaries."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
+
+
 def cell(model_name: str, batch: int, precision: str, variant: str, steps: int) -> dict:
     from medpeft.backbones import count_parameters, create_backbone
     from medpeft.config import ModelConfig
@@ -107,11 +124,14 @@ def cell(model_name: str, batch: int, precision: str, variant: str, steps: int) 
         opt.step()
 
     model.train()
-    with FlopCounterMode(display=False) as counter:
+    step_ms = statistics.median(times_ms(step, steps, warmup=2))
+    peak = maxrss_mb()
+    state_mb = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                   if torch.is_tensor(t)) / 2**20
+    step_mb = step_peak_mb(step)
+    with FlopCounterMode(display=False) as counter:  # last: the counter keeps what recomputation would free
         step()
     flops = counter.get_total_flops()
-    step_ms = statistics.median(times_ms(step, steps, warmup=1))
-    peak = maxrss_mb()
 
     def infer(m):
         m.eval()
@@ -121,7 +141,8 @@ def cell(model_name: str, batch: int, precision: str, variant: str, steps: int) 
     infer_ms = infer(model)
     merged_ms = infer(spec.merge(model)) if method == "lora" and not recompute else None
     return dict(model=model_name, batch=batch, precision=precision, variant=variant, trainable=trainable,
-                step_ms=step_ms, rss_build_mb=rss_build, peak_rss_mb=peak, train_mb=peak - rss_build,
+                step_ms=step_ms, rss_build_mb=rss_build, peak_rss_mb=peak, rss_train_mb=peak - rss_build,
+                optimizer_state_mb=state_mb, step_peak_mb=step_mb, train_mb=state_mb + step_mb,
                 train_flops=flops, gflop_per_s=flops / step_ms / 1e6, matmul_peak_gflop_per_s=matmul_gflops(dtype),
                 infer_ms=infer_ms, infer_merged_ms=merged_ms)
 
@@ -136,7 +157,7 @@ def run_cell(*args) -> dict:
 
 def table(results: list[dict]) -> list[str]:
     lines = ["| model | batch | precision | variant | step ms | step / full | FLOPs / full | time / FLOP ratio | "
-             "GFLOP/s | % of matmul peak | peak MB | peak / full | train MB | train / full | infer ms | "
+             "GFLOP/s | % of matmul peak | train MB | train / full | peak RSS MB | RSS / full | infer ms | "
              "merged ms |", "|" + "---|" * 16]
     for r in results:
         full = next(f for f in results if f["variant"] == "full" and
@@ -146,9 +167,9 @@ def table(results: list[dict]) -> list[str]:
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['precision']} | {r['variant']} | {r['step_ms']:.0f} | {step:.2f} | "
             f"{flops:.2f} | {step / flops:.2f} | {r['gflop_per_s']:.0f} | "
-            f"{100 * r['gflop_per_s'] / r['matmul_peak_gflop_per_s']:.0f}% | {r['peak_rss_mb']:.0f} | "
-            f"{r['peak_rss_mb'] / full['peak_rss_mb']:.2f} | {r['train_mb']:.0f} | "
-            f"{r['train_mb'] / full['train_mb']:.2f} | {r['infer_ms']:.0f} | {merged} |")
+            f"{100 * r['gflop_per_s'] / r['matmul_peak_gflop_per_s']:.0f}% | {r['train_mb']:.0f} | "
+            f"{r['train_mb'] / full['train_mb']:.2f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['peak_rss_mb'] / full['peak_rss_mb']:.2f} | {r['infer_ms']:.0f} | {merged} |")
     return lines
 
 
@@ -192,7 +213,7 @@ def main() -> None:
     lines = ["# LoRA costs against full fine-tuning: peft's layers vs lean, fp32 vs bf16 (CPU, 2 threads)", "",
              f"`{meta['command']}`, torch {meta['torch']}. Each cell: the fastest of its runs. Ratios are to full "
              "fine-tuning of the same model, batch and precision. time / FLOP ratio 1.00 = the step saves time exactly "
-             "in proportion to the FLOPs it saves. train MB = peak RSS - RSS after building the model.", "",
+             "in proportion to the FLOPs it saves. train MB = optimiser state + a step's peak allocation (profiler).", "",
              *table(results)]
     write_text_atomic(args.out / "lora_costs.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
