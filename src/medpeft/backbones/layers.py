@@ -30,6 +30,19 @@ class SplitQKV(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
 
+    def _apply(self, fn, recurse=True):
+        """``Module.to`` (device, dtype) converts q, k and v each on its own: make their weights and
+        biases row blocks of one tensor again, so the fused weight stays a view (no copy per call)."""
+        super()._apply(fn, recurse)
+        bases = [getattr(c, "get_base_layer", lambda c=c: c)() for c in (self.q, self.k, self.v)]
+        for name in ("weight", "bias"):
+            params = [getattr(base, name) for base in bases]
+            if params[0] is not None and row_blocks(params) is None:
+                fused = torch.cat([p.data for p in params])
+                for p, block in zip(params, fused.split([len(p) for p in params])):
+                    p.data = block
+        return self
+
     def fused(self) -> nn.Linear:
         q, k, v = self.q, self.k, self.v
         linear = nn.Linear(q.in_features, 3 * q.out_features, bias=q.bias is not None,
@@ -39,6 +52,19 @@ class SplitQKV(nn.Module):
             if q.bias is not None:
                 linear.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
         return linear
+
+
+def row_blocks(parts) -> torch.Tensor | None:
+    """The row-wise concatenation of `parts` as a view, if they are adjacent row blocks of one tensor (as
+    ``split_qkv`` leaves q, k, v); else None."""
+    first, offset = parts[0], parts[0].storage_offset()
+    for part in parts:
+        if not (part.is_contiguous() and part.dtype == first.dtype and part.device == first.device
+                and part.shape[1:] == first.shape[1:] and part.storage_offset() == offset
+                and part.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()):
+            return None
+        offset += part.numel()
+    return first.as_strided((sum(len(p) for p in parts), *first.shape[1:]), first.stride(), first.storage_offset())
 
 
 def _attention_modules(model: nn.Module):

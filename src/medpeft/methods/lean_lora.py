@@ -21,25 +21,16 @@ import torch
 from peft.tuners.lora.layer import Linear as PeftLinear
 from torch import nn
 
-from medpeft.backbones.layers import SplitQKV
+from medpeft.backbones.layers import SplitQKV, row_blocks
 
 
 def _stack_rows(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The row-wise concatenation of `parts`: a view when they are adjacent blocks of one tensor (as
-    ``split_qkv`` leaves q, k, v), else a copy (e.g. once ``Module.to`` has moved each block on its own)."""
-    first = parts[0]
+    ``SplitQKV`` keeps q, k, v), else a copy."""
     if len(parts) == 1:
-        return first
-    offset, adjacent = first.storage_offset(), True
-    for part in parts:
-        adjacent &= (part.is_contiguous() and part.dtype == first.dtype and part.shape[1:] == first.shape[1:]
-                     and part.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-                     and part.storage_offset() == offset)
-        offset += part.numel()
-    if not adjacent:
-        return torch.cat(parts)
-    return first.as_strided((sum(p.shape[0] for p in parts), *first.shape[1:]), first.stride(),
-                            first.storage_offset())
+        return parts[0]
+    view = row_blocks(parts)
+    return torch.cat(parts) if view is None else view
 
 
 def _forward(ctx, x, weights, bias, slices, *factors):
