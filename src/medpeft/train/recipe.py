@@ -138,6 +138,16 @@ def cached_prefix_end(model: nn.Module, config: RunConfig) -> int | None:
     return frozen_prefix(model)
 
 
+def prefix_features(model: nn.Module, end: int, table: pd.DataFrame, config: RunConfig, device: torch.device,
+                    cache: ImageCache | None, procs: Processes) -> dict[str, torch.Tensor]:
+    """The frozen prefix's output for every image of each split (table order), computed once, in eval mode."""
+    model.eval()
+    return {split: gathered(lambda x: prefix(model, x, end).float(),
+                            make_loader(table, split, config, train=False, cache=cache, procs=procs),
+                            device, config, procs)[0]
+            for split in ("train", "val", "test") if (table["split"] == split).any()}
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """timm's optimiser factory on the unwrapped timm model, over trainable parameters only: no weight
     decay for 1-D parameters (norms, biases) and the model's no_weight_decay() set (pos_embed,
@@ -360,16 +370,12 @@ def _train(config: RunConfig, procs: Processes, device: torch.device, console: C
     # What training calls: the model, or with a cached frozen prefix the rest of it on cached features.
     trained, features = model, None
     if prefix_end is not None:
-        model.eval()
-        features = {split: gathered(lambda x: prefix(model, x, prefix_end).float(),
-                                    make_loader(table, split, config, train=False, cache=cache, procs=procs),
-                                    device, config, procs)[0]
-                    for split in ("train", "val", "test") if (table["split"] == split).any()}
+        features = prefix_features(model, prefix_end, table, config, device, cache, procs)
         trained = Suffix(model, prefix_end)
         console.print(f"frozen prefix cached: {'pre-logits features' if prefix_end == HEAD else f'{prefix_end} blocks'}"
                       f", {sum(f.numel() * f.element_size() for f in features.values()) / 2**20:.0f} MB")
     train_loader = make_loader(table, "train", config, train=True, cache=cache, procs=procs,
-                               features=features and features["train"])
+                               features=features["train"] if features else None)
     plan = train_loader.batch_sampler
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, math.ceil(len(train_loader) / cfg.grad_accum_steps))
