@@ -95,7 +95,8 @@ def start(device: torch.device) -> tuple[Processes, torch.device]:
         torch.cuda.set_device(device)
     if dist.is_initialized():
         return procs, device
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+    # On GPUs NCCL for CUDA tensors and gloo for the CPU ones (gathered outputs, the logged loss).
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
                             device_id=device if device.type == "cuda" else None)
     return replace(procs, owns_group=True), device
 

@@ -423,7 +423,8 @@ def _train(config: RunConfig, procs: Processes, device: torch.device, console: C
                     if hooks is not None:
                         objective = objective + hooks.loss(model)
                     scaler.scale(objective / cfg.grad_accum_steps).backward()
-                batch_loss = loss.item() if procs.world == 1 else procs.sum(loss.item() * mine) / total
+                # This process's share of the global batch's mean loss (summed over processes when logged).
+                share = loss.item() * (mine / total)
                 if stepping:
                     if cfg.grad_clip:
                         scaler.unscale_(optimizer)
@@ -435,14 +436,19 @@ def _train(config: RunConfig, procs: Processes, device: torch.device, console: C
                     optimizer.zero_grad(set_to_none=True)
                     state["step"] += 1
                     scheduler.step_update(state["step"])
-                    if procs.main and state["step"] % cfg.log_every_steps == 0:
-                        rundir.append_log(run_dir, {"event": "step", "epoch": epoch, "step": state["step"],
-                                                    "loss": batch_loss, "lr": optimizer.param_groups[0]["lr"],
-                                                    "images_per_s": seen / (time.perf_counter() - epoch_start)})
-                losses.append(batch_loss)
+                    if state["step"] % cfg.log_every_steps == 0:
+                        step_loss = procs.sum(share)  # every process reaches this step together
+                        if procs.main:
+                            rundir.append_log(run_dir, {
+                                "event": "step", "epoch": epoch, "step": state["step"], "loss": step_loss,
+                                "lr": optimizer.param_groups[0]["lr"],
+                                "images_per_s": seen / (time.perf_counter() - epoch_start)})
+                losses.append(share)
                 seen += total
-                progress.update(bar, advance=1, loss=float(np.mean(losses[-20:])),
+                progress.update(bar, advance=1, loss=procs.world * float(np.mean(losses[-20:])),
                                 ips=seen / (time.perf_counter() - epoch_start))
+
+        train_loss = procs.sum(float(np.sum(losses))) / len(losses)
 
         procs.broadcast_buffers(model)
         val = evaluate_split(trained, table, "val", config, device, cache, procs=procs, features=features)
@@ -460,12 +466,12 @@ def _train(config: RunConfig, procs: Processes, device: torch.device, console: C
         state["epoch"] = epoch + 1
         state["elapsed"] = time.perf_counter() - started
         epoch_time = time.perf_counter() - epoch_start
-        console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {np.mean(losses):.4f}  "
+        console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {train_loss:.4f}  "
                       f"val AUROC {_fmt(val['mean_auroc'])}{'  *best' if improved else ''}  "
                       f"{seen / epoch_time:.0f} img/s  {epoch_time:.1f}s")
         rng = rng_state(device, procs)  # gathered from every process
         if procs.main:
-            rundir.append_log(run_dir, {"event": "epoch", "epoch": epoch, "train_loss": float(np.mean(losses)),
+            rundir.append_log(run_dir, {"event": "epoch", "epoch": epoch, "train_loss": train_loss,
                                         "val_mean_auroc": val["mean_auroc"], "val": val, "seconds": epoch_time})
             rundir.torch_save_atomic({
                 "trainable": trainable_state_dict(model), "running_stats": running_stats(model),
