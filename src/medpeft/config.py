@@ -184,8 +184,9 @@ class TrainConfig:
     device: str = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda[:N]'."""
     recompute: str = "none"
-    """Activation recomputation of ViT blocks: 'none', 'selective' (keep matmul and attention outputs,
-    recompute norms, GELU, adds: much less memory for a few % more time) or 'blocks' (keep block inputs only)."""
+    """Activation recomputation of ViT blocks: 'none', 'selective' (keep the attention's matmuls, attention
+    and fc2 outputs; recompute norms, GELU, adds and fc1) or 'blocks' (keep block inputs only). See
+    medpeft.train.recompute."""
     frozen_prefix_cache: bool = False
     """Compute the part of the model the method leaves frozen once per image and train the rest on it
     (linear probe, ViTs with frozen leading blocks; needs augment.enabled: false). See medpeft.train.prefix."""

@@ -5,7 +5,9 @@ in forward and three input-sized ones for the input's gradient per layer, and un
 low-precision copies of W, A and B for backward. Here one autograd function computes
 ``y = x W^T + b + s (x A^T) B^T`` with the low-rank update added in place into the base matmul's output
 (and the input's gradient likewise into one buffer), and saves only x (once, in the compute dtype), the
-small ``x A^T`` and the parameters themselves. A fused qkv split into q, k, v
+small ``x A^T`` and the parameters themselves. When x is the output of a LayerNorm or GELU, whose own
+backward keeps its input anyway, not even x is saved: backward recomputes it from that input (a
+norm or an activation: little compute, and a ViT block keeps 11 rather than 16 token-sized tensors). A fused qkv split into q, k, v
 (``medpeft.backbones.SplitQKV``) with some of them adapted runs as one matmul over the fused weight, each
 update added into its slice of the output.
 
@@ -18,6 +20,7 @@ peft's own. A layer falls back to peft's forward whenever its adapter is not pla
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLinear
 from torch import nn
 
@@ -33,6 +36,31 @@ def _stack_rows(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return torch.cat(parts) if view is None else view
 
 
+def _source(x: torch.Tensor) -> tuple[str, tuple, object] | None:
+    """How backward can recompute `x` from what its producer's backward keeps anyway: the input of the
+    LayerNorm or GELU that made it. None when x comes from elsewhere, or when saved-tensor hooks
+    (checkpointing, offloading) pack the producer's tensors, or under torch.compile."""
+    fn = x.grad_fn
+    if fn is None or torch.compiler.is_compiling() or torch._C._autograd._top_saved_tensors_default_hooks(False):
+        return None
+    name = type(fn).__name__
+    if name == "NativeLayerNormBackward0" and x.output_nr == 0:
+        return "layer_norm", (fn._saved_input, fn._saved_result1, fn._saved_result2, fn._saved_weight,
+                              fn._saved_bias), None
+    if name == "GeluBackward0":
+        return "gelu", (fn._saved_self,), fn._saved_approximate
+    return None
+
+
+def _recompute(kind: str, tensors: tuple, arg) -> torch.Tensor:
+    if kind == "gelu":
+        return F.gelu(tensors[0], approximate=arg)
+    x, mean, rstd, weight, bias = tensors
+    out = torch.sub(x, mean).mul_(rstd)  # one new tensor: what layer_norm computes, from its saved statistics
+    out = out if weight is None else out.mul_(weight)
+    return out if bias is None else out.add_(bias)
+
+
 def _forward(ctx, x, weights, bias, slices, *factors):
     """weights: the frozen weight as row blocks; bias: frozen or None; slices: ``(start, stop, scaling)``
     output columns of each adapter, whose ``A, B`` follow in `factors`."""
@@ -46,14 +74,22 @@ def _forward(ctx, x, weights, bias, slices, *factors):
         xa = torch.mm(x2, a.to(dtype).t())
         out[:, start:stop].addmm_(xa, b.to(dtype).t(), alpha=scaling)
         xas.append(xa)
-    ctx.save_for_backward(x2, *weights, *xas, *factors)
-    ctx.dtype, ctx.x_shape, ctx.x_dtype, ctx.slices, ctx.n_weights = dtype, x.shape, x.dtype, slices, len(weights)
+    source = _source(x)
+    kind, sources, ctx.source_arg = source if source else (None, (x2,), None)
+    ctx.save_for_backward(*sources, *weights, *xas, *factors)
+    ctx.source, ctx.n_sources, ctx.n_weights = kind, len(sources), len(weights)
+    ctx.dtype, ctx.x_shape, ctx.x_dtype, ctx.slices = dtype, x.shape, x.dtype, slices
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _backward(ctx, grad_out):
-    x2, *saved = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    sources, saved = saved[:ctx.n_sources], saved[ctx.n_sources:]
     weights, saved = saved[:ctx.n_weights], saved[ctx.n_weights:]
+    if ctx.source is None:
+        x2 = sources[0]
+    else:
+        x2 = _recompute(ctx.source, sources, ctx.source_arg).reshape(-1, ctx.x_shape[-1]).to(ctx.dtype)
     xas, factors = saved[:len(ctx.slices)], saved[len(ctx.slices):]
     gy = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
     grad_x = torch.mm(gy, _stack_rows(weights).to(ctx.dtype)) if ctx.needs_input_grad[0] else None
