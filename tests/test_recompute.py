@@ -1,5 +1,5 @@
 """train.recompute: the same outputs and gradients, with whole blocks or (selective) all but the
-attention's and fc2's matmuls recomputed in backward."""
+qkv, attention and fc2 recomputed in backward."""
 
 from collections import Counter
 
@@ -70,9 +70,11 @@ def test_recomputation_gives_the_same_outputs_and_gradients(method):
             torch.testing.assert_close(grads2[name], grad, rtol=0, atol=1e-6, msg=f"{mode} {name}")
         assert ops2["native_layer_norm"] == 2 * depth  # both norms of every block recomputed in backward
         assert ops2[f"addmm {width} x {4 * width}"] == depth  # the MLP's first matmul
-        kept = ops2[f"addmm {width} x {3 * width}"] + ops2[f"addmm {width} x {width}"]  # qkv / q, k, v; proj
-        kept += ops2[f"addmm {4 * width} x {width}"] + ops2["_scaled_dot_product_flash_attention_for_cpu"]
+        kept = ops2[f"addmm {width} x {3 * width}"] + ops2[f"addmm {4 * width} x {width}"]  # qkv, fc2
+        kept += ops2["_scaled_dot_product_flash_attention_for_cpu"]
         assert (kept == 0) if mode == "selective" else (kept > 0)
+        if mode == "selective":  # proj recomputed; q, k, v (where split, also width x width) kept
+            assert ops2[f"addmm {width} x {width}"] == depth
 
 
 

@@ -184,8 +184,8 @@ class TrainConfig:
     device: str = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda[:N]'."""
     recompute: str = "none"
-    """Activation recomputation of ViT blocks: 'none', 'selective' (keep the attention's matmuls, attention
-    and fc2 outputs; recompute norms, GELU, adds and fc1) or 'blocks' (keep block inputs only). See
+    """Activation recomputation of ViT blocks: 'none', 'selective' (keep the qkv, attention and fc2
+    outputs; recompute norms, GELU, adds, proj and fc1) or 'blocks' (keep block inputs only). See
     medpeft.train.recompute."""
     frozen_prefix_cache: bool = False
     """Compute the part of the model the method leaves frozen once per image and train the rest on it

@@ -2,11 +2,12 @@
 
 ``train.recompute``:
 - ``none``: autograd keeps every activation backward needs.
-- ``selective``: each block keeps its input, the outputs of its attention's matmuls (qkv, the
-  attention itself, proj) and of the MLP's last matmul (fc2), and recomputes the rest in backward:
-  layer norms, the MLP's hidden layer (fc1 and GELU), residual adds, drop-path and dropout (with the
-  same random masks). A ViT-S/B block then keeps 7 of its 16 token-sized activations, for one more
-  matmul in four (fc1) of forward work: about 1/9 more than a full fine-tuning step.
+- ``selective``: each block keeps its input and the outputs of qkv, attention and fc2, and
+  recomputes the rest in backward: layer norms, proj, the MLP's hidden layer (fc1 and GELU), residual
+  adds, drop-path and dropout (with the same random masks). A ViT-S/B block then keeps 6 of its 16
+  token-sized activations, for 5/12 of its forward matmul work (proj, fc1) once more: about 1/7 more
+  than a full fine-tuning step (fc2 is kept because it is as costly as fc1 and the last: recomputing
+  it would not let recomputation stop early).
 - ``blocks``: each block keeps only its input and recomputes its whole forward in backward (classic
   gradient checkpointing: least memory, about one more forward of compute).
 
@@ -30,12 +31,12 @@ _MATMULS = {_aten.mm.default, _aten.addmm.default, _aten.addmm_.default, _aten.b
 _ATTENTION = {_aten._scaled_dot_product_flash_attention_for_cpu.default,
               _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
               _aten._scaled_dot_product_cudnn_attention.default}
-_keeping = [False]  # set while a block's attention or fc2 runs (forward and its recomputation)
+_keeping = [False]  # set while a block's qkv or fc2 runs (forward and its recomputation)
 
 
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Keep attention and the matmuls inside the attention module and fc2 (also LoRA's, whose in-place
-    update of the base output is kept with it); recompute everything else."""
+    """Keep attention and the matmuls inside qkv and fc2 (also LoRA's, whose in-place update of the base
+    output is kept with it); recompute everything else."""
     keep = op in _ATTENTION or (_keeping[0] and op in _MATMULS)
     return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -53,7 +54,7 @@ def apply_recompute(model: nn.Module, mode: str) -> None:
     for block in blocks:
         block.forward = partial(_checkpointed, block.forward, context)
         if mode == "selective":
-            for module in (block.attn, getattr(getattr(block, "mlp", None), "fc2", None)):
+            for module in (getattr(block.attn, "qkv", None), getattr(getattr(block, "mlp", None), "fc2", None)):
                 if module is not None:
                     module.forward = partial(_kept, module.forward)
 
