@@ -9,10 +9,10 @@ linear layer of the blocks (`-all`), with peft's own layers (`peft-`) or medpeft
 default of `method: lora`); `@selective` / `@blocks` add `train.recompute` (e.g. `lean-all@selective`).
 Random-init model, 14 labels, 224 px, one fixed batch; on the CPU 2 threads. A step is forward + BCE +
 backward + AdamW (fused) over the trainable parameters, under bf16 autocast for bf16 (fp32 master weights).
-  * time: one worker process per model x batch x precision holds every variant and times them in
-    turn, one step each, --rounds times after 2 warm-up steps each; "step ms" is the median, "step /
-    full" the median of the rounds' ratios to full fine-tuning (a slow spell of the machine hits a
-    round's variants alike).
+  * time: each variant in its own worker process (--stepper), all alive at once; after 2 warm-up
+    steps each, every round times one step of each variant in turn, --rounds times; "step ms" is the
+    median, "step / full" the median of the rounds' ratios to full fine-tuning (a slow spell of the
+    machine hits a round's variants alike).
   * memory: a fresh worker process per cell (this script with --cell). "train MB" = the optimiser
     state + the most a step holds at once beyond what lives at its start (activations, gradients,
     temporaries): on the CPU from torch's memory events under the profiler, on CUDA from the
@@ -149,16 +149,39 @@ def setup(device: str) -> None:
         torch.set_num_threads(2)
 
 
-def timing(model_name: str, batch: int, precision: str, variants: list[str], rounds: int, device: str) -> dict:
-    """Step times of every variant, one step each in turn per round (after 2 warm-up steps each)."""
+def stepper(model_name: str, batch: int, precision: str, variant: str, device: str) -> None:
+    """Serve timed steps of one variant: after 2 warm-up steps print "ready", then for each "step" line
+    read from stdin time one training step and print its milliseconds."""
     setup(device)
-    steps = {v: trainer(build(model_name, v, device)[0], batch, precision, device)[0] for v in variants}
-    for step in steps.values():
-        times_ms(step, 0, warmup=2)
+    step = trainer(build(model_name, variant, device)[0], batch, precision, device)[0]
+    times_ms(step, 0, warmup=2)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "step":
+            print(times_ms(step, 1, warmup=0)[0], flush=True)
+
+
+def timing(model_name: str, batch: int, precision: str, variants: list[str], rounds: int, device: str) -> dict:
+    """Step times of every variant: each in its own process (as in training), all alive at once and
+    stepped one after another per round, so that the machine's slow spells hit them alike."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    workers = {}
+    for v in variants:  # one by one, each warm before the next starts
+        workers[v] = subprocess.Popen([sys.executable, __file__, "--stepper", model_name, str(batch), precision, v,
+                                       device], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        if workers[v].stdout.readline().strip() != "ready":
+            raise SystemExit(f"the {v} stepper failed: {workers[v].wait()}")
     times = {v: [] for v in variants}
-    for _ in range(rounds):
-        for v, step in steps.items():
-            times[v] += times_ms(step, 1, warmup=0)
+    try:
+        for _ in range(rounds):
+            for v, worker in workers.items():
+                worker.stdin.write("step\n")
+                worker.stdin.flush()
+                times[v].append(float(worker.stdout.readline()))
+    finally:
+        for worker in workers.values():
+            worker.stdin.close()
+            worker.wait()
     return times
 
 
@@ -226,9 +249,9 @@ def main() -> None:
         model, batch, precision, variant, device = sys.argv[2:7]
         print(json.dumps(cell(model, int(batch), precision, variant, device)))
         return
-    if sys.argv[1:2] == ["--timing"]:
-        model, batch, precision, variants, rounds, device = sys.argv[2:8]
-        print(json.dumps(timing(model, int(batch), precision, variants.split(","), int(rounds), device)))
+    if sys.argv[1:2] == ["--stepper"]:
+        model, batch, precision, variant, device = sys.argv[2:7]
+        stepper(model, int(batch), precision, variant, device)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="vit_small_patch16_224")
@@ -248,7 +271,7 @@ def main() -> None:
         for batch in map(int, args.batches.split(",")):
             for precision in args.precisions.split(","):
                 start = time.perf_counter()
-                times = worker("--timing", model, batch, precision, ",".join(variants), args.rounds, args.device)
+                times = timing(model, batch, precision, variants, args.rounds, args.device)
                 for variant in variants:
                     r = worker("--cell", model, batch, precision, variant, args.device)
                     r.update(step_ms_rounds=times[variant], step_ms=statistics.median(times[variant]),
@@ -271,7 +294,7 @@ def main() -> None:
     write_json_atomic(args.out / f"{args.name}.json", {**meta, "results": results})
     lines = [f"# LoRA costs against full fine-tuning: peft's layers vs lean, fp32 vs bf16 ({device})", "",
              f"`{meta['command']}`, torch {meta['torch']}. step ms: the median of {args.rounds} rounds, each timing "
-             "every variant once in turn in one process; step / full: the median of the rounds' ratios. Ratios are "
+             "one step of every variant in turn (a process per variant, all alive); step / full: the median of the rounds' ratios. Ratios are "
              "to full fine-tuning of the same model, batch and precision. time / FLOP ratio 1.00 = the step saves "
              "time exactly in proportion to the FLOPs it saves. train MB = optimiser state + a step's peak "
              "allocation beyond what lives at its start (fresh process per cell).", "", *table(results)]
