@@ -20,9 +20,9 @@ METHODS = [{"name": "full"}, {"name": "lora", "targets": ["all_linear"]}, {"name
            {"name": "lora", "targets": ["qkv"], "dropout": 0.1}, {"name": "vpt_deep", "tokens": 2}]
 
 
-def build(method: dict, mode: str, drop_path_rate=0.1):
+def build(method: dict, mode: str):
     torch.manual_seed(0)
-    model, _ = create_backbone(ModelConfig(**{**TINY_VIT, "drop_path_rate": drop_path_rate}), num_classes=3)
+    model, _ = create_backbone(ModelConfig(**TINY_VIT), num_classes=3)  # drop path 0.1: random masks
     model = get_method(method["name"]).apply(model, method_config_from_dict(method))
     torch.manual_seed(1)
     with torch.no_grad():

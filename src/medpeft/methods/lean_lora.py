@@ -6,10 +6,10 @@ low-precision copies of W, A and B for backward. Here one autograd function comp
 ``y = x W^T + b + s (x A^T) B^T`` with the low-rank update added in place into the base matmul's output
 (and the input's gradient likewise into one buffer), and saves only x (once, in the compute dtype), the
 small ``x A^T`` and the parameters themselves. When x is the output of a LayerNorm or GELU, whose own
-backward keeps its input anyway, not even x is saved: backward recomputes it from that input (a
-norm or an activation: little compute, and a ViT block keeps 11 rather than 16 token-sized tensors). A fused qkv split into q, k, v
-(``medpeft.backbones.SplitQKV``) with some of them adapted runs as one matmul over the fused weight, each
-update added into its slice of the output.
+backward keeps its input anyway, not even x is saved: backward recomputes it from that input (little
+compute; a ViT block with LoRA on every linear layer then keeps 10 of the 16 token-sized tensors that
+full fine-tuning keeps). A fused qkv split into q, k, v (``medpeft.backbones.SplitQKV``) with some of
+them adapted runs as one matmul over the fused weight, each update added into its slice of the output.
 
 ``make_lean`` converts the layers of a model that ``peft.get_peft_model`` has wrapped by changing their
 class: state-dict names, ``save_pretrained``, ``PeftModel.from_pretrained`` and ``merge_and_unload`` are

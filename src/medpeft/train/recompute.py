@@ -6,8 +6,7 @@
   recomputes the rest in backward: layer norms, proj, the MLP's hidden layer (fc1 and GELU), residual
   adds, drop-path and dropout (with the same random masks). A ViT-S/B block then keeps 6 of its 16
   token-sized activations, for 5/12 of its forward matmul work (proj, fc1) once more: about 1/7 more
-  than a full fine-tuning step (fc2 is kept because it is as costly as fc1 and the last: recomputing
-  it would not let recomputation stop early).
+  than a full fine-tuning step. (Recomputing fc2 too would cost as much as fc1 and free one tensor.)
 - ``blocks``: each block keeps only its input and recomputes its whole forward in backward (classic
   gradient checkpointing: least memory, about one more forward of compute).
 
