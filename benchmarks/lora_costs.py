@@ -7,8 +7,12 @@
 Variants: `full` fine-tuning; LoRA (r 8, alpha 16, dropout 0) on the fused qkv (`-qkv`) or on every
 linear layer of the blocks (`-all`), with peft's own layers (`peft-`) or medpeft's (`lean-`, the
 default of `method: lora`); `@selective` / `@blocks` add `train.recompute` (e.g. `lean-all@selective`).
-Random-init model, 14 labels, 224 px, one fixed batch; on the CPU 2 threads. A step is forward + BCE +
-backward + AdamW (fused) over the trainable parameters, under bf16 autocast for bf16 (fp32 master weights).
+Every variant runs as `medpeft train` runs it: the process keeps freed memory for reuse
+(`reuse_freed_memory`) and bf16 on the CPU takes timm's attention without the fused kernel
+(`set_attention_kernel`); a `~stock` suffix (e.g. `full~stock`) runs it with neither, as torch and timm
+do by default. Random-init model, 14 labels, 224 px, one fixed batch; on the CPU 2 threads. A step is
+forward + BCE + backward + AdamW (fused) over the trainable parameters, under bf16 autocast for bf16
+(fp32 master weights).
   * time: each variant in its own worker process (--stepper), all alive at once; after 2 warm-up
     steps each, every round times one step of each variant in turn, --rounds times; "step ms" is the
     median, "step / full" the median of the rounds' ratios to full fine-tuning (a slow spell of the
@@ -18,9 +22,11 @@ backward + AdamW (fused) over the trainable parameters, under bf16 autocast for 
     temporaries): on the CPU from torch's memory events under the profiler, on CUDA from the
     allocator's peak. On the CPU also ru_maxrss ("peak RSS": libraries and allocator caches included,
     so its ratios are closer to 1).
-  * FLOPs: one forward + backward counted by torch FlopCounterMode (matmul / attention); GFLOP/s =
-    FLOPs / step time, against the best square matmul of the dtype (CPU: 1024-4096 on 2 threads;
-    CUDA: 4096-8192), measured once per dtype at the end.
+  * FLOPs: one forward + backward counted by torch FlopCounterMode (matmuls; attention as torch counts
+    its CUDA kernels, the CPU's fused one included, whose backward recomputes q k^T); GFLOP/s =
+    FLOPs / step time. The matmul peak of the dtype (the best square matmul, CPU: 1024-4096 on 2
+    threads; CUDA: 4096-8192) is measured in every round by one more worker, in turn with the steps;
+    "% of matmul peak" is the median of the rounds' step GFLOP/s over that round's peak.
   * inference: eval, no_grad, median of 5 forwards: unmerged, and merged (LoRA folded into W).
 Writes NAME.json and NAME.md.
 """
@@ -39,7 +45,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop, sdpa_flop
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -47,6 +53,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from method_costs import maxrss_mb, times_ms  # noqa: E402
 
 CLASSES, SIZE = 14, 224
+# torch's FLOP counter counts its CUDA attention kernels but gives the CPU one 0 FLOPs: count it the same way
+register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)(sdpa_flop)
+register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
+                      get_raw=True)(sdpa_backward_flop)
 TARGETS = {"qkv": ["qkv"], "all": ["all_linear"]}
 
 
@@ -74,12 +84,24 @@ def synced(fn, device: str):
     return call
 
 
-def matmul_gflops(dtype: torch.dtype, device: str) -> float:
+def cpu_name() -> str:
+    """The processor's model name and its bf16 matmul instructions (AMX, AVX512-BF16; Linux)."""
+    try:
+        lines = open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()
+    except OSError:
+        return platform.machine()
+    info = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
+    flags = info.get("flags", "").split()
+    bf16 = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+    return f"{info.get('model name', platform.machine())} ({', '.join(bf16) or 'no bf16 matmul unit'})"
+
+
+def matmul_gflops(dtype: torch.dtype, device: str, repeats: int = 5) -> float:
     """The best GFLOP/s of square matmuls in `dtype` (CPU: 1024-4096, AMX bf16 peaks at small sizes)."""
     best = 0.0
     for n in (1024, 2048, 4096) if device == "cpu" else (4096, 8192):
         a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
-        best = max(best, 2 * n**3 / min(times_ms(synced(lambda: a @ b, device), 5, warmup=1)) * 1000 / 1e9)
+        best = max(best, 2 * n**3 / min(times_ms(synced(lambda: a @ b, device), repeats, warmup=1)) * 1000 / 1e9)
     return best
 
 
@@ -105,16 +127,18 @@ def step_peak_mb(step, device: str) -> float:
     return peak / 2**20
 
 
-def build(model_name: str, variant: str, device: str):
-    """The model of `variant` on `device`, its spec and whether it is LoRA."""
+def build(model_name: str, variant: str, precision: str, device: str):
+    """The model of `variant` on `device` as training runs it in `precision`, and its method's spec."""
     from medpeft.backbones import create_backbone
-    from medpeft.config import ModelConfig
+    from medpeft.config import ModelConfig, TrainConfig
     from medpeft.methods import get_method, method_config_from_dict
+    from medpeft.train.recipe import set_attention_kernel
     from medpeft.train.recompute import apply_recompute
 
     torch.manual_seed(0)
     model, _ = create_backbone(ModelConfig(name=model_name, weights="random", img_size=SIZE, drop_path_rate=0.0),
                                num_classes=CLASSES)
+    variant, _, stock = variant.partition("~")
     name, _, recompute = variant.partition("@")
     kind, _, targets = name.partition("-")
     method = "full" if kind == "full" else "lora"
@@ -125,6 +149,8 @@ def build(model_name: str, variant: str, device: str):
     if kind == "peft":
         peft_layers(model)
     apply_recompute(model, recompute or "none")
+    if not stock:
+        set_attention_kernel(model, TrainConfig(precision=precision, device=device))
     return model.to(device).train(), spec
 
 
@@ -144,26 +170,39 @@ def trainer(model, batch: int, precision: str, device: str):
     return synced(step, device), opt, x
 
 
-def setup(device: str) -> None:
+def setup(device: str, variant: str = "") -> None:
     if device == "cpu":
         torch.set_num_threads(2)
+    if not variant.endswith("~stock"):
+        from medpeft.train.recipe import reuse_freed_memory
+
+        reuse_freed_memory()
+
+
+PEAK = "matmul-peak"  # the worker that measures the matmul peak of the dtype in each round
 
 
 def stepper(model_name: str, batch: int, precision: str, variant: str, device: str) -> None:
     """Serve timed steps of one variant: after 2 warm-up steps print "ready", then for each "step" line
-    read from stdin time one training step and print its milliseconds."""
-    setup(device)
-    step = trainer(build(model_name, variant, device)[0], batch, precision, device)[0]
-    times_ms(step, 0, warmup=2)
+    read from stdin time one training step and print its milliseconds (PEAK: the matmul peak, GFLOP/s)."""
+    setup(device, variant)
+    if variant == PEAK:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        step = lambda: matmul_gflops(dtype, device, repeats=3)  # noqa: E731
+    else:
+        timed = trainer(build(model_name, variant, precision, device)[0], batch, precision, device)[0]
+        times_ms(timed, 0, warmup=2)
+        step = lambda: times_ms(timed, 1, warmup=0)[0]  # noqa: E731
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() == "step":
-            print(times_ms(step, 1, warmup=0)[0], flush=True)
+            print(step(), flush=True)
 
 
 def timing(model_name: str, batch: int, precision: str, variants: list[str], rounds: int, device: str) -> dict:
-    """Step times of every variant: each in its own process (as in training), all alive at once and
-    stepped one after another per round, so that the machine's slow spells hit them alike."""
+    """Step times of every variant and the matmul peak (PEAK): each in its own process (as in training),
+    all alive at once and stepped one after another per round, so that the machine's slow spells hit
+    them alike."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     workers = {}
     for v in variants:  # one by one, each warm before the next starts
@@ -189,8 +228,8 @@ def cell(model_name: str, batch: int, precision: str, variant: str, device: str)
     """Memory, FLOPs and inference times of one variant, in a fresh process."""
     from medpeft.backbones import count_parameters
 
-    setup(device)
-    model, spec = build(model_name, variant, device)
+    setup(device, variant)
+    model, spec = build(model_name, variant, precision, device)
     trainable, _ = count_parameters(model)
     rss_build = maxrss_mb()
     step, opt, x = trainer(model, batch, precision, device)
@@ -208,7 +247,7 @@ def cell(model_name: str, batch: int, precision: str, variant: str, device: str)
         with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
             return statistics.median(times_ms(synced(lambda: m(x), device), 5))
 
-    lora, recompute = variant != "full" and "@" not in variant, "@" in variant
+    lora, recompute = not variant.startswith("full") and "@" not in variant, "@" in variant
     infer_ms = infer(model)
     merged_ms = infer(spec.merge(model)) if lora and not recompute else None
     return dict(model=model_name, batch=batch, precision=precision, variant=variant, device=device,
@@ -239,7 +278,7 @@ def table(results: list[dict]) -> list[str]:
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['precision']} | {r['variant']} | {r['step_ms']:.1f} | {step:.2f} | "
             f"{flops:.2f} | {step / flops:.2f} | {r['gflop_per_s']:.0f} | "
-            f"{100 * r['gflop_per_s'] / r['matmul_peak_gflop_per_s']:.0f}% | {r['train_mb']:.0f} | "
+            f"{100 * r['peak_share']:.0f}% | {r['train_mb']:.0f} | "
             f"{r['train_mb'] / full['train_mb']:.2f} {rss} {r['infer_ms']:.1f} | {merged} |")
     return lines
 
@@ -271,22 +310,21 @@ def main() -> None:
         for batch in map(int, args.batches.split(",")):
             for precision in args.precisions.split(","):
                 start = time.perf_counter()
-                times = timing(model, batch, precision, variants, args.rounds, args.device)
+                times = timing(model, batch, precision, [*variants, PEAK], args.rounds, args.device)
                 for variant in variants:
                     r = worker("--cell", model, batch, precision, variant, args.device)
                     r.update(step_ms_rounds=times[variant], step_ms=statistics.median(times[variant]),
                              step_ratio=statistics.median(t / f for t, f in zip(times[variant], times["full"])))
                     r["gflop_per_s"] = r["train_flops"] / r["step_ms"] / 1e6
+                    r["matmul_peak_rounds"] = times[PEAK]
+                    r["matmul_peak_gflop_per_s"] = statistics.median(times[PEAK])
+                    r["peak_share"] = statistics.median(r["train_flops"] / t / 1e6 / peak
+                                                        for t, peak in zip(times[variant], times[PEAK]))
                     results.append(r)
                     print(f"{model} batch {batch} {precision} {variant}: {r['step_ms']:.1f} ms/step "
                           f"({r['step_ratio']:.2f} x full), train {r['train_mb']:.0f} MB", flush=True)
                 print(f"({time.perf_counter() - start:.0f} s)", flush=True)
-    setup(args.device)  # the peak on the cells' threads, measured once per dtype at the end
-    peaks = {p: matmul_gflops(torch.bfloat16 if p == "bf16" else torch.float32, args.device)
-             for p in args.precisions.split(",")}
-    for r in results:
-        r["matmul_peak_gflop_per_s"] = peaks[r["precision"]]
-    device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU, 2 threads"
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu_name()}, 2 threads"
     meta = {"command": " ".join(sys.argv), "torch": torch.__version__, "platform": platform.platform(), "device": device}
     from medpeft.train.rundir import write_json_atomic, write_text_atomic
 
@@ -297,7 +335,9 @@ def main() -> None:
              "one step of every variant in turn (a process per variant, all alive); step / full: the median of the rounds' ratios. Ratios are "
              "to full fine-tuning of the same model, batch and precision. time / FLOP ratio 1.00 = the step saves "
              "time exactly in proportion to the FLOPs it saves. train MB = optimiser state + a step's peak "
-             "allocation beyond what lives at its start (fresh process per cell).", "", *table(results)]
+             "allocation beyond what lives at its start (fresh process per cell). Matmul peak, median of the rounds: "
+             + ", ".join(sorted({f"{r['precision']} {r['matmul_peak_gflop_per_s']:.0f} GFLOP/s" for r in results}))
+             + ".", "", *table(results)]
     write_text_atomic(args.out / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

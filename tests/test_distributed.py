@@ -72,12 +72,17 @@ def lora_runs(odd_csv, tmp_path_factory):
 
 
 def single_process_predictions(run_dir) -> str:
-    """predictions.csv as this process computes it from the run's saved weights."""
+    """predictions.csv as this process computes it from the run's saved weights, on one thread as each
+    launched process (oneDNN's CPU convolutions round differently on another number of threads)."""
     config, built = recipe.load_model(run_dir)
     table = recipe.run_table(Path(run_dir), config)
-    frames = []
-    for split in ("val", "test"):
-        recipe.evaluate_split(built.model, table, split, config, torch.device("cpu"), predictions=frames)
+    frames, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for split in ("val", "test"):
+            recipe.evaluate_split(built.model, table, split, config, torch.device("cpu"), predictions=frames)
+    finally:
+        torch.set_num_threads(threads)
     return pd.concat(frames).to_csv(index=False)
 
 

@@ -20,10 +20,13 @@ METHODS = [{"name": "full"}, {"name": "lora", "targets": ["all_linear"]}, {"name
            {"name": "lora", "targets": ["qkv"], "dropout": 0.1}, {"name": "vpt_deep", "tokens": 2}]
 
 
-def build(method: dict, mode: str):
+def build(method: dict, mode: str, fused_attn: bool = True):
     torch.manual_seed(0)
     model, _ = create_backbone(ModelConfig(**TINY_VIT), num_classes=3)  # drop path 0.1: random masks
     model = get_method(method["name"]).apply(model, method_config_from_dict(method))
+    for block in model.modules():
+        if hasattr(block, "fused_attn"):
+            block.fused_attn = fused_attn
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -57,21 +60,22 @@ def forward_backward(model, x):
     return y.detach(), grads, ops.counts
 
 
+@pytest.mark.parametrize("fused_attn", [True, False], ids=["fused-attention", "math-attention"])
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: "-".join(map(str, m.values())))
-def test_recomputation_gives_the_same_outputs_and_gradients(method):
+def test_recomputation_gives_the_same_outputs_and_gradients(method, fused_attn):
     x = torch.randn(4, 3, 32, 32)
-    y, grads, ops = forward_backward(build(method, "none"), x)
+    y, grads, ops = forward_backward(build(method, "none", fused_attn), x)
     depth, width = TINY_VIT["kwargs"]["depth"], TINY_VIT["kwargs"]["embed_dim"]
-    assert ops["native_layer_norm"] == 0
+    assert ops["native_layer_norm"] == 0 and ops["bmm"] == (0 if fused_attn else 4 * depth)  # 2 per matmul
     for mode in ("selective", "blocks"):
-        y2, grads2, ops2 = forward_backward(build(method, mode), x)
+        y2, grads2, ops2 = forward_backward(build(method, mode, fused_attn), x)
         torch.testing.assert_close(y2, y, rtol=0, atol=1e-6)
         for name, grad in grads.items():
             torch.testing.assert_close(grads2[name], grad, rtol=0, atol=1e-6, msg=f"{mode} {name}")
         assert ops2["native_layer_norm"] == 2 * depth  # both norms of every block recomputed in backward
         assert ops2[f"addmm {width} x {4 * width}"] == depth  # the MLP's first matmul
         kept = ops2[f"addmm {width} x {3 * width}"] + ops2[f"addmm {4 * width} x {width}"]  # qkv, fc2
-        kept += ops2["_scaled_dot_product_flash_attention_for_cpu"]
+        kept += ops2["_scaled_dot_product_flash_attention_for_cpu"] + ops2["bmm"] - ops["bmm"]  # attention
         assert (kept == 0) if mode == "selective" else (kept > 0)
         if mode == "selective":  # proj recomputed; q, k, v (where split, also width x width) kept
             assert ops2[f"addmm {width} x {width}"] == depth

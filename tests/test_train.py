@@ -1,4 +1,8 @@
 import json
+import platform
+import resource
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -259,3 +263,48 @@ def test_compiled_training_follows_the_eager_run(run_config, tmp_path):
     assert len(losses("compiled")) == compiled["split_sizes"]["train"] // 8 >= 3
     assert losses("compiled") == pytest.approx(losses("run"), rel=1e-4)
     assert compiled["test"]["mean_auroc"] == pytest.approx(eager["test"]["mean_auroc"], abs=0.02)
+
+
+def test_bf16_on_the_cpu_runs_timm_attention_without_the_fused_kernel(run_config):
+    """torch's CPU flash attention is slow in bf16: bf16 CPU runs take timm's matmul + softmax path, which
+    computes the same function; every other precision keeps the fused kernel."""
+    def built(precision):
+        config = config_from_dict({**run_config, "train": {**run_config["train"], "precision": precision}})
+        model = recipe.build_model(config).model.eval()
+        attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
+        assert len(attention) == run_config["model"]["kwargs"]["depth"]
+        return model, {m.fused_attn for m in attention}
+
+    (fp32, fused), (bf16, fused_bf16) = built("fp32"), built("bf16")
+    assert fused == {True} and fused_bf16 == {False}
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        math_out, fused_out = bf16(x).float(), fp32(x).float()
+    assert (math_out - fused_out).norm() / fused_out.norm() < 0.02
+
+
+FAULTS = """
+import resource, sys, torch
+if sys.argv[1] == "reuse":
+    from medpeft.train.recipe import reuse_freed_memory
+    reuse_freed_memory()
+counts = []
+for _ in range(5):  # a "step" that allocates and frees 4 tensors of 16 MB
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    tensors = [torch.ones(4 * 2**20) for _ in range(4)]
+    del tensors
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(*counts)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="reuse_freed_memory tunes glibc's malloc")
+def test_reused_memory_serves_the_next_steps_tensors_without_page_faults():
+    def faults(mode):  # page faults of each step
+        done = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True)
+        return [int(n) for n in done.stdout.split()]
+
+    pages = 4 * 16 * 2**20 // resource.getpagesize()
+    stock, reused = faults("stock"), faults("reuse")
+    assert sum(stock[1:]) >= pages  # glibc gave the memory back after a step at least once: faulted in again
+    assert sum(reused[3:]) < pages / 100  # (the heap settles within three steps)

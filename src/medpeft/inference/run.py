@@ -221,6 +221,7 @@ def predict(runs: list[Run], images, batch_size: int | None = None, strict: bool
     """Decode each image once and apply every run to it. One run: columns prob:<label>, pred:<label>;
     several: the same under '<run name>/'. With `strict`, an unreadable input raises DataError."""
     items = collect_inputs(images)
+    recipe.reuse_freed_memory()
     device = recipe.resolve_device(runs[0].config.train.device)
     batch_size = batch_size or runs[0].config.train.eval_batch_size
     probs = [[] for _ in runs]

@@ -10,6 +10,9 @@ backward keeps its input anyway, not even x is saved: backward recomputes it fro
 compute; a ViT block with LoRA on every linear layer then keeps 10 of the 16 token-sized tensors that
 full fine-tuning keeps). A fused qkv split into q, k, v (``medpeft.backbones.SplitQKV``) with some of
 them adapted runs as one matmul over the fused weight, each update added into its slice of the output.
+Backward takes the rank-r products with the tokens as the long, last dimension (``B^T gy^T``,
+``(x A^T)^T gy``): for these skinny shapes the CPU's fp32 GEMM runs them 2-4.5x faster than the other
+way round (measured on ViT-S/B shapes); forward computes as peft does, to the bit.
 
 ``make_lean`` converts the layers of a model that ``peft.get_peft_model`` has wrapped by changing their
 class: state-dict names, ``save_pretrained``, ``PeftModel.from_pretrained`` and ``merge_and_unload`` are
@@ -96,10 +99,10 @@ def _backward(ctx, grad_out):
     grads = []
     for (start, stop, scaling), xa, a, b in zip(ctx.slices, xas, factors[0::2], factors[1::2]):
         gy_slice = gy[:, start:stop]
-        gyb = torch.mm(gy_slice, b.to(ctx.dtype)).mul_(scaling)  # s (gy B): N x r
+        gyb_t = torch.mm(b.to(ctx.dtype).t(), gy_slice.t()).mul_(scaling)  # s (gy B)^T: r x N
         if grad_x is not None:
-            grad_x.addmm_(gyb, a.to(ctx.dtype))
-        grads += [torch.mm(gyb.t(), x2).to(a.dtype), torch.mm(gy_slice.t(), xa).mul_(scaling).to(b.dtype)]
+            grad_x.addmm_(gyb_t.t(), a.to(ctx.dtype))
+        grads += [torch.mm(gyb_t, x2).to(a.dtype), torch.mm(xa.t(), gy_slice).mul_(scaling).t().to(b.dtype)]
     if grad_x is not None:
         grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
     return grad_x, None, None, None, *grads

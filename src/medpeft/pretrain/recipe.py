@@ -36,7 +36,7 @@ from medpeft.pretrain.mae import MaskedAutoencoder
 from medpeft.train import rundir
 from medpeft.train.recipe import (
     _check_run_dir, _progress, autocast, begin_epoch, build_scheduler, image_cache, make_loader, resolve_device, resumed_state,
-    rng_state, start_run_dir)
+    reuse_freed_memory, rng_state, set_attention_kernel, start_run_dir)
 
 MAE_CHECKPOINT = "mae.pth"
 PREVIEWS = "previews"
@@ -47,7 +47,9 @@ def build_mae(config: PretrainConfig) -> MaskedAutoencoder:
     torch.manual_seed(config.train.seed)
     model_config = replace(config.model, global_pool="", kwargs={**config.model.kwargs, "fc_norm": False})
     encoder, report = create_backbone(model_config, num_classes=0)
-    return MaskedAutoencoder(encoder, config.mae, fixed_pos_embed=report is None)
+    model = MaskedAutoencoder(encoder, config.mae, fixed_pos_embed=report is None)
+    set_attention_kernel(model, config.train)
+    return model
 
 
 @torch.no_grad()
@@ -105,6 +107,7 @@ def pretrain(config: PretrainConfig, quiet: bool = False) -> dict:
     resume = _check_run_dir(run_dir, config_text)
     cfg = config.train
 
+    reuse_freed_memory()
     model = build_mae(config)
     encoder_parameters = sum(p.numel() for p in model.encoder.parameters())
     console.print(f"MAE pretraining of {config.model.name} ({encoder_parameters:,} encoder parameters), "

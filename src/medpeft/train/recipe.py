@@ -7,7 +7,9 @@ are seeded per epoch and sample, and the RNG state is checkpointed with the weig
 
 from __future__ import annotations
 
+import ctypes
 import math
+import platform
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -104,8 +106,19 @@ def build_model(config: RunConfig) -> Built:
     _, backbone_parameters = count_parameters(backbone)
     spec = get_method(config.method.name)
     model = spec.apply(backbone, config.method).to(memory_format=memory_format(config))
+    set_attention_kernel(model, config.train)
     trainable, _ = count_parameters(model)
     return Built(model, spec, report, backbone_parameters, trainable)
+
+
+def set_attention_kernel(model: nn.Module, cfg: TrainConfig) -> None:
+    """timm's attention layers call torch's fused scaled_dot_product_attention, except under bf16 on the
+    CPU: there torch's flash-attention kernel is 3.8x slower (forward + backward, ViT-S shapes) than timm's
+    own matmul + softmax path, which keeps the attention matrix for backward (benchmarks/results/lora_costs.md)."""
+    fused = not (cfg.precision == "bf16" and resolve_device(cfg.device).type == "cpu")
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused
 
 
 def memory_format(config: RunConfig) -> torch.memory_format:
@@ -164,6 +177,23 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
     return CosineLRScheduler(
         optimizer, t_initial=max(1, cfg.epochs * steps_per_epoch - warmup_steps), lr_min=cfg.min_lr,
         warmup_t=warmup_steps, warmup_lr_init=cfg.min_lr, warmup_prefix=True, t_in_epochs=False)
+
+
+def reuse_freed_memory() -> None:
+    """Make this process keep the memory that tensors free, for the next step's tensors.
+
+    glibc hands blocks above its mmap threshold, and the free top of its heap, back to the system as soon
+    as they are freed, so on the CPU every training step faults its activations in again page by page
+    (about a fifth of a ViT step's time went to system time here). This serves blocks up to 32 MB (the
+    largest threshold glibc accepts) from the heap and never trims it: a LoRA step of ViT-S ran 1.25x
+    faster with the same peak memory (benchmarks/results/lora_costs.md); the memory returns to the system
+    when the process ends. Does nothing where the C library is not glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(None)
+    trim_threshold, mmap_threshold = -1, -3  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD of malloc.h
+    libc.mallopt(mmap_threshold, 32 * 2**20)
+    libc.mallopt(trim_threshold, 2**31 - 1)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -325,6 +355,7 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
     """
     cfg = config.train
     check_launcher_precision(cfg.precision)
+    reuse_freed_memory()
     procs, device = start(resolve_device(cfg.device))
     try:
         return _train(config, procs, device, Console(quiet=quiet or not procs.main))
@@ -579,6 +610,7 @@ def evaluate(run_dir: str | Path, split: str = "test") -> dict:
     of a launcher, each computing its share of the images)."""
     config, built = load_model(run_dir)
     table = run_table(Path(run_dir), config)
+    reuse_freed_memory()
     procs, device = start(resolve_device(config.train.device))
     try:
         metrics = evaluate_split(built.model.to(device), table, split, config, device, image_cache(table, config),

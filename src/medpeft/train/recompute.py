@@ -26,10 +26,11 @@ from medpeft.errors import ConfigError
 from medpeft.methods import unwrap
 
 _aten = torch.ops.aten
-_MATMULS = {_aten.mm.default, _aten.addmm.default, _aten.addmm_.default, _aten.bmm.default}
+_MATMULS = {_aten.mm.default, _aten.addmm.default, _aten.addmm_.default}
+# Attention: torch's fused kernels, or the batched matmuls (q k^T, attn v) of timm's path without them
 _ATTENTION = {_aten._scaled_dot_product_flash_attention_for_cpu.default,
               _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
-              _aten._scaled_dot_product_cudnn_attention.default}
+              _aten._scaled_dot_product_cudnn_attention.default, _aten.bmm.default}
 _keeping = [False]  # set while a block's qkv or fc2 runs (forward and its recomputation)
 
 
