@@ -3,8 +3,9 @@
     python benchmarks/pretrain_precision.py [--model vit_small_patch16_224] [--img-size 224] [--batch 16]
 
 One MAE training step (forward, backward, AdamW) of the medical recipe (mask ratio 0.9, decoder 512 x 8)
-per measurement; fp32 and bf16 alternate so machine noise hits both alike; the ratio of the medians is
-the figure. Writes pretrain_precision.json and .md to benchmarks/results/.
+per measurement, as `medpeft pretrain` runs it in each precision (freed memory kept for reuse; bf16 on the
+CPU: timm's attention without the fused kernel); fp32 and bf16 alternate so machine noise hits both alike;
+the ratio of the medians is the figure. Writes pretrain_precision.json and .md to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from medpeft.config import load_pretrain_config
+from medpeft.config import TrainConfig, load_pretrain_config
 from medpeft.pretrain.recipe import build_mae
-from medpeft.train.recipe import autocast
+from medpeft.train.recipe import autocast, reuse_freed_memory, set_attention_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
+    reuse_freed_memory()
     config = load_pretrain_config(base={"model": {"name": args.model, "img_size": args.img_size},
                                         "data": {"format": "images", "csv": "."}, "output_dir": "-"})
     model = build_mae(config)
@@ -42,6 +44,7 @@ def main() -> None:
     device = torch.device("cpu")
 
     def step(precision: str) -> float:
+        set_attention_kernel(model, TrainConfig(precision=precision, device="cpu"))
         start = time.perf_counter()
         with autocast(device, precision):
             loss, _, _ = model(images, config.mae.mask_ratio)

@@ -266,17 +266,20 @@ def test_compiled_training_follows_the_eager_run(run_config, tmp_path):
 
 
 def test_bf16_on_the_cpu_runs_timm_attention_without_the_fused_kernel(run_config):
-    """torch's CPU flash attention is slow in bf16: bf16 CPU runs take timm's matmul + softmax path, which
-    computes the same function; every other precision keeps the fused kernel."""
-    def built(precision):
-        config = config_from_dict({**run_config, "train": {**run_config["train"], "precision": precision}})
-        model = recipe.build_model(config).model.eval()
+    """torch's CPU flash attention is slow in bf16: with train.attention 'auto', bf16 CPU runs take timm's
+    matmul + softmax path, which computes the same function; other precisions keep the fused kernel."""
+    def built(precision, attention="auto"):
+        train = {**run_config["train"], "precision": precision, "attention": attention}
+        model = recipe.build_model(config_from_dict({**run_config, "train": train})).model.eval()
         attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
         assert len(attention) == run_config["model"]["kwargs"]["depth"]
         return model, {m.fused_attn for m in attention}
 
     (fp32, fused), (bf16, fused_bf16) = built("fp32"), built("bf16")
     assert fused == {True} and fused_bf16 == {False}
+    assert built("bf16", "fused")[1] == {True} and built("fp32", "math")[1] == {False}
+    with pytest.raises(ConfigError, match="train.attention"):
+        built("bf16", "flash")
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         math_out, fused_out = bf16(x).float(), fp32(x).float()

@@ -112,10 +112,12 @@ def build_model(config: RunConfig) -> Built:
 
 
 def set_attention_kernel(model: nn.Module, cfg: TrainConfig) -> None:
-    """timm's attention layers call torch's fused scaled_dot_product_attention, except under bf16 on the
-    CPU: there torch's flash-attention kernel is 3.8x slower (forward + backward, ViT-S shapes) than timm's
-    own matmul + softmax path, which keeps the attention matrix for backward (benchmarks/results/lora_costs.md)."""
-    fused = not (cfg.precision == "bf16" and resolve_device(cfg.device).type == "cpu")
+    """Make timm's attention layers run as train.attention says. 'auto': torch's fused
+    scaled_dot_product_attention, except under bf16 on the CPU, where torch's flash-attention kernel is
+    3.8x slower (forward + backward, ViT-S shapes) than timm's matmul + softmax path
+    (benchmarks/results/lora_costs.md)."""
+    fused = cfg.attention == "fused" or (
+        cfg.attention == "auto" and not (cfg.precision == "bf16" and resolve_device(cfg.device).type == "cpu"))
     for module in model.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = fused
