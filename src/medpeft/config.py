@@ -296,8 +296,8 @@ class PretrainConfig:
 
 # The MAE recipe (He et al. 2022: AdamW, base lr 1.5e-4 per 256 images, 40 warmup epochs of 800, no drop
 # path) with the chest X-ray choices of Xiao et al. 2023 (mask ratio 0.9 in MAEConfig, crop scale 0.5-1).
-# fp32: bf16 autocast measured 1.00x (and 1.03x) the fp32 step on a 2-core CPU
-# (benchmarks/results/pretrain_precision.md); on a GPU set train.precision: bf16.
+# fp32, which every machine runs well; on a GPU or a CPU with bf16 matmul units set train.precision: bf16
+# (2.8x the fp32 step on 2 AVX512-BF16 cores: benchmarks/results/pretrain_precision.md).
 PRETRAIN_DEFAULTS = {
     "model": {"weights": "random", "drop_path_rate": 0.0},
     "data": {"split": {"val_fraction": 0.05, "test_fraction": 0.0}},
