@@ -13,8 +13,9 @@ Every variant runs as `medpeft train` runs it: the process keeps freed memory fo
 do by default. Random-init model, 14 labels, 224 px, one fixed batch; on the CPU 2 threads. A step is
 forward + BCE + backward + AdamW (fused) over the trainable parameters, under bf16 autocast for bf16
 (fp32 master weights).
-  * time: each variant in its own worker process (--stepper), all alive at once; after 2 warm-up
-    steps each, every round times one step of each variant in turn, --rounds times; "step ms" is the
+  * time: each variant in its own worker process (--stepper), all alive at once; after warm-up steps
+    (at least 2, until a step faults in under 4 MB of new memory: the heap holds a step after 3-6
+    steps, and a page fault costs ~6 us here), every round times one step of each variant in turn, --rounds times; "step ms" is the
     median, "step / full" the median of the rounds' ratios to full fine-tuning (a slow spell of the
     machine hits a round's variants alike).
   * memory: a fresh worker process per cell (this script with --cell). "train MB" = the optimiser
@@ -37,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -179,11 +181,21 @@ def setup(device: str, variant: str = "") -> None:
         reuse_freed_memory()
 
 
+def warm_up(step, most: int = 10) -> None:
+    """Run `step` until the process has memory for it: at least twice, then until a step faults in under
+    4 MB of new pages (at most `most` steps). Until then the heap grows and every new page costs a fault."""
+    for n in range(most):
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        step()
+        if n >= 1 and resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 1024:
+            return
+
+
 PEAK = "matmul-peak"  # the worker that measures the matmul peak of the dtype in each round
 
 
 def stepper(model_name: str, batch: int, precision: str, variant: str, device: str) -> None:
-    """Serve timed steps of one variant: after 2 warm-up steps print "ready", then for each "step" line
+    """Serve timed steps of one variant: after warming up (`warm_up`) print "ready", then for each "step" line
     read from stdin time one training step and print its milliseconds (PEAK: the matmul peak, GFLOP/s)."""
     setup(device, variant)
     if variant == PEAK:
@@ -191,7 +203,7 @@ def stepper(model_name: str, batch: int, precision: str, variant: str, device: s
         step = lambda: matmul_gflops(dtype, device, repeats=3)  # noqa: E731
     else:
         timed = trainer(build(model_name, variant, precision, device)[0], batch, precision, device)[0]
-        times_ms(timed, 0, warmup=2)
+        warm_up(timed)
         step = lambda: times_ms(timed, 1, warmup=0)[0]  # noqa: E731
     print("ready", flush=True)
     for line in sys.stdin:
