@@ -95,15 +95,17 @@ def _backward(ctx, grad_out):
         x2 = _recompute(ctx.source, sources, ctx.source_arg).reshape(-1, ctx.x_shape[-1]).to(ctx.dtype)
     xas, factors = saved[:len(ctx.slices)], saved[len(ctx.slices):]
     gy = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
-    grad_x = torch.mm(gy, _stack_rows(weights).to(ctx.dtype)) if ctx.needs_input_grad[0] else None
-    grads = []
+    grads, gybs = [], []
     for (start, stop, scaling), xa, a, b in zip(ctx.slices, xas, factors[0::2], factors[1::2]):
         gy_slice = gy[:, start:stop]
-        gyb_t = torch.mm(b.to(ctx.dtype).t(), gy_slice.t()).mul_(scaling)  # s (gy B)^T: r x N
-        if grad_x is not None:
+        gybs.append(torch.mm(b.to(ctx.dtype).t(), gy_slice.t()).mul_(scaling))  # s (gy B)^T: r x N
+        grads += [torch.mm(gybs[-1], x2).to(a.dtype), torch.mm(xa.t(), gy_slice).mul_(scaling).t().to(b.dtype)]
+    del x2  # a recomputed input (fc2's: 4 token-sized) is freed before the input's gradient is made
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.mm(gy, _stack_rows(weights).to(ctx.dtype))
+        for gyb_t, a in zip(gybs, factors[0::2]):
             grad_x.addmm_(gyb_t.t(), a.to(ctx.dtype))
-        grads += [torch.mm(gyb_t, x2).to(a.dtype), torch.mm(xa.t(), gy_slice).mul_(scaling).t().to(b.dtype)]
-    if grad_x is not None:
         grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
     return grad_x, None, None, None, *grads
 
