@@ -114,8 +114,8 @@ def build_model(config: RunConfig) -> Built:
 def set_attention_kernel(model: nn.Module, cfg: TrainConfig) -> None:
     """Make timm's attention layers run as train.attention says. 'auto': torch's fused
     scaled_dot_product_attention, except under bf16 on the CPU, where torch's flash-attention kernel is
-    3.8x slower (forward + backward, ViT-S shapes) than timm's matmul + softmax path
-    (benchmarks/results/lora_costs.md)."""
+    3.8x slower (forward + backward, ViT-S shapes) than timm's matmul + softmax path (with
+    reuse_freed_memory, bf16 ViT-S steps 1.3-1.5x faster: benchmarks/results/lora_costs_stock.md)."""
     fused = cfg.attention == "fused" or (
         cfg.attention == "auto" and not (cfg.precision == "bf16" and resolve_device(cfg.device).type == "cpu"))
     for module in model.modules():
@@ -187,8 +187,9 @@ def reuse_freed_memory() -> None:
     glibc hands blocks above its mmap threshold, and the free top of its heap, back to the system as soon
     as they are freed, so on the CPU every training step faults its activations in again page by page
     (about a fifth of a ViT step's time went to system time here). This serves blocks up to 32 MB (the
-    largest threshold glibc accepts) from the heap and never trims it: a LoRA step of ViT-S ran 1.25x
-    faster with the same peak memory (benchmarks/results/lora_costs.md); the memory returns to the system
+    largest threshold glibc accepts) from the heap and never trims it: once the heap holds a step, a step
+    faults in nothing (ViT-S fp32: 0 page faults per step instead of ~190,000) and runs 1.01-1.05x faster
+    with the same peak memory (benchmarks/results/lora_costs_stock.md); the memory returns to the system
     when the process ends. Does nothing where the C library is not glibc."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return
