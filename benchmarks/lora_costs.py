@@ -13,11 +13,10 @@ Every variant runs as `medpeft train` runs it: the process keeps freed memory fo
 do by default. Random-init model, 14 labels, 224 px, one fixed batch; on the CPU 2 threads. A step is
 forward + BCE + backward + AdamW (fused) over the trainable parameters, under bf16 autocast for bf16
 (fp32 master weights).
-  * time: each variant in its own worker process (--stepper), all alive at once; after warm-up steps
-    (at least 2, until a step faults in under 4 MB of new memory: the heap holds a step after 3-6
-    steps, and a page fault costs ~6 us here), every round times one step of each variant in turn, --rounds times; "step ms" is the
-    median, "step / full" the median of the rounds' ratios to full fine-tuning (a slow spell of the
-    machine hits a round's variants alike).
+  * time: each variant in its own worker process (--stepper), all alive at once; after warming up
+    (`warm_up`: until the process stops faulting in new memory, 3-6 steps here), every round times one
+    step of each variant in turn, --rounds times; "step ms" is the median, "step / full" the median of
+    the rounds' ratios to full fine-tuning (a slow spell of the machine hits a round's variants alike).
   * memory: a fresh worker process per cell (this script with --cell). "train MB" = the optimiser
     state + the most a step holds at once beyond what lives at its start (activations, gradients,
     temporaries): on the CPU from torch's memory events under the profiler, on CUDA from the
@@ -184,10 +183,11 @@ def setup(device: str, variant: str = "") -> None:
 def warm_up(step, most: int = 10) -> None:
     """Run `step` until the process has memory for it: at least twice, then until a step faults in under
     4 MB of new pages (at most `most` steps). Until then the heap grows and every new page costs a fault."""
+    settled = 4 * 2**20 // resource.getpagesize()
     for n in range(most):
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         step()
-        if n >= 1 and resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 1024:
+        if n >= 1 and resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < settled:
             return
 
 

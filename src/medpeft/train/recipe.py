@@ -185,8 +185,8 @@ def reuse_freed_memory() -> None:
     """Make this process keep the memory that tensors free, for the next step's tensors.
 
     glibc hands blocks above its mmap threshold, and the free top of its heap, back to the system as soon
-    as they are freed, so on the CPU every training step faults its activations in again page by page
-    (about a fifth of a ViT step's time went to system time here). This serves blocks up to 32 MB (the
+    as they are freed, so on the CPU every training step faults its activations in again page by page.
+    This serves blocks up to 32 MB (the
     largest threshold glibc accepts) from the heap and never trims it: once the heap holds a step, a step
     faults in nothing (ViT-S fp32: 0 page faults per step instead of ~190,000) and runs 1.01-1.05x faster
     with the same peak memory (benchmarks/results/lora_costs_stock.md); the memory returns to the system
