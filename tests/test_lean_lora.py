@@ -115,6 +115,45 @@ def test_lean_equals_peft_in_outputs_and_every_gradient(targets, name):
         assert set(lean_nodes(lean(x))) == {None}
 
 
+class GeluMLP(nn.Module):
+    def __init__(self, approximate, reuse):
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.reuse = nn.Linear(16, 64), nn.GELU(approximate), nn.Linear(64, 16), reuse
+
+    def forward(self, x):
+        hidden = self.act(self.fc1(x))
+        return self.fc2(hidden) + (hidden[..., :16] if self.reuse else 0)
+
+
+def node_names(output):
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack += [n for n, _ in node.next_functions]
+    return {type(n).__name__ for n in seen}
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_a_layer_after_a_gelu_returns_the_gradient_through_it(approximate, reuse):
+    """fc2 takes fc1's output and does the GELU's backward itself; autograd's GELU backward runs only
+    for other uses of the GELU's output, and the gradients add up."""
+    models = []
+    for lean in (True, False):
+        torch.manual_seed(0)
+        model = peft.get_peft_model(GeluMLP(approximate, reuse), peft.LoraConfig(r=4, target_modules=["fc2"]))
+        nn.init.normal_(model.base_model.model.fc2.lora_B["default"].weight)
+        assert not lean or make_lean(model) == 1
+        models.append(model)
+    x = torch.randn(8, 5, 16)
+    (y, gx, grads, nodes), (y_ref, gx_ref, grads_ref, _) = (outputs_and_grads(m, x) for m in models)
+    assert nodes == ["gelu"] and ("GeluBackward0" in node_names(models[0](x.requires_grad_()))) == reuse
+    for actual, expected in [(y, y_ref), (gx, gx_ref), *((grads[n], grads_ref[n]) for n in grads_ref)]:
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("targets", [["q", "v"], ["all_linear"]], ids="+".join)
 def test_lean_under_bf16_autocast_matches_peft_with_fp32_gradients(targets):
     x = torch.randn(4, 3, 32, 32)
