@@ -2,6 +2,7 @@
 every target, under bf16 autocast too, peft's adapter format and merging unchanged, peft's path where
 the adapter is not plain LoRA, and less memory kept for backward and allocated."""
 
+import contextlib
 import copy
 
 import peft
@@ -9,6 +10,7 @@ import pytest
 import torch
 from peft.tuners.lora.layer import Linear as PeftLinear
 from safetensors.torch import load_file
+from timm.layers import Mlp
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -18,7 +20,7 @@ from medpeft.backbones.layers import SplitQKV, row_blocks
 from medpeft.config import ModelConfig
 from medpeft.methods import get_method, method_config_from_dict
 from medpeft.methods._peft import PEFT_WEIGHTS, SPLIT_TARGETS
-from medpeft.methods.lean_lora import LeanLinear, LeanSplitQKV, make_lean
+from medpeft.methods.lean_lora import LeanLinear, LeanMlp, LeanSplitQKV, make_lean
 
 from conftest import TINY_VIT
 
@@ -38,8 +40,9 @@ def applied(targets, lean=True, name="lora", std=0.3, **settings):
     model = spec.apply(backbone(), config)
     if not lean:  # peft's own layers, as get_peft_model made them
         for module in model.modules():
-            if type(module) in (LeanLinear, LeanSplitQKV):
-                module.__class__ = PeftLinear if type(module) is LeanLinear else SplitQKV
+            original = {LeanLinear: PeftLinear, LeanSplitQKV: SplitQKV, LeanMlp: Mlp}.get(type(module))
+            if original:
+                module.__class__ = original
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -112,17 +115,7 @@ def test_lean_equals_peft_in_outputs_and_every_gradient(targets, name):
     expected = {s if s != "None" else None for t in targets for s in str(SOURCES[t]).split()}
     assert set(lean_nodes(lean(x))) == expected  # LayerNorm and GELU outputs are recomputed, not saved
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # as checkpointing packs them
-        assert set(lean_nodes(lean(x))) == {None}
-
-
-class GeluMLP(nn.Module):
-    def __init__(self, approximate, reuse):
-        super().__init__()
-        self.fc1, self.act, self.fc2, self.reuse = nn.Linear(16, 64), nn.GELU(approximate), nn.Linear(64, 16), reuse
-
-    def forward(self, x):
-        hidden = self.act(self.fc1(x))
-        return self.fc2(hidden) + (hidden[..., :16] if self.reuse else 0)
+        assert set(lean_nodes(lean(x))) == {"gelu" if s == "gelu" else None for s in expected}
 
 
 def node_names(output):
@@ -135,21 +128,24 @@ def node_names(output):
     return {type(n).__name__ for n in seen}
 
 
-@pytest.mark.parametrize("reuse", [False, True])
+@pytest.mark.parametrize("hooks", [False, True])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_a_layer_after_a_gelu_returns_the_gradient_through_it(approximate, reuse):
-    """fc2 takes fc1's output and does the GELU's backward itself; autograd's GELU backward runs only
-    for other uses of the GELU's output, and the gradients add up."""
+def test_fc2_after_a_gelu_takes_its_input_and_returns_the_gradient_through_it(approximate, hooks):
+    """fc2 of timm's Mlp saves fc1's output (which the GELU keeps anyway), not the GELU's, and does the
+    GELU's backward itself; under saved-tensor hooks (checkpointing) too."""
     models = []
     for lean in (True, False):
         torch.manual_seed(0)
-        model = peft.get_peft_model(GeluMLP(approximate, reuse), peft.LoraConfig(r=4, target_modules=["fc2"]))
-        nn.init.normal_(model.base_model.model.fc2.lora_B["default"].weight)
-        assert not lean or make_lean(model) == 1
+        mlp = Mlp(16, 64, act_layer=lambda: nn.GELU(approximate))
+        model = peft.get_peft_model(mlp, peft.LoraConfig(r=4, target_modules=["fc2"]))
+        nn.init.normal_(mlp.fc2.lora_B["default"].weight)
+        assert not lean or (make_lean(model) == 1 and type(mlp) is LeanMlp)
         models.append(model)
     x = torch.randn(8, 5, 16)
-    (y, gx, grads, nodes), (y_ref, gx_ref, grads_ref, _) = (outputs_and_grads(m, x) for m in models)
-    assert nodes == ["gelu"] and ("GeluBackward0" in node_names(models[0](x.requires_grad_()))) == reuse
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if hooks else contextlib.nullcontext():
+        (y, gx, grads, nodes), (y_ref, gx_ref, grads_ref, _) = (outputs_and_grads(m, x) for m in models)
+        names = node_names(models[0](x.requires_grad_()))
+    assert nodes == ["gelu"] and "GeluBackward0" not in names
     for actual, expected in [(y, y_ref), (gx, gx_ref), *((grads[n], grads_ref[n]) for n in grads_ref)]:
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 

@@ -5,13 +5,15 @@ in forward and three input-sized ones for the input's gradient per layer, and un
 low-precision copies of W, A and B for backward. Here one autograd function computes
 ``y = x W^T + b + s (x A^T) B^T`` with the low-rank update added in place into the base matmul's output
 (and the input's gradient likewise into one buffer), and saves only x (once, in the compute dtype), the
-small ``x A^T`` and the parameters themselves. When x is the output of a LayerNorm or GELU, whose own
-backward keeps its input anyway, not even x is saved: backward recomputes it from that input (little
-compute; a ViT block with LoRA on every linear layer then keeps 10 of the 16 token-sized tensors that
-full fine-tuning keeps). After a GELU, the function takes the GELU's input as its own and returns its
-gradient through the GELU, computed in place in the input's gradient: autograd's GELU backward would
-make a new tensor, the size of a ViT MLP's hidden layer, at the peak of a step (ViT-S, batch 32: 1,203
-MB to 1,185 MB, the forward's peak). Hooks on that GELU's output then see no gradient. A fused qkv split into q, k, v (``medpeft.backbones.SplitQKV``) with some of
+small ``x A^T`` and the parameters themselves. When x is the output of a LayerNorm, whose own backward
+keeps its input anyway, not even x is saved: backward recomputes it from that input and statistics
+(little compute). In timm's Mlp (``LeanMlp``), fc2 takes fc1's output h, which the GELU keeps anyway,
+as its input: it saves h, recomputes ``gelu(h)`` in backward, and returns h's gradient through the GELU,
+computed in place in its own buffer, where autograd's GELU backward would make a new hidden-sized tensor
+(at the peak of a step). A ViT block with LoRA on every linear layer then keeps 10 of the 16
+token-sized tensors that full fine-tuning keeps. (ViT-S, batch 32: the peak falls from 1,203 to 1,185
+MB, and with ``train.recompute: selective``, where the GELU path works under checkpointing too, from
+811 to 783 MB.) A fused qkv split into q, k, v (``medpeft.backbones.SplitQKV``) with some of
 them adapted runs as one matmul over the fused weight, each update added into its slice of the output.
 Backward takes the rank-r products with the tokens as the long, last dimension (``B^T gy^T``,
 ``(x A^T)^T gy``): for these skinny shapes the CPU's fp32 GEMM runs them 2-4.5x faster than the other
@@ -28,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLinear
+from timm.layers import Mlp
 from torch import nn
 
 from medpeft.backbones.layers import SplitQKV, row_blocks
@@ -42,20 +45,14 @@ def _stack_rows(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return torch.cat(parts) if view is None else view
 
 
-def _recomputable(x: torch.Tensor) -> str | None:
-    """The name of `x`'s grad_fn when backward may take tensors from it: None when x has none, when
-    saved-tensor hooks (checkpointing, offloading) pack them, or under torch.compile."""
+def _source(x: torch.Tensor) -> tuple[str, tuple, object] | None:
+    """How backward can recompute `x` from what its producer's backward keeps anyway: the input and
+    statistics of the LayerNorm that made it. None when x comes from elsewhere, or when saved-tensor hooks
+    (checkpointing, offloading) pack the producer's tensors, or under torch.compile."""
     fn = x.grad_fn
     if fn is None or torch.compiler.is_compiling() or torch._C._autograd._top_saved_tensors_default_hooks(False):
         return None
-    return type(fn).__name__
-
-
-def _source(x: torch.Tensor) -> tuple[str, tuple, object] | None:
-    """How backward can recompute `x` from what its producer's backward keeps anyway: the input and
-    statistics of the LayerNorm that made it. None when x comes from elsewhere."""
-    fn = x.grad_fn
-    if _recomputable(x) == "NativeLayerNormBackward0" and x.output_nr == 0:
+    if type(fn).__name__ == "NativeLayerNormBackward0" and x.output_nr == 0:
         return "layer_norm", (fn._saved_input, fn._saved_result1, fn._saved_result2, fn._saved_weight,
                               fn._saved_bias), None
     return None
@@ -109,7 +106,8 @@ def _backward(ctx, grad_out):
         gy_slice = gy[:, start:stop]
         gybs.append(torch.mm(b.to(ctx.dtype).t(), gy_slice.t()).mul_(scaling))  # s (gy B)^T: r x N
         grads += [torch.mm(gybs[-1], x2).to(a.dtype), torch.mm(xa.t(), gy_slice).mul_(scaling).t().to(b.dtype)]
-    del x2  # a recomputed input (fc2's: 4 token-sized) is freed before the input's gradient is made
+    gelu_input = sources[0] if ctx.source == "gelu" else None
+    del x2, sources  # an input recomputed, or unpacked by checkpointing, is freed before the input's gradient
     grad_x = None
     if ctx.needs_input_grad[0]:
         grad_x = torch.mm(gy, _stack_rows(weights).to(ctx.dtype))
@@ -117,7 +115,7 @@ def _backward(ctx, grad_out):
             grad_x.addmm_(gyb_t.t(), a.to(ctx.dtype))
         grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         if ctx.source == "gelu":  # through the GELU, in place: autograd's GeluBackward0 makes a new tensor
-            grad_x = torch.ops.aten.gelu_backward.grad_input(grad_x, sources[0], approximate=ctx.source_arg,
+            grad_x = torch.ops.aten.gelu_backward.grad_input(grad_x, gelu_input, approximate=ctx.source_arg,
                                                              grad_input=grad_x)
     return grad_x, None, None, None, None, *grads
 
@@ -135,17 +133,18 @@ _FUNCTIONS = {device: _make_function(device) for device in ("cpu", "cuda")}
 
 
 def lora_linear(x: torch.Tensor, weights: tuple[torch.Tensor, ...], bias: torch.Tensor | None,
-                slices: tuple[tuple[int, int, float], ...], *factors: torch.Tensor) -> torch.Tensor:
+                slices: tuple[tuple[int, int, float], ...], *factors: torch.Tensor,
+                gelu_input: tuple[torch.Tensor, str] | None = None) -> torch.Tensor:
     """``x W^T + b`` (W frozen, given as row blocks) plus ``scaling (x A^T) B^T`` on the output columns
     ``start:stop`` of each slice, with ``A, B`` per slice in `factors`. Returns and saves no full-size
     update or weight delta; under autocast it computes in the autocast dtype and returns the parameters'
-    gradients in their own dtype."""
+    gradients in their own dtype. ``gelu_input=(h, approximate)`` says that x is ``gelu(h)``: the
+    gradient then goes to h, through the GELU (see the module's docstring)."""
     device = x.device.type
     function = _FUNCTIONS.get(device) or _FUNCTIONS.setdefault(device, _make_function(device))
-    gelu = None
-    if _recomputable(x) == "GeluBackward0":  # take the GELU's input: see the module's docstring
-        x, gelu = x.grad_fn._saved_self, (x, x.grad_fn._saved_approximate)
-    return function.apply(x, gelu, weights, bias, slices, *factors)
+    if gelu_input is None:
+        return function.apply(x, None, weights, bias, slices, *factors)
+    return function.apply(gelu_input[0], (x, gelu_input[1]), weights, bias, slices, *factors)
 
 
 def _frozen(linear: nn.Module) -> bool:
@@ -169,13 +168,27 @@ class LeanLinear(PeftLinear):
             return None
         return adapter if _frozen(self.get_base_layer()) else None
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, gelu_input: tuple[torch.Tensor, str] | None = None,
+                **kwargs) -> torch.Tensor:
+        """gelu_input: as ``lora_linear`` takes it (from ``LeanMlp``); peft's path ignores it."""
         adapter = None if args or kwargs else self.lean_adapter()
         if adapter is None:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
         return lora_linear(x, (base.weight,), base.bias, ((0, base.out_features, self.scaling[adapter]),),
-                           self.lora_A[adapter].weight, self.lora_B[adapter].weight)
+                           self.lora_A[adapter].weight, self.lora_B[adapter].weight, gelu_input=gelu_input)
+
+
+class LeanMlp(Mlp):
+    """timm's Mlp whose lean fc2, after a GELU, takes fc1's output as its input (see the module's docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.fc1(x)
+        x = self.norm(self.drop1(activated := self.act(hidden)))
+        # inactive dropout and no norm return x itself; fc2 is no LeanLinear once merged
+        gelu = x is activated and type(self.act) is nn.GELU and isinstance(self.fc2, LeanLinear)
+        x = self.fc2(x, gelu_input=(hidden, self.act.approximate)) if gelu else self.fc2(x)
+        return self.drop2(x)
 
 
 class LeanSplitQKV(SplitQKV):
@@ -205,7 +218,8 @@ class LeanSplitQKV(SplitQKV):
 
 def make_lean(model: nn.Module) -> int:
     """Give every peft LoRA Linear of `model` the lean forward (and every SplitQKV holding one the fused
-    path), in place; returns the number of LoRA layers converted."""
+    path, every timm Mlp with a lean fc2 the GELU's backward in fc2), in place; returns the number of LoRA
+    layers converted."""
     converted = 0
     for module in model.modules():
         if type(module) is PeftLinear:
@@ -214,4 +228,6 @@ def make_lean(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is SplitQKV and any(isinstance(c, LeanLinear) for c in module.children()):
             module.__class__ = LeanSplitQKV
+        if type(module) is Mlp and isinstance(module.fc2, LeanLinear):
+            module.__class__ = LeanMlp
     return converted
