@@ -12,8 +12,8 @@ as its input: it saves h, recomputes ``gelu(h)`` in backward, and returns h's gr
 computed in place in its own buffer, where autograd's GELU backward would make a new hidden-sized tensor
 (at the peak of a step). A ViT block with LoRA on every linear layer then keeps 10 of the 16
 token-sized tensors that full fine-tuning keeps. (ViT-S, batch 32: the peak falls from 1,203 to 1,185
-MB, and with ``train.recompute: selective``, where the GELU path works under checkpointing too, from
-811 to 783 MB.) A fused qkv split into q, k, v (``medpeft.backbones.SplitQKV``) with some of
+MiB, and with ``train.recompute: selective``, where the GELU path works under checkpointing too, from
+811 to 783 MiB.) A fused qkv split into q, k, v (``medpeft.backbones.SplitQKV``) with some of
 them adapted runs as one matmul over the fused weight, each update added into its slice of the output.
 Backward takes the rank-r products with the tokens as the long, last dimension (``B^T gy^T``,
 ``(x A^T)^T gy``): for these skinny shapes the CPU's fp32 GEMM runs them 2-4.5x faster than the other
