@@ -51,19 +51,21 @@ def applied(targets, lean=True, name="lora", std=0.3, **settings):
     return model
 
 
+def graph_nodes(output):
+    """Every autograd node that the graph of `output` went through."""
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack += [n for n, _ in node.next_functions]
+    return seen
+
+
 def lean_nodes(output):
     """The lean autograd functions that the graph of `output` went through, as what each recomputes its
     input from (``layer_norm``, ``gelu``; None: the input itself was saved)."""
-    seen, stack, sources = set(), [output.grad_fn], []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if type(node).__name__.startswith("LoraLinear"):
-            sources.append(node.source)
-        stack += [n for n, _ in node.next_functions]
-    return sources
+    return [node.source for node in graph_nodes(output) if type(node).__name__.startswith("LoraLinear")]
 
 
 # What each target's input is recomputed from in a timm ViT block (None: saved)
@@ -118,16 +120,6 @@ def test_lean_equals_peft_in_outputs_and_every_gradient(targets, name):
         assert set(lean_nodes(lean(x))) == {"gelu" if s == "gelu" else None for s in expected}
 
 
-def node_names(output):
-    seen, stack = set(), [output.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            stack += [n for n, _ in node.next_functions]
-    return {type(n).__name__ for n in seen}
-
-
 @pytest.mark.parametrize("hooks", [False, True])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_fc2_after_a_gelu_takes_its_input_and_returns_the_gradient_through_it(approximate, hooks):
@@ -144,7 +136,7 @@ def test_fc2_after_a_gelu_takes_its_input_and_returns_the_gradient_through_it(ap
     x = torch.randn(8, 5, 16)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if hooks else contextlib.nullcontext():
         (y, gx, grads, nodes), (y_ref, gx_ref, grads_ref, _) = (outputs_and_grads(m, x) for m in models)
-        names = node_names(models[0](x.requires_grad_()))
+        names = {type(n).__name__ for n in graph_nodes(models[0](x.requires_grad_()))}
     assert nodes == ["gelu"] and "GeluBackward0" not in names
     for actual, expected in [(y, y_ref), (gx, gx_ref), *((grads[n], grads_ref[n]) for n in grads_ref)]:
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)

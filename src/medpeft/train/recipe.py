@@ -186,9 +186,8 @@ def reuse_freed_memory() -> None:
 
     glibc hands blocks above its mmap threshold, and the free top of its heap, back to the system as soon
     as they are freed, so on the CPU every training step faults its activations in again page by page.
-    This serves blocks up to 32 MB (the
-    largest threshold glibc accepts) from the heap and never trims it: once the heap holds a step, a step
-    faults in nothing (ViT-S fp32: 0 page faults per step instead of ~190,000) and runs 1.01-1.05x faster
+    This serves blocks up to 32 MB (the largest threshold glibc accepts) from the heap and never trims
+    it: once the heap holds a step, a step faults in nothing (ViT-S fp32: 0 page faults per step instead of ~190,000) and runs 1.01-1.05x faster
     with the same peak memory (benchmarks/results/lora_costs_stock.md); the memory returns to the system
     when the process ends. Does nothing where the C library is not glibc."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
