@@ -53,6 +53,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from method_costs import maxrss_mb, times_ms  # noqa: E402
 
+from medpeft.train.recipe import EMULATED_BF16, cpu_bf16_matmul  # noqa: E402
+
 CLASSES, SIZE = 14, 224
 # torch's FLOP counter counts its CUDA attention kernels but gives the CPU one 0 FLOPs: count it the same way
 register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)(sdpa_flop)
@@ -314,6 +316,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--name", default="lora_costs", help="file name of the results (.json, .md)")
     args = parser.parse_args()
+    if args.device == "cpu" and "bf16" in args.precisions.split(",") and not cpu_bf16_matmul():
+        raise SystemExit(f"bf16: {EMULATED_BF16}; measure fp32 only (--precisions fp32)")
     variants = args.variants.split(",")
     if "full" not in variants:
         variants.insert(0, "full")

@@ -75,6 +75,8 @@ def main() -> None:
     if args.data == "kermany" and not KERMANY.is_file():
         print(f"skipped: {KERMANY} not found (the real images are not part of the repository)")
         return
+    if args.device == "cpu" and not recipe.cpu_bf16_matmul():
+        raise SystemExit(f"bf16: {recipe.EMULATED_BF16}")
     precisions = ["fp32", "bf16"] + (["fp16"] if args.device.startswith("cuda") else [])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,7 +21,7 @@ import torch
 
 from medpeft.config import TrainConfig, load_pretrain_config
 from medpeft.pretrain.recipe import build_mae
-from medpeft.train.recipe import autocast, reuse_freed_memory, set_attention_kernel
+from medpeft.train.recipe import EMULATED_BF16, autocast, cpu_bf16_matmul, reuse_freed_memory, set_attention_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
+    if not cpu_bf16_matmul():
+        raise SystemExit(f"bf16: {EMULATED_BF16}")
     torch.set_num_threads(os.cpu_count())
     reuse_freed_memory()
     config = load_pretrain_config(base={"model": {"name": args.model, "img_size": args.img_size},

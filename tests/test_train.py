@@ -286,6 +286,23 @@ def test_bf16_on_the_cpu_runs_timm_attention_without_the_fused_kernel(run_config
     assert (math_out - fused_out).norm() / fused_out.norm() < 0.02
 
 
+def test_bf16_on_a_cpu_without_bf16_matmuls_warns_once(monkeypatch):
+    """Emulated bf16 matmuls are ~90x slower than fp32 (AVX2): say so once per process, and only then."""
+    import warnings
+
+    cpu, calls = torch.device("cpu"), lambda precision: [recipe.autocast(cpu, precision) for _ in range(3)]
+    for native in (True, False):
+        monkeypatch.setattr(recipe, "cpu_bf16_matmul", lambda: native)
+        recipe._warn_emulated_bf16.cache_clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            calls("bf16"), calls("fp32")
+        assert len(caught) == (0 if native else 1)
+        if not native:  # pointing at the caller of autocast
+            assert "no bf16 matmul instructions" in str(caught[0].message) and caught[0].filename == __file__
+    recipe._warn_emulated_bf16.cache_clear()
+
+
 FAULTS = """
 import resource, sys, torch
 if sys.argv[1] == "reuse":
