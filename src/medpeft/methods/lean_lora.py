@@ -3,21 +3,24 @@
 peft computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` op by op: four output-sized tensors
 in forward and three input-sized ones for the input's gradient per layer, and under autocast it keeps
 low-precision copies of W, A and B for backward. Here one autograd function computes
-``y = x W^T + b + s (x A^T) B^T`` with the low-rank update added in place into the base matmul's output
-(and the input's gradient likewise into one buffer), and saves only x (once, in the compute dtype), the
-small ``x A^T`` and the parameters themselves. When x is the output of a LayerNorm, whose own backward
-keeps its input anyway, not even x is saved: backward recomputes it from that input and statistics
-(little compute). In timm's Mlp (``LeanMlp``), fc2 takes fc1's output h, which the GELU keeps anyway,
+``y = x W^T + b + s (x A^T) B^T``: in fp32 as one matmul with ``W + s B A`` (weight-sized, made for the
+call and again in backward for the input's gradient), under autocast with the low-rank update added in
+place into the base matmul's output (and into the input's gradient). It saves only x (once, in the
+compute dtype), the small ``x A^T`` and the parameters themselves. When x is the output of a LayerNorm,
+whose own backward keeps its input anyway, not even x is saved: backward recomputes it from that input
+and statistics (little compute). In timm's Mlp (``LeanMlp``), fc2 takes fc1's output h, which the GELU keeps anyway,
 as its input: it saves h, recomputes ``gelu(h)`` in backward, and returns h's gradient through the GELU,
 computed in place in its own buffer, where autograd's GELU backward would make a new hidden-sized tensor
 (at the peak of a step). A ViT block with LoRA on every linear layer then keeps 10 of the 16
 token-sized tensors that full fine-tuning keeps. (ViT-S, batch 32: the peak falls from 1,203 to 1,185
 MiB, and with ``train.recompute: selective``, where the GELU path works under checkpointing too, from
 811 to 783 MiB.) A fused qkv split into q, k, v (``medpeft.backbones.SplitQKV``) with some of
-them adapted runs as one matmul over the fused weight, each update added into its slice of the output.
-Backward takes the rank-r products with the tokens as the long, last dimension (``B^T gy^T``,
-``(x A^T)^T gy``): for these skinny shapes the CPU's fp32 GEMM runs them 2-4.5x faster than the other
-way round (measured on ViT-S/B shapes); forward computes as peft does, to the bit.
+them adapted runs as one matmul over the fused weight, each update on its slice.
+Folding the update into W spares two token-sized passes per layer (adding it into the output and
+into the input's gradient): a ViT-S step at batch 16 with LoRA on every linear layer took 0.87x full
+fine-tuning's time instead of 0.92x (2 AVX2 cores). Backward takes the rank-r products with the tokens as
+the long, last dimension (``B^T gy^T``, ``(x A^T)^T gy``): for these skinny shapes the CPU's fp32 GEMM runs
+them 2-4.5x faster than the other way round (measured on ViT-S/B shapes).
 
 ``make_lean`` converts the layers of a model that ``peft.get_peft_model`` has wrapped by changing their
 class: state-dict names, ``save_pretrained``, ``PeftModel.from_pretrained`` and ``merge_and_unload`` are
@@ -67,6 +70,20 @@ def _recompute(kind: str, tensors: tuple, arg) -> torch.Tensor:
     return out if bias is None else out.add_(bias)
 
 
+def _weight(weights, slices, factors, dtype) -> torch.Tensor:
+    """The weight that the matmuls of x and of the input's gradient take: in fp32 ``W + s B A`` on each
+    slice's rows (then one matmul computes base and update, and backward needs no token-sized update
+    pass), else W alone, the update computed apart in the low precision (rounding W + s B A to bf16 would
+    round away much of the update, which is small against W)."""
+    weight = _stack_rows(weights)
+    if dtype != torch.float32:
+        return weight.to(dtype)
+    weight = weight.clone()
+    for (start, stop, scaling), a, b in zip(slices, factors[0::2], factors[1::2]):
+        weight[start:stop].addmm_(b, a, alpha=scaling)
+    return weight
+
+
 def _forward(ctx, x, gelu, weights, bias, slices, *factors):
     """weights: the frozen weight as row blocks; bias: frozen or None; slices: ``(start, stop, scaling)``
     output columns of each adapter, whose ``A, B`` follow in `factors`. gelu: None, or ``(gelu(x),
@@ -76,13 +93,14 @@ def _forward(ctx, x, gelu, weights, bias, slices, *factors):
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     inputs = x if gelu is None else gelu[0]
     x2 = inputs.reshape(-1, inputs.shape[-1]).to(dtype)
-    weight_t = _stack_rows(weights).to(dtype).t()
+    weight_t = _weight(weights, slices, factors, dtype).t()
     out = torch.mm(x2, weight_t) if bias is None else torch.addmm(bias.to(dtype), x2, weight_t)
+    del weight_t
     xas = []
     for (start, stop, scaling), a, b in zip(slices, factors[0::2], factors[1::2]):
-        xa = torch.mm(x2, a.to(dtype).t())
-        out[:, start:stop].addmm_(xa, b.to(dtype).t(), alpha=scaling)
-        xas.append(xa)
+        xas.append(torch.mm(x2, a.to(dtype).t()))
+        if dtype != torch.float32:
+            out[:, start:stop].addmm_(xas[-1], b.to(dtype).t(), alpha=scaling)
     source = ("gelu", (x,), gelu[1]) if gelu else _source(x)
     kind, sources, ctx.source_arg = source if source else (None, (x2,), None)
     ctx.save_for_backward(*sources, *weights, *xas, *factors)
@@ -110,8 +128,8 @@ def _backward(ctx, grad_out):
     del x2, sources  # an input recomputed, or unpacked by checkpointing, is freed before the input's gradient
     grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = torch.mm(gy, _stack_rows(weights).to(ctx.dtype))
-        for gyb_t, a in zip(gybs, factors[0::2]):
+        grad_x = torch.mm(gy, _weight(weights, ctx.slices, factors, ctx.dtype))
+        for gyb_t, a in zip(gybs, factors[0::2]) if ctx.dtype != torch.float32 else ():
             grad_x.addmm_(gyb_t.t(), a.to(ctx.dtype))
         grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         if ctx.source == "gelu":  # through the GELU, in place: autograd's GeluBackward0 makes a new tensor
