@@ -96,3 +96,26 @@ def test_recomputation_needs_a_vit_and_trains_like_none(run_config, tmp_path):
     run_config["output_dir"] = str(tmp_path / "selective")
     selective = medpeft.train(config_from_dict(run_config), quiet=True)
     assert (selective["val"], selective["test"]) == (plain["val"], plain["test"])
+
+
+@pytest.mark.parametrize("targets", [["all_linear"], ["q", "v"]], ids="+".join)
+def test_selective_keeps_lean_loras_activations_not_its_merged_weight(monkeypatch, targets):
+    """In fp32 lean LoRA computes with W + s B A: selective keeps the base matmul and x A^T of qkv and fc2
+    (token-sized), not the weight-sized matmuls that make W + s B A."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from medpeft.train import recompute
+
+    kept, policy = Counter(), recompute._policy
+
+    def recording(ctx, op, *args, **kwargs):
+        decision = policy(ctx, op, *args, **kwargs)
+        if decision == CheckpointPolicy.MUST_SAVE and op not in recompute._ATTENTION and ctx.is_recompute is False:
+            kept[op.overloadpacket.__name__] += 1
+        return decision
+
+    monkeypatch.setattr(recompute, "_policy", recording)
+    model = build({"name": "lora", "targets": targets}, "selective")
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    depth = TINY_VIT["kwargs"]["depth"]  # qkv and fc2 (base addmm, and x A^T of each adapter of theirs)
+    assert kept == Counter(addmm=2 * depth, mm=2 * depth)

@@ -70,6 +70,10 @@ def _recompute(kind: str, tensors: tuple, arg) -> torch.Tensor:
     return out if bias is None else out.add_(bias)
 
 
+making_weight = [False]
+"""True while ``W + s B A`` is made: its matmuls make no activation (``medpeft.train.recompute`` keeps none)."""
+
+
 def _weight(weights, slices, factors, dtype) -> torch.Tensor:
     """The weight that the matmuls of x and of the input's gradient take: in fp32 ``W + s B A`` on each
     slice's rows (then one matmul computes base and update, and backward needs no token-sized update
@@ -78,9 +82,13 @@ def _weight(weights, slices, factors, dtype) -> torch.Tensor:
     weight = _stack_rows(weights)
     if dtype != torch.float32:
         return weight.to(dtype)
-    weight = weight.clone()
-    for (start, stop, scaling), a, b in zip(slices, factors[0::2], factors[1::2]):
-        weight[start:stop].addmm_(b, a, alpha=scaling)
+    making_weight[0] = True
+    try:
+        weight = weight.clone()
+        for (start, stop, scaling), a, b in zip(slices, factors[0::2], factors[1::2]):
+            weight[start:stop].addmm_(b, a, alpha=scaling)
+    finally:
+        making_weight[0] = False
     return weight
 
 
