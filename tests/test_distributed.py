@@ -154,7 +154,8 @@ def test_a_ddp_lora_adapter_reloads_in_one_process_through_peft(lora_runs):
     base, _ = create_backbone(finished.config.model, 2)
     reloaded = PeftModel.from_pretrained(split_qkv(base), str(root / "ddp" / "weights")).eval()  # q, v targets
     x = torch.randn(3, 3, 32, 32)
-    torch.testing.assert_close(reloaded(x), finished.model.eval()(x), rtol=0, atol=0)
+    # lean LoRA computes x (W + s B A)^T in fp32, peft x W^T + s (x A^T) B^T: equal up to rounding
+    torch.testing.assert_close(reloaded(x), finished.model.eval()(x), rtol=1e-5, atol=1e-6)
 
 
 def test_a_ddp_run_resumes_under_a_launcher_and_ends_as_an_uninterrupted_one(lora_runs, odd_csv):

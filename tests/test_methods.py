@@ -82,7 +82,7 @@ def perturb_lora(model):
 
 
 @pytest.mark.parametrize("targets", [["qkv"], ["q", "v"], ["all_linear"]])
-def test_saved_lora_adapter_reloads_through_peft_to_identical_outputs(tmp_path, targets):
+def test_saved_lora_adapter_reloads_through_peft_to_the_same_outputs(tmp_path, targets):
     spec = get_method("lora")
     config = method_config_from_dict({"name": "lora", "r": 4, "targets": targets})
     torch.manual_seed(2)
@@ -97,7 +97,7 @@ def test_saved_lora_adapter_reloads_through_peft_to_identical_outputs(tmp_path, 
         from medpeft.backbones import split_qkv
         split_qkv(fresh)
     reloaded = PeftModel.from_pretrained(fresh, str(tmp_path)).eval()
-    torch.testing.assert_close(reloaded(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(reloaded(x), expected, rtol=1e-5, atol=1e-6)  # lean LoRA: x (W + s B A)^T in fp32
 
 
 def test_lora_merge_gives_the_same_outputs_and_the_backbone_structure():

@@ -73,7 +73,7 @@ def test_run_adapter_loads_through_peft_from_pretrained(run_config, tmp_path):
     base, _ = create_backbone(finished.config.model, 2)
     reloaded = PeftModel.from_pretrained(base, str(tmp_path / "run" / "weights")).eval()
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(reloaded(x), model.eval()(x), rtol=0, atol=0)
+    torch.testing.assert_close(reloaded(x), model.eval()(x), rtol=1e-5, atol=1e-6)  # lean LoRA: x (W + s B A)^T in fp32
 
 
 def test_same_seed_gives_identical_metrics_on_cpu(run_config, tmp_path):

@@ -70,10 +70,6 @@ def _recompute(kind: str, tensors: tuple, arg) -> torch.Tensor:
     return out if bias is None else out.add_(bias)
 
 
-making_weight = [False]
-"""True while ``W + s B A`` is made: its matmuls make no activation (``medpeft.train.recompute`` keeps none)."""
-
-
 def _weight(weights, slices, factors, dtype) -> torch.Tensor:
     """The weight that the matmuls of x and of the input's gradient take: in fp32 ``W + s B A`` on each
     slice's rows (then one matmul computes base and update, and backward needs no token-sized update
@@ -82,13 +78,10 @@ def _weight(weights, slices, factors, dtype) -> torch.Tensor:
     weight = _stack_rows(weights)
     if dtype != torch.float32:
         return weight.to(dtype)
-    making_weight[0] = True
-    try:
-        weight = weight.clone()
-        for (start, stop, scaling), a, b in zip(slices, factors[0::2], factors[1::2]):
-            weight[start:stop].addmm_(b, a, alpha=scaling)
-    finally:
-        making_weight[0] = False
+    weight = weight.clone()
+    for (start, stop, scaling), a, b in zip(slices, factors[0::2], factors[1::2]):
+        # baddbmm, not addmm: train.recompute 'selective' keeps addmm's outputs in qkv and fc2 (activations)
+        weight[start:stop].unsqueeze(0).baddbmm_(b.unsqueeze(0), a.unsqueeze(0), alpha=scaling)
     return weight
 
 
@@ -103,7 +96,6 @@ def _forward(ctx, x, gelu, weights, bias, slices, *factors):
     x2 = inputs.reshape(-1, inputs.shape[-1]).to(dtype)
     weight_t = _weight(weights, slices, factors, dtype).t()
     out = torch.mm(x2, weight_t) if bias is None else torch.addmm(bias.to(dtype), x2, weight_t)
-    del weight_t
     xas = []
     for (start, stop, scaling), a, b in zip(slices, factors[0::2], factors[1::2]):
         xas.append(torch.mm(x2, a.to(dtype).t()))

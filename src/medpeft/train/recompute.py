@@ -24,7 +24,6 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from medpeft.errors import ConfigError
 from medpeft.methods import unwrap
-from medpeft.methods.lean_lora import making_weight
 
 _aten = torch.ops.aten
 _MATMULS = {_aten.mm.default, _aten.addmm.default, _aten.addmm_.default}
@@ -37,9 +36,9 @@ _keeping = [False]  # set while a block's qkv or fc2 runs (forward and its recom
 
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     """Keep attention and the matmuls inside qkv and fc2 (also LoRA's, whose in-place update of the base
-    output is kept with it; not those that make lean LoRA's weight-sized W + s B A); recompute everything
-    else."""
-    keep = op in _ATTENTION or (_keeping[0] and op in _MATMULS and not making_weight[0])
+    output is kept with it; lean LoRA makes its weight-sized W + s B A with baddbmm, which is recomputed);
+    recompute everything else."""
+    keep = op in _ATTENTION or (_keeping[0] and op in _MATMULS)
     return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
 
