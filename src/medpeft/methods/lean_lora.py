@@ -8,9 +8,9 @@ call and again in backward for the input's gradient), under autocast with the lo
 place into the base matmul's output (and into the input's gradient). It saves only x (once, in the
 compute dtype), the small ``x A^T`` and the parameters themselves. When x is the output of a LayerNorm,
 whose own backward keeps its input anyway, not even x is saved: backward recomputes it from that input
-and statistics (little compute). In timm's Mlp (``LeanMlp``), fc2 takes fc1's output h, which the GELU keeps anyway,
-as its input: it saves h, recomputes ``gelu(h)`` in backward, and returns h's gradient through the GELU,
-computed in place in its own buffer, where autograd's GELU backward would make a new hidden-sized tensor
+and statistics (little compute). In timm's Mlp (``LeanMlp``), fc2 takes fc1's output h, which the GELU
+keeps anyway, as its input: it saves h, recomputes ``gelu(h)`` in backward, and returns h's gradient
+through the GELU, computed in place in its own buffer, where autograd's GELU backward would make a new hidden-sized tensor
 (at the peak of a step). A ViT block with LoRA on every linear layer then keeps 10 of the 16
 token-sized tensors that full fine-tuning keeps. (ViT-S, batch 32: the peak falls from 1,203 to 1,185
 MiB, and with ``train.recompute: selective``, where the GELU path works under checkpointing too, from
@@ -70,13 +70,18 @@ def _recompute(kind: str, tensors: tuple, arg) -> torch.Tensor:
     return out if bias is None else out.add_(bias)
 
 
+def _folded(dtype: torch.dtype) -> bool:
+    """Whether the update is folded into the weight (fp32) rather than added apart (see ``_weight``)."""
+    return dtype == torch.float32
+
+
 def _weight(weights, slices, factors, dtype) -> torch.Tensor:
     """The weight that the matmuls of x and of the input's gradient take: in fp32 ``W + s B A`` on each
     slice's rows (then one matmul computes base and update, and backward needs no token-sized update
     pass), else W alone, the update computed apart in the low precision (rounding W + s B A to bf16 would
     round away much of the update, which is small against W)."""
     weight = _stack_rows(weights)
-    if dtype != torch.float32:
+    if not _folded(dtype):
         return weight.to(dtype)
     weight = weight.clone()
     for (start, stop, scaling), a, b in zip(slices, factors[0::2], factors[1::2]):
@@ -99,7 +104,7 @@ def _forward(ctx, x, gelu, weights, bias, slices, *factors):
     xas = []
     for (start, stop, scaling), a, b in zip(slices, factors[0::2], factors[1::2]):
         xas.append(torch.mm(x2, a.to(dtype).t()))
-        if dtype != torch.float32:
+        if not _folded(dtype):
             out[:, start:stop].addmm_(xas[-1], b.to(dtype).t(), alpha=scaling)
     source = ("gelu", (x,), gelu[1]) if gelu else _source(x)
     kind, sources, ctx.source_arg = source if source else (None, (x2,), None)
@@ -129,8 +134,9 @@ def _backward(ctx, grad_out):
     grad_x = None
     if ctx.needs_input_grad[0]:
         grad_x = torch.mm(gy, _weight(weights, ctx.slices, factors, ctx.dtype))
-        for gyb_t, a in zip(gybs, factors[0::2]) if ctx.dtype != torch.float32 else ():
-            grad_x.addmm_(gyb_t.t(), a.to(ctx.dtype))
+        if not _folded(ctx.dtype):
+            for gyb_t, a in zip(gybs, factors[0::2]):
+                grad_x.addmm_(gyb_t.t(), a.to(ctx.dtype))
         grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         if ctx.source == "gelu":  # through the GELU, in place: autograd's GeluBackward0 makes a new tensor
             grad_x = torch.ops.aten.gelu_backward.grad_input(grad_x, gelu_input, approximate=ctx.source_arg,
