@@ -10,8 +10,8 @@ compute dtype), the small ``x A^T`` and the parameters themselves. When x is the
 whose own backward keeps its input anyway, not even x is saved: backward recomputes it from that input
 and statistics (little compute). In timm's Mlp (``LeanMlp``), fc2 takes fc1's output h, which the GELU
 keeps anyway, as its input: it saves h, recomputes ``gelu(h)`` in backward, and returns h's gradient
-through the GELU, computed in place in its own buffer, where autograd's GELU backward would make a new hidden-sized tensor
-(at the peak of a step). A ViT block with LoRA on every linear layer then keeps 10 of the 16
+through the GELU, computed in place in its own buffer, where autograd's GELU backward would make a new
+hidden-sized tensor (at the peak of a step). A ViT block with LoRA on every linear layer then keeps 10 of the 16
 token-sized tensors that full fine-tuning keeps. (ViT-S, batch 32: the peak falls from 1,203 to 1,185
 MiB, and with ``train.recompute: selective``, where the GELU path works under checkpointing too, from
 811 to 783 MiB.) A fused qkv split into q, k, v (``medpeft.backbones.SplitQKV``) with some of
