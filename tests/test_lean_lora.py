@@ -121,6 +121,17 @@ def test_lean_equals_peft_in_outputs_and_every_gradient(targets, name):
 
 
 @pytest.mark.parametrize("hooks", [False, True])
+@pytest.mark.parametrize("targets", [["q", "v"], ["all_linear"]], ids="+".join)
+def test_lean_equals_peft_over_many_tokens(targets, hooks):
+    """36 images, 612 tokens: backward takes A's gradients over runs of 512 tokens (recomputing each run of
+    a LayerNorm's or GELU's output, or reading the saved input under saved-tensor hooks) and B's as a
+    batched matmul over 8 runs of 76 tokens plus the 4 left."""
+    lean, reference = applied(targets), applied(targets, lean=False)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if hooks else contextlib.nullcontext():
+        assert_same(lean, reference, torch.randn(36, 3, 32, 32), lean_used=True)
+
+
+@pytest.mark.parametrize("hooks", [False, True])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_fc2_after_a_gelu_takes_its_input_and_returns_the_gradient_through_it(approximate, hooks):
     """fc2 of timm's Mlp saves fc1's output (which the GELU keeps anyway), not the GELU's, and does the

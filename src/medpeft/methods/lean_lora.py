@@ -18,9 +18,13 @@ MiB, and with ``train.recompute: selective``, where the GELU path works under ch
 them adapted runs as one matmul over the fused weight, each update on its slice.
 Folding the update into W spares two token-sized passes per layer (adding it into the output and
 into the input's gradient): a ViT-S step at batch 16 with LoRA on every linear layer took 0.87x full
-fine-tuning's time instead of 0.92x (2 AVX2 cores). Backward takes the rank-r products with the tokens as
-the long, last dimension (``B^T gy^T``, ``(x A^T)^T gy``): for these skinny shapes the CPU's fp32 GEMM runs
-them 2-4.5x faster than the other way round (measured on ViT-S/B shapes).
+fine-tuning's time instead of 0.92x (2 AVX2 cores). The rank-r products that remain are skinny GEMMs over
+every token, which the CPU runs far below its peak, so backward makes them cheap: ``s gy B`` comes out of
+the input gradient's matmul (by ``[W + s B A | s B]``; not in fc2 after a GELU), A's gradient is then
+taken over runs of 512 tokens (each run of a recomputed input made just before), B's as a batched matmul
+over 8 runs of tokens. That
+took the rank-r work of a ViT-S block from 50 to 42 ms (batch 16, cold caches) and the step 2-9% (batch 16
+and 32; 2 AVX2 cores).
 
 ``make_lean`` converts the layers of a model that ``peft.get_peft_model`` has wrapped by changing their
 class: state-dict names, ``save_pretrained``, ``PeftModel.from_pretrained`` and ``merge_and_unload`` are
@@ -75,19 +79,43 @@ def _folded(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
-def _weight(weights, slices, factors, dtype) -> torch.Tensor:
+def _weight(weights, slices, factors, dtype, with_b: bool = False) -> torch.Tensor:
     """The weight that the matmuls of x and of the input's gradient take: in fp32 ``W + s B A`` on each
     slice's rows (then one matmul computes base and update, and backward needs no token-sized update
     pass), else W alone, the update computed apart in the low precision (rounding W + s B A to bf16 would
-    round away much of the update, which is small against W)."""
+    round away much of the update, which is small against W). `with_b` (fp32) appends a column block per
+    slice, ``s B`` on the slice's rows and 0 elsewhere: the matmul of the output's gradient gy by it gives
+    the input's gradient and every ``s gy B`` at once (alone, that skinny product cost a few passes over gy)."""
     weight = _stack_rows(weights)
     if not _folded(dtype):
         return weight.to(dtype)
-    weight = weight.clone()
+    ranks = [a.shape[0] for a in factors[0::2]] if with_b else []
+    cols = column = weight.shape[1]
+    folded = weight.new_empty(weight.shape[0], cols + sum(ranks))
+    folded[:, :cols] = weight
+    folded[:, cols:].zero_()
     for (start, stop, scaling), a, b in zip(slices, factors[0::2], factors[1::2]):
         # baddbmm, not addmm: train.recompute 'selective' keeps addmm's outputs in qkv and fc2 (activations)
-        weight[start:stop].unsqueeze(0).baddbmm_(b.unsqueeze(0), a.unsqueeze(0), alpha=scaling)
-    return weight
+        folded[start:stop, :cols].unsqueeze(0).baddbmm_(b.unsqueeze(0), a.unsqueeze(0), alpha=scaling)
+        if ranks:
+            torch.mul(b, scaling, out=folded[start:stop, column:column + a.shape[0]])
+            column += a.shape[0]
+    return folded
+
+
+_RUN = 512  # tokens per run in backward's A gradients (see _backward)
+
+
+def _token_mm(p: torch.Tensor, q: torch.Tensor, chunks: int = 8) -> torch.Tensor:
+    """``p^T q``, a sum over the rows (tokens) of p (N x r, r small) and q (N x d). In fp32 on the CPU as a
+    batched matmul over `chunks` runs of rows, then their sum: the CPU's GEMM runs this long, skinny
+    reduction about 1.4x faster so (ViT-S shapes, d 384-1536)."""
+    n = p.shape[0] // chunks
+    if p.device.type != "cpu" or p.dtype != torch.float32 or n < 64:
+        return torch.mm(p.t(), q)
+    head = n * chunks
+    out = torch.bmm(p[:head].unflatten(0, (chunks, n)).transpose(1, 2), q[:head].unflatten(0, (chunks, n))).sum(0)
+    return out if head == p.shape[0] else out.addmm_(p[head:].t(), q[head:])
 
 
 def _forward(ctx, x, gelu, weights, bias, slices, *factors):
@@ -114,32 +142,51 @@ def _forward(ctx, x, gelu, weights, bias, slices, *factors):
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+def _grad_as(ctx, sources, gybs, run: int) -> list[torch.Tensor]:
+    """A's gradients ``s (gy B)^T x`` (`gybs`: each slice's ``s gy B``) over runs of `run` tokens of the
+    layer's input x, each saved or recomputed just before its matmul (see ``_source``)."""
+    grad_as = [gyb.new_zeros(gyb.shape[1], ctx.x_shape[-1]) for gyb in gybs]
+    for start in range(0, gybs[0].shape[0], run):
+        rows = [t.flatten(0, -2)[start:start + run] if t is not None and t.dim() > 1 else t for t in sources]
+        x = rows[0] if ctx.source is None else _recompute(ctx.source, rows, ctx.source_arg).to(ctx.dtype)
+        for grad_a, gyb in zip(grad_as, gybs):
+            grad_a.addmm_(gyb[start:start + run].t(), x)
+    return grad_as
+
+
 def _backward(ctx, grad_out):
     saved = ctx.saved_tensors
     sources, saved = saved[:ctx.n_sources], saved[ctx.n_sources:]
     weights, saved = saved[:ctx.n_weights], saved[ctx.n_weights:]
-    if ctx.source is None:
-        x2 = sources[0]
-    else:
-        x2 = _recompute(ctx.source, sources, ctx.source_arg).reshape(-1, ctx.x_shape[-1]).to(ctx.dtype)
     xas, factors = saved[:len(ctx.slices)], saved[len(ctx.slices):]
     gy = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
-    grads, gybs = [], []
-    for (start, stop, scaling), xa, a, b in zip(ctx.slices, xas, factors[0::2], factors[1::2]):
-        gy_slice = gy[:, start:stop]
-        gybs.append(torch.mm(b.to(ctx.dtype).t(), gy_slice.t()).mul_(scaling))  # s (gy B)^T: r x N
-        grads += [torch.mm(gybs[-1], x2).to(a.dtype), torch.mm(xa.t(), gy_slice).mul_(scaling).t().to(b.dtype)]
-    gelu_input = sources[0] if ctx.source == "gelu" else None
-    del x2, sources  # an input recomputed, or unpacked by checkpointing, is freed before the input's gradient
-    grad_x = None
-    if ctx.needs_input_grad[0]:
+    need_x, cols, grad_x = ctx.needs_input_grad[0], ctx.x_shape[-1], None
+    # In fp32 one matmul for the input's gradient and every s gy B (see _weight); A's gradients then go over runs
+    # of tokens, so that a recomputed input never exists whole next to the input's gradient. Not after a GELU:
+    # its backward, in place into the input's gradient, allocates when that is a column block of a wider tensor.
+    fused = _folded(ctx.dtype) and ctx.source != "gelu"
+    if fused:
+        product = torch.mm(gy, _weight(weights, ctx.slices, factors, ctx.dtype, with_b=True)[:, 0 if need_x else cols:])
+        grad_x, gybs, cols = (product[:, :cols], [], cols) if need_x else (None, [], 0)
+        for a in factors[0::2]:
+            gybs.append(product[:, cols:cols + a.shape[0]])
+            cols += a.shape[0]
+    else:
+        gybs = [torch.mm(b.to(ctx.dtype).t(), gy[:, start:stop].t()).mul_(scaling).t()  # faster so than gy B
+                for (start, stop, scaling), b in zip(ctx.slices, factors[1::2])]
+    grad_as = _grad_as(ctx, sources, gybs, _RUN if fused else max(gy.shape[0], 1))
+    grads = []
+    for (start, stop, scaling), grad_a, xa, a, b in zip(ctx.slices, grad_as, xas, factors[0::2], factors[1::2]):
+        grads += [grad_a.to(a.dtype), _token_mm(xa, gy[:, start:stop]).mul_(scaling).t().to(b.dtype)]
+    if need_x and not fused:  # after A's gradients: a recomputed input is freed by now
         grad_x = torch.mm(gy, _weight(weights, ctx.slices, factors, ctx.dtype))
         if not _folded(ctx.dtype):
-            for gyb_t, a in zip(gybs, factors[0::2]):
-                grad_x.addmm_(gyb_t.t(), a.to(ctx.dtype))
+            for gyb, a in zip(gybs, factors[0::2]):
+                grad_x.addmm_(gyb, a.to(ctx.dtype))
+    if need_x:
         grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         if ctx.source == "gelu":  # through the GELU, in place: autograd's GeluBackward0 makes a new tensor
-            grad_x = torch.ops.aten.gelu_backward.grad_input(grad_x, gelu_input, approximate=ctx.source_arg,
+            grad_x = torch.ops.aten.gelu_backward.grad_input(grad_x, sources[0], approximate=ctx.source_arg,
                                                              grad_input=grad_x)
     return grad_x, None, None, None, None, *grads
 
