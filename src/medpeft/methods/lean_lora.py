@@ -11,8 +11,8 @@ whose own backward keeps its input anyway, not even x is saved: backward recompu
 and statistics (little compute). In timm's Mlp (``LeanMlp``), fc2 takes fc1's output h, which the GELU
 keeps anyway, as its input: it saves h, recomputes ``gelu(h)`` in backward, and returns h's gradient
 through the GELU, computed in place in its own buffer, where autograd's GELU backward would make a new
-hidden-sized tensor (at the peak of a step). A ViT block with LoRA on every linear layer then keeps 10 of the 16
-token-sized tensors that full fine-tuning keeps. (ViT-S, batch 32: the peak falls from 1,203 to 1,185
+hidden-sized tensor (at the peak of a step). A ViT block with LoRA on every linear layer then keeps 10
+of the 16 token-sized tensors that full fine-tuning keeps. (ViT-S, batch 32: the peak falls from 1,203 to 1,185
 MiB, and with ``train.recompute: selective``, where the GELU path works under checkpointing too, from
 811 to 783 MiB.) A fused qkv split into q, k, v (``medpeft.backbones.SplitQKV``) with some of
 them adapted runs as one matmul over the fused weight, each update on its slice.
@@ -22,9 +22,8 @@ fine-tuning's time instead of 0.92x (2 AVX2 cores). The rank-r products that rem
 every token, which the CPU runs far below its peak, so backward makes them cheap: ``s gy B`` comes out of
 the input gradient's matmul (by ``[W + s B A | s B]``; not in fc2 after a GELU), A's gradient is then
 taken over runs of 512 tokens (each run of a recomputed input made just before), B's as a batched matmul
-over 8 runs of tokens. That
-took the rank-r work of a ViT-S block from 50 to 42 ms (batch 16, cold caches) and the step 2-9% (batch 16
-and 32; 2 AVX2 cores).
+over 8 runs of tokens. That took the rank-r work of a ViT-S block from 50 to 42 ms (batch 16, cold
+caches) and the step 2-9% (batch 16 and 32; 2 AVX2 cores).
 
 ``make_lean`` converts the layers of a model that ``peft.get_peft_model`` has wrapped by changing their
 class: state-dict names, ``save_pretrained``, ``PeftModel.from_pretrained`` and ``merge_and_unload`` are
@@ -90,16 +89,15 @@ def _weight(weights, slices, factors, dtype, with_b: bool = False) -> torch.Tens
     if not _folded(dtype):
         return weight.to(dtype)
     ranks = [a.shape[0] for a in factors[0::2]] if with_b else []
-    cols = column = weight.shape[1]
+    cols = weight.shape[1]
     folded = weight.new_empty(weight.shape[0], cols + sum(ranks))
     folded[:, :cols] = weight
-    folded[:, cols:].zero_()
+    b_blocks = folded[:, cols:].zero_().split(ranks, dim=1) if with_b else ()
     for (start, stop, scaling), a, b in zip(slices, factors[0::2], factors[1::2]):
         # baddbmm, not addmm: train.recompute 'selective' keeps addmm's outputs in qkv and fc2 (activations)
         folded[start:stop, :cols].unsqueeze(0).baddbmm_(b.unsqueeze(0), a.unsqueeze(0), alpha=scaling)
-        if ranks:
-            torch.mul(b, scaling, out=folded[start:stop, column:column + a.shape[0]])
-            column += a.shape[0]
+    for (start, stop, scaling), b, block in zip(slices, factors[1::2], b_blocks):
+        torch.mul(b, scaling, out=block[start:stop])
     return folded
 
 
@@ -167,12 +165,10 @@ def _backward(ctx, grad_out):
     fused = _folded(ctx.dtype) and ctx.source != "gelu"
     if fused:
         product = torch.mm(gy, _weight(weights, ctx.slices, factors, ctx.dtype, with_b=True)[:, 0 if need_x else cols:])
-        grad_x, gybs, cols = (product[:, :cols], [], cols) if need_x else (None, [], 0)
-        for a in factors[0::2]:
-            gybs.append(product[:, cols:cols + a.shape[0]])
-            cols += a.shape[0]
-    else:
-        gybs = [torch.mm(b.to(ctx.dtype).t(), gy[:, start:stop].t()).mul_(scaling).t()  # faster so than gy B
+        grad_x = product[:, :cols] if need_x else None
+        gybs = product[:, cols if need_x else 0:].split([a.shape[0] for a in factors[0::2]], dim=1)
+    else:  # as (B^T gy^T)^T: the CPU's GEMM runs that faster than gy B
+        gybs = [torch.mm(b.to(ctx.dtype).t(), gy[:, start:stop].t()).mul_(scaling).t()
                 for (start, stop, scaling), b in zip(ctx.slices, factors[1::2])]
     grad_as = _grad_as(ctx, sources, gybs, _RUN if fused else max(gy.shape[0], 1))
     grads = []
