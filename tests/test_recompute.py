@@ -71,7 +71,10 @@ def test_recomputation_gives_the_same_outputs_and_gradients(method, fused_attn):
         y2, grads2, ops2 = forward_backward(build(method, mode, fused_attn), x)
         torch.testing.assert_close(y2, y, rtol=0, atol=1e-6)
         for name, grad in grads.items():
-            torch.testing.assert_close(grads2[name], grad, rtol=0, atol=1e-6, msg=f"{mode} {name}")
+            # to fp32 rounding: lean LoRA's A gradient after a LayerNorm sums over the norm's input, and
+            # under checkpointing (saved-tensor hooks) over its output
+            torch.testing.assert_close(grads2[name], grad, rtol=0, atol=1e-6 * grad.abs().max().item(),
+                                       msg=f"{mode} {name}")
         assert ops2["native_layer_norm"] == 2 * depth  # both norms of every block recomputed in backward
         assert ops2[f"addmm {width} x {4 * width}"] == depth  # the MLP's first matmul
         kept = ops2[f"addmm {width} x {3 * width}"] + ops2[f"addmm {4 * width} x {width}"]  # qkv, fc2

@@ -7,8 +7,8 @@ low-precision copies of W, A and B for backward. Here one autograd function comp
 call and again in backward for the input's gradient), under autocast with the low-rank update added in
 place into the base matmul's output (and into the input's gradient). It saves only x (once, in the
 compute dtype), the small ``x A^T`` and the parameters themselves. When x is the output of a LayerNorm,
-whose own backward keeps its input anyway, not even x is saved: backward recomputes it from that input
-and statistics (little compute). In timm's Mlp (``LeanMlp``), fc2 takes fc1's output h, which the GELU
+whose own backward keeps its input z and statistics anyway, not even x is saved: A's gradient, a sum
+over tokens of x, is taken over z (see ``_grad_as``). In timm's Mlp (``LeanMlp``), fc2 takes fc1's output h, which the GELU
 keeps anyway, as its input: it saves h, recomputes ``gelu(h)`` in backward, and returns h's gradient
 through the GELU, computed in place in its own buffer, where autograd's GELU backward would make a new
 hidden-sized tensor (at the peak of a step). A ViT block with LoRA on every linear layer then keeps 10
@@ -19,11 +19,12 @@ them adapted runs as one matmul over the fused weight, each update on its slice.
 Folding the update into W spares two token-sized passes per layer (adding it into the output and
 into the input's gradient): a ViT-S step at batch 16 with LoRA on every linear layer took 0.87x full
 fine-tuning's time instead of 0.92x (2 AVX2 cores). The rank-r products that remain are skinny GEMMs over
-every token, which the CPU runs far below its peak, so backward makes them cheap: ``s gy B`` comes out of
-the input gradient's matmul (by ``[W + s B A | s B]``; not in fc2 after a GELU), A's gradient is then
-taken over runs of 512 tokens (each run of a recomputed input made just before), B's as a batched matmul
-over 8 runs of tokens. That took the rank-r work of a ViT-S block from 50 to 42 ms (batch 16, cold
-caches) and the step 2-9% (batch 16 and 32; 2 AVX2 cores).
+every token, each a pass over a token-sized tensor, so backward makes as few as it can: ``s gy B`` comes
+out of the input gradient's matmul (by ``[W + s B A | s B]``; not in fc2 after a GELU), A's gradient
+after a LayerNorm from the norm's input (no recomputed x), B's as a batched matmul over 8 runs of tokens
+(the CPU's GEMM runs this long reduction faster so). Against a step whose rank-r work were free (every
+weight frozen, the gradient taken through every block: ``floor`` in ``benchmarks/lora_costs.py``), a
+ViT-S step with LoRA on every linear layer still takes 1.15x (fp32) and 1.3x (bf16) its time.
 
 ``make_lean`` converts the layers of a model that ``peft.get_peft_model`` has wrapped by changing their
 class: state-dict names, ``save_pretrained``, ``PeftModel.from_pretrained`` and ``merge_and_unload`` are
@@ -64,15 +65,6 @@ def _source(x: torch.Tensor) -> tuple[str, tuple, object] | None:
     return None
 
 
-def _recompute(kind: str, tensors: tuple, arg) -> torch.Tensor:
-    if kind == "gelu":
-        return F.gelu(tensors[0], approximate=arg)
-    x, mean, rstd, weight, bias = tensors
-    out = torch.sub(x, mean).mul_(rstd)  # one new tensor: what layer_norm computes, from its saved statistics
-    out = out if weight is None else out.mul_(weight)
-    return out if bias is None else out.add_(bias)
-
-
 def _folded(dtype: torch.dtype) -> bool:
     """Whether the update is folded into the weight (fp32) rather than added apart (see ``_weight``)."""
     return dtype == torch.float32
@@ -99,9 +91,6 @@ def _weight(weights, slices, factors, dtype, with_b: bool = False) -> torch.Tens
     for (start, stop, scaling), b, block in zip(slices, factors[1::2], b_blocks):
         torch.mul(b, scaling, out=block[start:stop])
     return folded
-
-
-_RUN = 512  # tokens per run in backward's A gradients (see _backward)
 
 
 def _token_mm(p: torch.Tensor, q: torch.Tensor, chunks: int = 8) -> torch.Tensor:
@@ -140,16 +129,24 @@ def _forward(ctx, x, gelu, weights, bias, slices, *factors):
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def _grad_as(ctx, sources, gybs, run: int) -> list[torch.Tensor]:
-    """A's gradients ``s (gy B)^T x`` (`gybs`: each slice's ``s gy B``) over runs of `run` tokens of the
-    layer's input x, each saved or recomputed just before its matmul (see ``_source``)."""
-    grad_as = [gyb.new_zeros(gyb.shape[1], ctx.x_shape[-1]) for gyb in gybs]
-    for start in range(0, gybs[0].shape[0], run):
-        rows = [t.flatten(0, -2)[start:start + run] if t is not None and t.dim() > 1 else t for t in sources]
-        x = rows[0] if ctx.source is None else _recompute(ctx.source, rows, ctx.source_arg).to(ctx.dtype)
-        for grad_a, gyb in zip(grad_as, gybs):
-            grad_a.addmm_(gyb[start:start + run].t(), x)
-    return grad_as
+def _grad_as(ctx, sources, gybs) -> list[torch.Tensor]:
+    """A's gradients ``(s gy B)^T x`` (`gybs`: each slice's ``s gy B``) over the tokens of the layer's input x.
+    After a LayerNorm, x = (z - mean) rstd w + b from its input z, and so the sum over tokens is taken of
+    z itself: ``((G^T z) - (G^T mean) 1^T) diag(w) + (1^T gy B s)^T b^T`` with G = s gy B rstd (small),
+    in fp32: one skinny matmul, no recomputed x. After a GELU, x is recomputed from its input."""
+    if ctx.source != "layer_norm":
+        x = sources[0] if ctx.source is None else F.gelu(sources[0], approximate=ctx.source_arg).to(ctx.dtype)
+        x = x.reshape(-1, x.shape[-1])
+        return [_token_mm(gyb, x) for gyb in gybs]
+    z, mean, rstd, weight, bias = sources
+    z, mean, rstd = z.reshape(-1, z.shape[-1]), mean.reshape(-1, 1), rstd.reshape(-1, 1)
+    grads = []
+    for gyb in gybs:
+        g = gyb.float() * rstd
+        grad = _token_mm(g, z.float()).sub_(g.t() @ mean)
+        grad = grad if weight is None else grad.mul_(weight.float())
+        grads.append(grad if bias is None else grad.addr_(gyb.float().sum(0), bias.float()))
+    return grads
 
 
 def _backward(ctx, grad_out):
@@ -159,9 +156,8 @@ def _backward(ctx, grad_out):
     xas, factors = saved[:len(ctx.slices)], saved[len(ctx.slices):]
     gy = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
     need_x, cols, grad_x = ctx.needs_input_grad[0], ctx.x_shape[-1], None
-    # In fp32 one matmul for the input's gradient and every s gy B (see _weight); A's gradients then go over runs
-    # of tokens, so that a recomputed input never exists whole next to the input's gradient. Not after a GELU:
-    # its backward, in place into the input's gradient, allocates when that is a column block of a wider tensor.
+    # In fp32 one matmul for the input's gradient and every s gy B (see _weight). Not after a GELU: its
+    # backward, in place into the input's gradient, allocates when that is a column block of a wider tensor.
     fused = _folded(ctx.dtype) and ctx.source != "gelu"
     if fused:
         product = torch.mm(gy, _weight(weights, ctx.slices, factors, ctx.dtype, with_b=True)[:, 0 if need_x else cols:])
@@ -170,11 +166,11 @@ def _backward(ctx, grad_out):
     else:  # as (B^T gy^T)^T: the CPU's GEMM runs that faster than gy B
         gybs = [torch.mm(b.to(ctx.dtype).t(), gy[:, start:stop].t()).mul_(scaling).t()
                 for (start, stop, scaling), b in zip(ctx.slices, factors[1::2])]
-    grad_as = _grad_as(ctx, sources, gybs, _RUN if fused else max(gy.shape[0], 1))
+    grad_as = _grad_as(ctx, sources, gybs)
     grads = []
     for (start, stop, scaling), grad_a, xa, a, b in zip(ctx.slices, grad_as, xas, factors[0::2], factors[1::2]):
         grads += [grad_a.to(a.dtype), _token_mm(xa, gy[:, start:stop]).mul_(scaling).t().to(b.dtype)]
-    if need_x and not fused:  # after A's gradients: a recomputed input is freed by now
+    if need_x and not fused:  # after A's gradients: a recomputed GELU output is freed by now
         grad_x = torch.mm(gy, _weight(weights, ctx.slices, factors, ctx.dtype))
         if not _folded(ctx.dtype):
             for gyb, a in zip(gybs, factors[0::2]):
