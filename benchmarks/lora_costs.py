@@ -6,7 +6,9 @@
 
 Variants: `full` fine-tuning; LoRA (r 8, alpha 16, dropout 0) on the fused qkv (`-qkv`) or on every
 linear layer of the blocks (`-all`), with peft's own layers (`peft-`) or medpeft's (`lean-`, the
-default of `method: lora`); `@selective` / `@blocks` add `train.recompute` (e.g. `lean-all@selective`).
+default of `method: lora`); `floor`: every weight frozen but the head, the class token trained (the
+input gradients of every block, as LoRA needs them, at no cost for adapters: what LoRA's step would
+take if its rank-r work were free); `@selective` / `@blocks` add `train.recompute` (e.g. `lean-all@selective`).
 Every variant runs as `medpeft train` runs it: the process keeps freed memory for reuse
 (`reuse_freed_memory`) and bf16 on the CPU takes timm's attention without the fused kernel
 (`set_attention_kernel`); a `~stock` suffix (e.g. `full~stock`) runs it with neither, as torch and timm
@@ -144,11 +146,13 @@ def build(model_name: str, variant: str, precision: str, device: str):
     variant, _, stock = variant.partition("~")
     name, _, recompute = variant.partition("@")
     kind, _, targets = name.partition("-")
-    method = "full" if kind == "full" else "lora"
+    method = {"full": "full", "floor": "linear_probe"}.get(kind, "lora")
     spec = get_method(method)
-    config = method_config_from_dict({"name": "full"} if method == "full" else
+    config = method_config_from_dict({"name": method} if method != "lora" else
                                      {"name": "lora", "r": 8, "alpha": 16, "targets": TARGETS[targets]})
     model = spec.apply(model, config)
+    if kind == "floor":  # the gradient goes back through every frozen block, to the class token
+        model.cls_token.requires_grad_(True)
     if kind == "peft":
         peft_layers(model)
     apply_recompute(model, recompute or "none")
