@@ -8,14 +8,15 @@ call and again in backward for the input's gradient), under autocast with the lo
 place into the base matmul's output (and into the input's gradient). It saves only x (once, in the
 compute dtype), the small ``x A^T`` and the parameters themselves. When x is the output of a LayerNorm,
 whose own backward keeps its input z and statistics anyway, not even x is saved: A's gradient, a sum
-over tokens of x, is taken over z (see ``_grad_as``). In timm's Mlp (``LeanMlp``), fc2 takes fc1's output h, which the GELU
-keeps anyway, as its input: it saves h, recomputes ``gelu(h)`` in backward, and returns h's gradient
-through the GELU, computed in place in its own buffer, where autograd's GELU backward would make a new
-hidden-sized tensor (at the peak of a step). A ViT block with LoRA on every linear layer then keeps 10
-of the 16 token-sized tensors that full fine-tuning keeps. (ViT-S, batch 32: the peak falls from 1,203 to 1,185
-MiB, and with ``train.recompute: selective``, where the GELU path works under checkpointing too, from
-811 to 783 MiB.) A fused qkv split into q, k, v (``medpeft.backbones.SplitQKV``) with some of
-them adapted runs as one matmul over the fused weight, each update on its slice.
+over tokens of x, is taken over z (see ``_grad_as``). In timm's Mlp (``LeanMlp``), fc2 takes fc1's
+output h, which the GELU keeps anyway, as its input: it saves h, recomputes ``gelu(h)`` in backward, and
+returns h's gradient through the GELU, computed in place in its own buffer, where autograd's GELU
+backward would make a new hidden-sized tensor (at the peak of a step). A ViT block with LoRA on every
+linear layer then keeps 10 of the 16 token-sized tensors that full fine-tuning keeps. (ViT-S, batch 32:
+the peak falls from 1,203 to 1,185 MiB, and with ``train.recompute: selective``, where the GELU path
+works under checkpointing too, from 811 to 783 MiB.) A fused qkv split into q, k, v
+(``medpeft.backbones.SplitQKV``) with some of them adapted runs as one matmul over the fused weight,
+each update on its slice.
 Folding the update into W spares two token-sized passes per layer (adding it into the output and
 into the input's gradient): a ViT-S step at batch 16 with LoRA on every linear layer took 0.87x full
 fine-tuning's time instead of 0.92x (2 AVX2 cores). The rank-r products that remain are skinny GEMMs over
@@ -140,13 +141,13 @@ def _grad_as(ctx, sources, gybs) -> list[torch.Tensor]:
         x = x.reshape(-1, x.shape[-1])
         return [_token_mm(gyb, x) for gyb in gybs]
     z, mean, rstd, weight, bias = sources
-    z, mean, rstd = z.reshape(-1, z.shape[-1]), mean.reshape(-1, 1), rstd.reshape(-1, 1)
+    z, mean, rstd = z.reshape(-1, z.shape[-1]).float(), mean.reshape(-1, 1), rstd.reshape(-1, 1)
     grads = []
-    for gyb in gybs:
-        g = gyb.float() * rstd
-        grad = _token_mm(g, z.float()).sub_(g.t() @ mean)
+    for gyb in map(torch.Tensor.float, gybs):
+        g = gyb * rstd
+        grad = _token_mm(g, z).sub_(g.t() @ mean)
         grad = grad if weight is None else grad.mul_(weight.float())
-        grads.append(grad if bias is None else grad.addr_(gyb.float().sum(0), bias.float()))
+        grads.append(grad if bias is None else grad.addr_(gyb.sum(0), bias.float()))
     return grads
 
 
