@@ -1,8 +1,10 @@
-"""Reusable pieces that reshape a timm ViT without changing what it computes."""
+"""Reusable pieces that reshape a timm ViT without changing what it computes, and the kernel of its
+linear layers on the CPU."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -87,3 +89,84 @@ def fuse_qkv(model: nn.Module) -> nn.Module:
         if isinstance(attn.qkv, SplitQKV):
             attn.qkv = attn.qkv.fused()
     return model
+
+
+# torch's fp32 matmul on the CPU is MKL's sgemm; its oneDNN inner product (AVX-512 brgemm where the CPU has
+# it) ran ViT-S's linear layers 2.1x faster and LoRA's rank-8 products 3x faster on an AMD EPYC with AVX-512
+# (benchmarks/results/lora_costs.md). Private to torch, but what inductor's CPU backend calls.
+_ONEDNN = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+def _onednn(x: torch.Tensor) -> bool:
+    """Whether to take oneDNN's kernel: fp32 on the CPU outside autocast, and not while a graph is traced,
+    compiled or exported (their graphs keep torch's portable linear: TorchScript, ONNX, inductor)."""
+    return (_ONEDNN is not None and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x weight^T + bias`` for a 2-D x (tokens x in): ``F.linear``, in fp32 on the CPU through oneDNN.
+    `weight` (out x in) may be a transposed view; other strided views are copied first (oneDNN ran a
+    column slice 40x slower than its copy)."""
+    if not _onednn(x):
+        return F.linear(x, weight, bias)
+    if not (weight.is_contiguous() or weight.t().is_contiguous()):
+        weight = weight.contiguous()
+    return _ONEDNN(x, weight, bias, "none", [], "")
+
+
+def token_product(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``p^T q``, the sum over the rows (tokens) of p (N x m) and q (N x n): a weight's gradient. Through
+    oneDNN (see ``linear``), whose input must be row-major: the narrower of the two is transposed into a
+    copy, the wider one read in place."""
+    if not _onednn(p):
+        return torch.mm(p.t(), q)
+    if p.shape[1] <= q.shape[1]:
+        return linear(p.t().contiguous(), q.t())
+    return linear(q.t().contiguous(), p.t()).t()
+
+
+class _Linear(torch.autograd.Function):
+    """``linear`` of a 2-D x with its backward through ``linear`` and ``token_product``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)
+        ctx.bias = bias is not None
+        return linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_x = linear(gy, weight.t()) if need_x else None
+        grad_w = token_product(gy, x) if need_w else None
+        return grad_x, grad_w, gy.sum(0) if need_b and ctx.bias else None
+
+
+class OneDNNLinear(nn.Linear):
+    """An ``nn.Linear`` whose fp32 CPU forward and backward run oneDNN's inner product (see ``linear``);
+    elsewhere (GPU, autocast, other dtypes, traced graphs) it is ``nn.Linear``. Same parameters and
+    state-dict names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _onednn(x):
+            return super().forward(x)
+        # 2-D inside the function: its output is then no view of a tensor made inside (which peft's
+        # AdaLoRA, adding into it in place, would be refused)
+        out = _Linear.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def use_onednn_linear(model: nn.Module) -> int:
+    """Make every plain ``nn.Linear`` of `model` a ``OneDNNLinear``, in place (a no-op where torch has no
+    oneDNN); returns how many."""
+    if _ONEDNN is None:
+        return 0
+    converted = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = OneDNNLinear
+            converted += 1
+    return converted

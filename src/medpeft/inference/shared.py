@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from medpeft.backbones import create_backbone
+from medpeft.backbones.layers import use_onednn_linear
 from medpeft.config import RunConfig
 from medpeft.errors import ConfigError
 from medpeft.methods import MethodSpec, get_method
@@ -59,5 +60,6 @@ def shared_models(configs: list[RunConfig], run_dirs: list[Path]) -> list[tuple[
         model = spec.apply(model, config.method)
         _unshare_trainable(model, shared)
         load_weights(spec, model, run_dir / rundir.WEIGHTS)
+        use_onednn_linear(model)  # as build_model: the same kernel, the same probabilities as evaluation
         out.append((model.eval(), spec))
     return out

@@ -22,11 +22,11 @@ into the input's gradient): a ViT-S step at batch 16 with LoRA on every linear l
 fine-tuning's time instead of 0.92x (2 AVX2 cores). The rank-r products that remain are skinny GEMMs over
 every token, each a pass over a token-sized tensor, so backward makes as few as it can: ``s gy B`` comes
 out of the input gradient's matmul (by ``[W + s B A | s B]``; not in fc2 after a GELU), A's gradient
-after a LayerNorm from the norm's input (no recomputed x), B's as a batched matmul over 8 runs of tokens
-(the CPU's GEMM runs this long reduction faster so). Against a step whose rank-r work were free (every
-weight frozen, the gradient taken through every block: ``floor`` in ``benchmarks/lora_costs.py``), a
-ViT-S step with LoRA on every linear layer still takes 1.12x (fp32) and 1.20x (bf16) its time (batch 16,
-2 AVX-512 cores): each such pass costs about a millisecond, and a ViT-S block makes about 20.
+after a LayerNorm from the norm's input (no recomputed x). In fp32 on the CPU every matmul here runs
+oneDNN's kernel (``medpeft.backbones.layers.linear``), which ran these skinny ones 3x faster than
+torch's (MKL's) on an AMD EPYC. Against a step whose rank-r work were free (every weight frozen, the
+gradient taken through every block: ``floor`` in ``benchmarks/lora_costs.py``), a ViT-S step with LoRA on
+every linear layer takes 1.06x (fp32) and 1.26x (bf16) its time (batch 16, 2 AVX-512 cores).
 
 ``make_lean`` converts the layers of a model that ``peft.get_peft_model`` has wrapped by changing their
 class: state-dict names, ``save_pretrained``, ``PeftModel.from_pretrained`` and ``merge_and_unload`` are
@@ -42,7 +42,7 @@ from peft.tuners.lora.layer import Linear as PeftLinear
 from timm.layers import Mlp
 from torch import nn
 
-from medpeft.backbones.layers import SplitQKV, row_blocks
+from medpeft.backbones.layers import OneDNNLinear, SplitQKV, linear, row_blocks, token_product
 
 
 def _stack_rows(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -95,18 +95,6 @@ def _weight(weights, slices, factors, dtype, with_b: bool = False) -> torch.Tens
     return folded
 
 
-def _token_mm(p: torch.Tensor, q: torch.Tensor, chunks: int = 8) -> torch.Tensor:
-    """``p^T q``, a sum over the rows (tokens) of p (N x r, r small) and q (N x d). In fp32 on the CPU as a
-    batched matmul over `chunks` runs of rows, then their sum: the CPU's GEMM runs this long, skinny
-    reduction about 1.4x faster so (ViT-S shapes, d 384-1536)."""
-    n = p.shape[0] // chunks
-    if p.device.type != "cpu" or p.dtype != torch.float32 or n < 64:
-        return torch.mm(p.t(), q)
-    head = n * chunks
-    out = torch.bmm(p[:head].unflatten(0, (chunks, n)).transpose(1, 2), q[:head].unflatten(0, (chunks, n))).sum(0)
-    return out if head == p.shape[0] else out.addmm_(p[head:].t(), q[head:])
-
-
 def _forward(ctx, x, gelu, weights, bias, slices, *factors):
     """weights: the frozen weight as row blocks; bias: frozen or None; slices: ``(start, stop, scaling)``
     output columns of each adapter, whose ``A, B`` follow in `factors`. gelu: None, or ``(gelu(x),
@@ -116,11 +104,10 @@ def _forward(ctx, x, gelu, weights, bias, slices, *factors):
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     inputs = x if gelu is None else gelu[0]
     x2 = inputs.reshape(-1, inputs.shape[-1]).to(dtype)
-    weight_t = _weight(weights, slices, factors, dtype).t()
-    out = torch.mm(x2, weight_t) if bias is None else torch.addmm(bias.to(dtype), x2, weight_t)
+    out = linear(x2, _weight(weights, slices, factors, dtype), None if bias is None else bias.to(dtype))
     xas = []
     for (start, stop, scaling), a, b in zip(slices, factors[0::2], factors[1::2]):
-        xas.append(torch.mm(x2, a.to(dtype).t()))
+        xas.append(linear(x2, a.to(dtype)))
         if not _folded(dtype):
             out[:, start:stop].addmm_(xas[-1], b.to(dtype).t(), alpha=scaling)
     source = ("gelu", (x,), gelu[1]) if gelu else _source(x)
@@ -139,13 +126,13 @@ def _grad_as(ctx, sources, gybs) -> list[torch.Tensor]:
     if ctx.source != "layer_norm":
         x = sources[0] if ctx.source is None else F.gelu(sources[0], approximate=ctx.source_arg).to(ctx.dtype)
         x = x.reshape(-1, x.shape[-1])
-        return [_token_mm(gyb, x) for gyb in gybs]
+        return [token_product(gyb, x) for gyb in gybs]
     z, mean, rstd, weight, bias = sources
     z, mean, rstd = z.reshape(-1, z.shape[-1]).float(), mean.reshape(-1, 1), rstd.reshape(-1, 1)
     grads = []
     for gyb in map(torch.Tensor.float, gybs):
         g = gyb * rstd
-        grad = _token_mm(g, z).sub_(g.t() @ mean)
+        grad = token_product(g, z).sub_(g.t() @ mean)
         grad = grad if weight is None else grad.mul_(weight.float())
         grads.append(grad if bias is None else grad.addr_(gyb.sum(0), bias.float()))
     return grads
@@ -156,24 +143,25 @@ def _backward(ctx, grad_out):
     sources, saved = saved[:ctx.n_sources], saved[ctx.n_sources:]
     weights, saved = saved[:ctx.n_weights], saved[ctx.n_weights:]
     xas, factors = saved[:len(ctx.slices)], saved[len(ctx.slices):]
-    gy = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
+    gy = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype).contiguous()  # oneDNN reads it row-major
     need_x, cols, grad_x = ctx.needs_input_grad[0], ctx.x_shape[-1], None
     # In fp32 one matmul for the input's gradient and every s gy B (see _weight). Not after a GELU: its
     # backward, in place into the input's gradient, allocates when that is a column block of a wider tensor.
     fused = _folded(ctx.dtype) and ctx.source != "gelu"
     if fused:
-        product = torch.mm(gy, _weight(weights, ctx.slices, factors, ctx.dtype, with_b=True)[:, 0 if need_x else cols:])
+        folded = _weight(weights, ctx.slices, factors, ctx.dtype, with_b=True)
+        product = linear(gy, folded[:, 0 if need_x else cols:].t())
         grad_x = product[:, :cols] if need_x else None
         gybs = product[:, cols if need_x else 0:].split([a.shape[0] for a in factors[0::2]], dim=1)
-    else:  # as (B^T gy^T)^T: the CPU's GEMM runs that faster than gy B
-        gybs = [torch.mm(b.to(ctx.dtype).t(), gy[:, start:stop].t()).mul_(scaling).t()
+    else:
+        gybs = [linear(gy[:, start:stop], b.to(ctx.dtype).t()).mul_(scaling)
                 for (start, stop, scaling), b in zip(ctx.slices, factors[1::2])]
     grad_as = _grad_as(ctx, sources, gybs)
     grads = []
     for (start, stop, scaling), grad_a, xa, a, b in zip(ctx.slices, grad_as, xas, factors[0::2], factors[1::2]):
-        grads += [grad_a.to(a.dtype), _token_mm(xa, gy[:, start:stop]).mul_(scaling).t().to(b.dtype)]
+        grads += [grad_a.to(a.dtype), token_product(xa, gy[:, start:stop]).mul_(scaling).t().to(b.dtype)]
     if need_x and not fused:  # after A's gradients: a recomputed GELU output is freed by now
-        grad_x = torch.mm(gy, _weight(weights, ctx.slices, factors, ctx.dtype))
+        grad_x = linear(gy, _weight(weights, ctx.slices, factors, ctx.dtype).t())
         if not _folded(ctx.dtype):
             for gyb, a in zip(gybs, factors[0::2]):
                 grad_x.addmm_(gyb, a.to(ctx.dtype))
@@ -212,8 +200,8 @@ def lora_linear(x: torch.Tensor, weights: tuple[torch.Tensor, ...], bias: torch.
     return function.apply(gelu_input[0], (x, gelu_input[1]), weights, bias, slices, *factors)
 
 
-def _frozen(linear: nn.Module) -> bool:
-    return type(linear) is nn.Linear and not any(p.requires_grad for p in linear.parameters())
+def _frozen(layer: nn.Module) -> bool:
+    return type(layer) in (nn.Linear, OneDNNLinear) and not any(p.requires_grad for p in layer.parameters())
 
 
 class LeanLinear(PeftLinear):

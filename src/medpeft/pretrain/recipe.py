@@ -28,6 +28,7 @@ from rich.console import Console
 from timm.optim import create_optimizer_v2
 
 from medpeft.backbones import create_backbone
+from medpeft.backbones.layers import use_onednn_linear
 from medpeft.config import PretrainConfig, dump_config
 from medpeft.data.images import check_images
 from medpeft.data.readers import read_split_dataset
@@ -49,6 +50,7 @@ def build_mae(config: PretrainConfig) -> MaskedAutoencoder:
     encoder, report = create_backbone(model_config, num_classes=0)
     model = MaskedAutoencoder(encoder, config.mae, fixed_pos_embed=report is None)
     set_attention_kernel(model, config.train)
+    use_onednn_linear(model)
     return model
 
 

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from medpeft import __version__
 from medpeft.backbones import LoadReport, count_parameters, create_backbone
 from medpeft.backbones.build import family
+from medpeft.backbones.layers import use_onednn_linear
 from medpeft.config import RunConfig, TrainConfig, dump_config, load_config
 from medpeft.data.cache import ImageCache, build_cache
 from medpeft.data.dataset import ImageDataset, build_transform
@@ -109,6 +110,7 @@ def build_model(config: RunConfig) -> Built:
     spec = get_method(config.method.name)
     model = spec.apply(backbone, config.method).to(memory_format=memory_format(config))
     set_attention_kernel(model, config.train)
+    use_onednn_linear(model)
     trainable, _ = count_parameters(model)
     return Built(model, spec, report, backbone_parameters, trainable)
 

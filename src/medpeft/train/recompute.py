@@ -27,6 +27,8 @@ from medpeft.methods import unwrap
 
 _aten = torch.ops.aten
 _MATMULS = {_aten.mm.default, _aten.addmm.default, _aten.addmm_.default}
+if hasattr(torch.ops.mkldnn, "_linear_pointwise"):  # fp32 linear layers on the CPU (medpeft.backbones.layers)
+    _MATMULS.add(torch.ops.mkldnn._linear_pointwise.default)
 # Attention: torch's fused kernels, or the batched matmuls (q k^T, attn v) of timm's path without them
 _ATTENTION = {_aten._scaled_dot_product_flash_attention_for_cpu.default,
               _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
