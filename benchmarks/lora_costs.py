@@ -10,11 +10,11 @@ default of `method: lora`); `floor`: every weight frozen but the head, the class
 input gradients of every block, as LoRA needs them, at no cost for adapters: what LoRA's step would
 take if its rank-r work were free); `@selective` / `@blocks` add `train.recompute` (e.g. `lean-all@selective`).
 Every variant runs as `medpeft train` runs it: the process keeps freed memory for reuse
-(`reuse_freed_memory`) and bf16 on the CPU takes timm's attention without the fused kernel
-(`set_attention_kernel`); a `~stock` suffix (e.g. `full~stock`) runs it with neither, as torch and timm
-do by default. Random-init model, 14 labels, 224 px, one fixed batch; on the CPU 2 threads. A step is
-forward + BCE + backward + AdamW (fused) over the trainable parameters, under bf16 autocast for bf16
-(fp32 master weights).
+(`reuse_freed_memory`), bf16 on the CPU takes timm's attention without the fused kernel
+(`set_attention_kernel`) and fp32 linear layers on the CPU run oneDNN's kernel (`use_onednn_linear`);
+a `~stock` suffix (e.g. `full~stock`) runs it with none of these, as torch and timm do by default.
+Random-init model, 14 labels, 224 px, one fixed batch; on the CPU 2 threads. A step is forward + BCE +
+backward + AdamW (fused) over the trainable parameters, under bf16 autocast for bf16 (fp32 master weights).
   * time: each variant in its own worker process (--stepper), all alive at once; after warming up
     (`warm_up`: until the process stops faulting in new memory, 3-6 steps here), every round times one
     step of each variant in turn, --rounds times; "step ms" is the median, "step / full" the median of
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -62,6 +63,9 @@ CLASSES, SIZE = 14, 224
 register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)(sdpa_flop)
 register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
                       get_raw=True)(sdpa_backward_flop)
+if hasattr(torch.ops.mkldnn, "_linear_pointwise"):  # oneDNN's linear (fp32 on the CPU: use_onednn_linear)
+    register_flop_formula(torch.ops.mkldnn._linear_pointwise)(
+        lambda x_shape, w_shape, *args, **kwargs: 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1])
 TARGETS = {"qkv": ["qkv"], "all": ["all_linear"]}
 
 
@@ -102,11 +106,16 @@ def cpu_name() -> str:
 
 
 def matmul_gflops(dtype: torch.dtype, device: str, repeats: int = 5) -> float:
-    """The best GFLOP/s of square matmuls in `dtype` (CPU: 1024-4096, AMX bf16 peaks at small sizes)."""
+    """The best GFLOP/s of square matmuls in `dtype` (CPU: 1024-4096, AMX bf16 peaks at small sizes), by
+    torch's matmul or by the linear layers' kernel (fp32 on the CPU: oneDNN's, see use_onednn_linear)."""
+    from medpeft.backbones.layers import linear
+
     best = 0.0
     for n in (1024, 2048, 4096) if device == "cpu" else (4096, 8192):
         a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
-        best = max(best, 2 * n**3 / min(times_ms(synced(lambda: a @ b, device), repeats, warmup=1)) * 1000 / 1e9)
+        for matmul in (torch.mm, linear):
+            ms = min(times_ms(synced(lambda: matmul(a, b), device), repeats, warmup=1))
+            best = max(best, 2 * n**3 / ms * 1000 / 1e9)
     return best
 
 
@@ -135,6 +144,7 @@ def step_peak_mb(step, device: str) -> float:
 def build(model_name: str, variant: str, precision: str, device: str):
     """The model of `variant` on `device` as training runs it in `precision`, and its method's spec."""
     from medpeft.backbones import create_backbone
+    from medpeft.backbones.layers import use_onednn_linear
     from medpeft.config import ModelConfig, TrainConfig
     from medpeft.methods import get_method, method_config_from_dict
     from medpeft.train.recipe import set_attention_kernel
@@ -158,6 +168,7 @@ def build(model_name: str, variant: str, precision: str, device: str):
     apply_recompute(model, recompute or "none")
     if not stock:
         set_attention_kernel(model, TrainConfig(precision=precision, device=device))
+        use_onednn_linear(model)
     return model.to(device).train(), spec
 
 
