@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from method_costs import maxrss_mb, times_ms  # noqa: E402
 
+from medpeft.backbones.layers import ONEDNN_LINEAR  # noqa: E402
 from medpeft.train.recipe import EMULATED_BF16, cpu_bf16_matmul  # noqa: E402
 
 CLASSES, SIZE = 14, 224
@@ -63,8 +64,8 @@ CLASSES, SIZE = 14, 224
 register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)(sdpa_flop)
 register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
                       get_raw=True)(sdpa_backward_flop)
-if hasattr(torch.ops.mkldnn, "_linear_pointwise"):  # oneDNN's linear (fp32 on the CPU: use_onednn_linear)
-    register_flop_formula(torch.ops.mkldnn._linear_pointwise)(
+if ONEDNN_LINEAR is not None:  # oneDNN's linear (fp32 on the CPU: use_onednn_linear)
+    register_flop_formula(ONEDNN_LINEAR)(
         lambda x_shape, w_shape, *args, **kwargs: 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1])
 TARGETS = {"qkv": ["qkv"], "all": ["all_linear"]}
 

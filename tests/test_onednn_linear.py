@@ -13,7 +13,8 @@ from medpeft.backbones.layers import OneDNNLinear, linear, token_product, use_on
 from medpeft.config import config_from_dict
 from medpeft.methods.lean_lora import LeanLinear
 
-pytestmark = pytest.mark.skipif(layers._ONEDNN is None, reason="this torch has no oneDNN (mkldnn) kernels")
+pytestmark = pytest.mark.skipif(layers.ONEDNN_LINEAR is None,
+                                reason="this torch has no oneDNN (mkldnn) kernels")
 
 
 class Ops(TorchDispatchMode):

@@ -94,13 +94,15 @@ def fuse_qkv(model: nn.Module) -> nn.Module:
 # torch's fp32 matmul on the CPU is MKL's sgemm; its oneDNN inner product (AVX-512 brgemm where the CPU has
 # it) ran ViT-S's linear layers 2.1x faster and LoRA's rank-8 products 3x faster on an AMD EPYC with AVX-512
 # (benchmarks/results/lora_costs.md). Private to torch, but what inductor's CPU backend calls.
-_ONEDNN = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+ONEDNN_LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available()
+                 else None)
+"""oneDNN's linear op (x W^T + b), or None where this torch has no oneDNN."""
 
 
 def _onednn(x: torch.Tensor) -> bool:
     """Whether to take oneDNN's kernel: fp32 on the CPU outside autocast, and not while a graph is traced,
     compiled or exported (their graphs keep torch's portable linear: TorchScript, ONNX, inductor)."""
-    return (_ONEDNN is not None and x.device.type == "cpu" and x.dtype == torch.float32
+    return (ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
 
@@ -113,7 +115,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     if not (weight.is_contiguous() or weight.t().is_contiguous()):
         weight = weight.contiguous()
-    return _ONEDNN(x, weight, bias, "none", [], "")
+    return ONEDNN_LINEAR(x, weight, bias, "none", [], "")
 
 
 def token_product(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -133,7 +135,6 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x if weight.requires_grad else None, weight)
-        ctx.bias = bias is not None
         return linear(x, weight, bias)
 
     @staticmethod
@@ -142,7 +143,7 @@ class _Linear(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad
         grad_x = linear(gy, weight.t()) if need_x else None
         grad_w = token_product(gy, x) if need_w else None
-        return grad_x, grad_w, gy.sum(0) if need_b and ctx.bias else None
+        return grad_x, grad_w, gy.sum(0) if need_b else None  # need_b is False for no bias
 
 
 class OneDNNLinear(nn.Linear):
@@ -162,7 +163,7 @@ class OneDNNLinear(nn.Linear):
 def use_onednn_linear(model: nn.Module) -> int:
     """Make every plain ``nn.Linear`` of `model` a ``OneDNNLinear``, in place (a no-op where torch has no
     oneDNN); returns how many."""
-    if _ONEDNN is None:
+    if ONEDNN_LINEAR is None:
         return 0
     converted = 0
     for module in model.modules():

@@ -22,13 +22,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from medpeft.backbones.layers import ONEDNN_LINEAR
 from medpeft.errors import ConfigError
 from medpeft.methods import unwrap
 
 _aten = torch.ops.aten
 _MATMULS = {_aten.mm.default, _aten.addmm.default, _aten.addmm_.default}
-if hasattr(torch.ops.mkldnn, "_linear_pointwise"):  # fp32 linear layers on the CPU (medpeft.backbones.layers)
-    _MATMULS.add(torch.ops.mkldnn._linear_pointwise.default)
+if ONEDNN_LINEAR is not None:  # fp32 linear layers on the CPU (medpeft.backbones.layers)
+    _MATMULS.add(ONEDNN_LINEAR.default)
 # Attention: torch's fused kernels, or the batched matmuls (q k^T, attn v) of timm's path without them
 _ATTENTION = {_aten._scaled_dot_product_flash_attention_for_cpu.default,
               _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
