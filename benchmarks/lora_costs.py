@@ -65,8 +65,11 @@ register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
                       get_raw=True)(sdpa_backward_flop)
 if ONEDNN_LINEAR is not None:  # oneDNN's linear (fp32 on the CPU: use_onednn_linear)
-    register_flop_formula(ONEDNN_LINEAR)(
-        lambda x_shape, w_shape, *args, **kwargs: 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1])
+    @register_flop_formula(ONEDNN_LINEAR)
+    def onednn_linear_flop(x_shape, *args, **kwargs) -> int:
+        """default: (x, weight, bias, attr, ...); binary (the sum in its epilogue): (x, other, weight, bias, attr)."""
+        w_shape = args[0] if isinstance(args[2], str) else args[1]
+        return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
 TARGETS = {"qkv": ["qkv"], "all": ["all_linear"]}
 
 

@@ -24,6 +24,7 @@ class Ops(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[func.overloadpacket.__name__] += 1
+        self.counts[str(func)] += 1  # with the overload: mkldnn._linear_pointwise.binary
         return func(*args, **(kwargs or {}))
 
 
@@ -99,6 +100,21 @@ def test_token_product_and_linear_take_transposed_and_sliced_operands(widths):
     x = torch.randn(30, 64)
     torch.testing.assert_close(linear(x, weight), x @ weight.t(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(linear(x, wide.t()[2:66].t()), x @ weight.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_wide_weights_gradient_sums_token_chunks_in_the_matmuls_epilogue():
+    torch.manual_seed(0)
+    tokens = 3 * layers.TOKEN_CHUNK + 17  # three chunks
+    p, q = torch.randn(tokens, 96), torch.randn(tokens, 72)
+    with Ops() as ops:
+        product = token_product(p, q)
+    torch.testing.assert_close(product.double(), p.double().t() @ q.double(), rtol=1e-5, atol=1e-3)
+    assert ops.counts["mkldnn._linear_pointwise.default"] == 1 and ops.counts["mkldnn._linear_pointwise.binary"] == 2
+    assert torch.equal(token_product(p, q), product)  # a fixed order of sums: bit for bit
+    torch.testing.assert_close(token_product(q, p), product.t(), rtol=1e-5, atol=1e-3)
+    with Ops() as ops:  # a rank-8 factor's gradient: one call over every token
+        token_product(p[:, :8], q)
+    assert ops.counts["mkldnn._linear_pointwise.default"] == 1 and not ops.counts["mkldnn._linear_pointwise.binary"]
 
 
 def test_training_builds_its_linear_layers_on_onednn_and_lean_lora_still_applies(run_config, monkeypatch):
