@@ -139,8 +139,7 @@ def token_product(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     out = None
     for rows, weight in zip(narrow.tensor_split(chunks), wide.tensor_split(chunks)):
         rows, weight = rows.t().contiguous(), _weight_operand(weight.t())
-        out = (ONEDNN_LINEAR(rows, weight, None, "none", [], "") if out is None
-               else ONEDNN_LINEAR.binary(rows, out, weight, None, "add"))
+        out = linear(rows, weight) if out is None else ONEDNN_LINEAR.binary(rows, out, weight, None, "add")
     return out.t() if swap else out
 
 
