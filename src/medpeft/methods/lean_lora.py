@@ -26,7 +26,8 @@ after a LayerNorm from the norm's input (no recomputed x). In fp32 on the CPU ev
 oneDNN's kernel (``medpeft.backbones.layers.linear``), which ran these skinny ones 3x faster than
 torch's (MKL's) on an AMD EPYC. Against a step whose rank-r work were free (every weight frozen, the
 gradient taken through every block: ``floor`` in ``benchmarks/lora_costs.py``), a ViT-S step with LoRA on
-every linear layer takes 1.11-1.19x (fp32, two runs of 15 rounds) and 1.26x (bf16) its time (batch 16, 2 AVX-512 cores).
+every linear layer takes 1.11-1.19x (fp32, two runs of 15 rounds) and 1.26x (bf16) its time (batch 16,
+2 AVX-512 cores).
 
 ``make_lean`` converts the layers of a model that ``peft.get_peft_model`` has wrapped by changing their
 class: state-dict names, ``save_pretrained``, ``PeftModel.from_pretrained`` and ``merge_and_unload`` are
