@@ -41,8 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from medpeft.config import config_from_dict  # noqa: E402
-from medpeft.train import rundir  # noqa: E402
-from medpeft.train.recipe import build_model  # noqa: E402
+from medpeft.engine import rundir  # noqa: E402
+from medpeft.engine.assemble import build_model  # noqa: E402
+from medpeft.files import write_json_atomic, write_text_atomic  # noqa: E402
 
 METHODS = {"full": {"name": "full"}, "lora": {"name": "lora", "r": 8, "targets": ["qkv"]}}
 
@@ -153,7 +154,7 @@ def main() -> None:
             "train_images": args.images, "device": device, "platform": platform.platform(),
             "torch": torch.__version__, "matmul_peak_gflop_per_s": round(peak, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
-    rundir.write_json_atomic(args.out / "ddp_throughput.json", {**meta, "results": results})
+    write_json_atomic(args.out / "ddp_throughput.json", {**meta, "results": results})
     lines = [f"# Data-parallel training throughput: {args.model}, 224 px, global batch {args.batch}, "
              f"{args.precision}, {device}", "",
              f"`{meta['command']}`; matmul peak {peak:.0f} GFLOP/s ({args.precision}). Each cell is one fresh "
@@ -164,7 +165,7 @@ def main() -> None:
     for r in results:
         lines.append(f"| {r['method']} | {r['processes']} | {r['images_per_s']:.2f} | {r['vs_1_process']:.2f} | "
                      f"{r['gflop_per_image']:.1f} | {r['gflop_per_s']:.0f} | {100 * r['mfu']:.0f}% |")
-    rundir.write_text_atomic(args.out / "ddp_throughput.md", "\n".join(lines) + "\n")
+    write_text_atomic(args.out / "ddp_throughput.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

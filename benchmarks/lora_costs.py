@@ -9,10 +9,10 @@ linear layer of the blocks (`-all`), with peft's own layers (`peft-`) or medpeft
 default of `method: lora`); `floor`: every weight frozen but the head, the class token trained (the
 input gradients of every block, as LoRA needs them, at no cost for adapters: what LoRA's step would
 take if its rank-r work were free); `@selective` / `@blocks` add `train.recompute` (e.g. `lean-all@selective`).
-Every variant runs as `medpeft train` runs it: the process keeps freed memory for reuse
-(`reuse_freed_memory`), bf16 on the CPU takes timm's attention without the fused kernel
-(`set_attention_kernel`) and fp32 linear layers on the CPU run oneDNN's kernel (`use_onednn_linear`);
-a `~stock` suffix (e.g. `full~stock`) runs it with none of these, as torch and timm do by default.
+Every variant runs as `medpeft train` runs it with `train.accel: true` (medpeft.accel): the process keeps
+freed memory for reuse, bf16 on the CPU takes timm's attention without the fused kernel, fp32 linear
+layers on the CPU run oneDNN's kernel and LoRA layers are lean; a `~stock` suffix (e.g. `full~stock`)
+runs it with none of these (`train.accel: false`), as torch, timm and peft do by default.
 Random-init model, 14 labels, 224 px, one fixed batch; on the CPU 2 threads. A step is forward + BCE +
 backward + AdamW (fused) over the trainable parameters, under bf16 autocast for bf16 (fp32 master weights).
   * time: each variant in its own worker process (--stepper), all alive at once; after warming up
@@ -56,16 +56,16 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from method_costs import maxrss_mb, times_ms  # noqa: E402
 
-from medpeft.backbones.layers import ONEDNN_LINEAR  # noqa: E402
-from medpeft.train.recipe import EMULATED_BF16, cpu_bf16_matmul  # noqa: E402
+from medpeft.accel.onednn import linear_op  # noqa: E402
+from medpeft.engine.runtime import EMULATED_BF16, cpu_bf16_matmul  # noqa: E402
 
 CLASSES, SIZE = 14, 224
 # torch's FLOP counter counts its CUDA attention kernels but gives the CPU one 0 FLOPs: count it the same way
 register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)(sdpa_flop)
 register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
                       get_raw=True)(sdpa_backward_flop)
-if ONEDNN_LINEAR is not None:  # oneDNN's linear (fp32 on the CPU: use_onednn_linear)
-    @register_flop_formula(ONEDNN_LINEAR)
+if linear_op() is not None:  # oneDNN's linear (fp32 on the CPU: medpeft.accel.onednn)
+    @register_flop_formula(linear_op())
     def onednn_linear_flop(x_shape, *args, **kwargs) -> int:
         """default: (x, weight, bias, attr, ...); binary (the sum in its epilogue): (x, other, weight, bias, attr)."""
         w_shape = args[0] if isinstance(args[2], str) else args[1]
@@ -77,8 +77,8 @@ def peft_layers(model: torch.nn.Module) -> None:
     """Undo make_lean: peft's own LoRA layers, as peft.get_peft_model made them."""
     from peft.tuners.lora.layer import Linear as PeftLinear
 
+    from medpeft.accel.lean_lora import LeanLinear, LeanSplitQKV
     from medpeft.backbones.layers import SplitQKV
-    from medpeft.methods.lean_lora import LeanLinear, LeanSplitQKV
 
     for module in model.modules():
         if type(module) is LeanLinear:
@@ -111,8 +111,8 @@ def cpu_name() -> str:
 
 def matmul_gflops(dtype: torch.dtype, device: str, repeats: int = 5) -> float:
     """The best GFLOP/s of square matmuls in `dtype` (CPU: 1024-4096, AMX bf16 peaks at small sizes), by
-    torch's matmul or by the linear layers' kernel (fp32 on the CPU: oneDNN's, see use_onednn_linear)."""
-    from medpeft.backbones.layers import linear
+    torch's matmul or by the linear layers' kernel (fp32 on the CPU: oneDNN's, see medpeft.accel.onednn)."""
+    from medpeft.accel.onednn import linear
 
     best = 0.0
     for n in (1024, 2048, 4096) if device == "cpu" else (4096, 8192):
@@ -147,11 +147,10 @@ def step_peak_mb(step, device: str) -> float:
 
 def build(model_name: str, variant: str, precision: str, device: str):
     """The model of `variant` on `device` as training runs it in `precision`, and its method's spec."""
+    from medpeft import accel
     from medpeft.backbones import create_backbone
-    from medpeft.backbones.layers import use_onednn_linear
     from medpeft.config import ModelConfig, TrainConfig
     from medpeft.methods import get_method, method_config_from_dict
-    from medpeft.train.recipe import set_attention_kernel
     from medpeft.train.recompute import apply_recompute
 
     torch.manual_seed(0)
@@ -167,12 +166,11 @@ def build(model_name: str, variant: str, precision: str, device: str):
     model = spec.apply(model, config)
     if kind == "floor":  # the gradient goes back through every frozen block, to the class token
         model.cls_token.requires_grad_(True)
+    # medpeft's speed-ups (train.accel) as training applies them; '~stock': torch's, timm's and peft's modules
+    accel.apply(model, "vit", TrainConfig(precision=precision, device=device, accel=not stock), torch.device(device))
     if kind == "peft":
         peft_layers(model)
     apply_recompute(model, recompute or "none")
-    if not stock:
-        set_attention_kernel(model, TrainConfig(precision=precision, device=device))
-        use_onednn_linear(model)
     return model.to(device).train(), spec
 
 
@@ -196,7 +194,7 @@ def setup(device: str, variant: str = "") -> None:
     if device == "cpu":
         torch.set_num_threads(2)
     if not variant.endswith("~stock"):
-        from medpeft.train.recipe import reuse_freed_memory
+        from medpeft.accel.memory import reuse_freed_memory
 
         reuse_freed_memory()
 
@@ -361,7 +359,7 @@ def main() -> None:
                 print(f"({time.perf_counter() - start:.0f} s)", flush=True)
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu_name()}, 2 threads"
     meta = {"command": " ".join(sys.argv), "torch": torch.__version__, "platform": platform.platform(), "device": device}
-    from medpeft.train.rundir import write_json_atomic, write_text_atomic
+    from medpeft.files import write_json_atomic, write_text_atomic
 
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / f"{args.name}.json", {**meta, "results": results})

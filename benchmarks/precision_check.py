@@ -26,7 +26,8 @@ import torch
 from medpeft.config import config_from_dict, load_pretrain_config
 from medpeft.data.phantoms import FINDINGS, generate_phantoms
 from medpeft.pretrain.recipe import pretrain
-from medpeft.train import recipe
+from medpeft.engine.runtime import EMULATED_BF16, cpu_bf16_matmul
+from medpeft.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 KERMANY = ROOT / "../shared/data/kermany-pediatric-cxr/labels.csv"
@@ -75,8 +76,8 @@ def main() -> None:
     if args.data == "kermany" and not KERMANY.is_file():
         print(f"skipped: {KERMANY} not found (the real images are not part of the repository)")
         return
-    if args.device == "cpu" and not recipe.cpu_bf16_matmul():
-        raise SystemExit(f"bf16: {recipe.EMULATED_BF16}")
+    if args.device == "cpu" and not cpu_bf16_matmul():
+        raise SystemExit(f"bf16: {EMULATED_BF16}")
     precisions = ["fp32", "bf16"] + (["fp16"] if args.device.startswith("cuda") else [])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,7 +86,7 @@ def main() -> None:
             method = run["method"]["name"]
             for precision in precisions:
                 out = f"{tmp}/{method}-{precision}"
-                metrics = recipe.train(config_from_dict({
+                metrics = train(config_from_dict({
                     **run, "train": {**run["train"], "precision": precision, "device": args.device},
                     "output_dir": out}), quiet=True)
                 log = [json.loads(line) for line in open(f"{out}/log.jsonl")]

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
+from medpeft import accel
+from medpeft.accel.memory import reuse_freed_memory
 from medpeft.config import TrainConfig, load_pretrain_config
+from medpeft.engine.runtime import EMULATED_BF16, autocast, cpu_bf16_matmul
 from medpeft.pretrain.recipe import build_mae
-from medpeft.train.recipe import EMULATED_BF16, autocast, cpu_bf16_matmul, reuse_freed_memory, set_attention_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +48,7 @@ def main() -> None:
     device = torch.device("cpu")
 
     def step(precision: str) -> float:
-        set_attention_kernel(model, TrainConfig(precision=precision, device="cpu"))
+        accel.apply(model, "vit", TrainConfig(precision=precision, device="cpu"), device)  # the attention kernel
         start = time.perf_counter()
         with autocast(device, precision):
             loss, _, _ = model(images, config.mae.mask_ratio)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from medpeft.backbones import create_backbone
-from medpeft.backbones.build import family
+from medpeft.config import model_family as family
 from medpeft.config import ModelConfig
 from medpeft.methods import get_method, list_methods, method_config_from_dict
 

@@ -7,8 +7,8 @@ from sklearn.metrics import roc_auc_score
 
 from medpeft.metrics.classification import classification_metrics
 from medpeft.metrics.compare import (
-    bootstrap_auroc_ci,
     bootstrap_auroc_difference,
+    bootstrap_auroc_difference_over_seeds,
     delong_test,
     resampled_mean_aurocs,
 )
@@ -204,13 +204,27 @@ def test_bootstrap_ignores_unknown_targets_per_label_and_accepts_one_label_as_1d
     assert (both.estimate, both.ci_low, both.ci_high) == pytest.approx((one.estimate, one.ci_low, one.ci_high))
 
 
-def test_bootstrap_auroc_ci_of_a_single_model():
-    y, a, b = _scores(seed=6)
-    result = bootstrap_auroc_ci(y, a, n_resamples=400, seed=2)
-    assert result.estimate == pytest.approx(classification_metrics(y, a, list("abc"), "multilabel")["mean_auroc"])
-    assert result.ci_low < result.estimate < result.ci_high < 1
-    replicates = resampled_mean_aurocs(y, a, b, n_resamples=400, seed=2)[:, 0]  # shared resampling code
-    assert (result.ci_low, result.ci_high) == tuple(np.quantile(replicates, [0.025, 0.975]))
+def test_bootstrap_over_seeds_takes_percentiles_of_the_seed_averaged_differences_of_shared_resamples():
+    samples = [_scores(seed=s, n=120, k=2) for s in (10, 11, 12)]
+    result = bootstrap_auroc_difference_over_seeds(samples, n_resamples=300, seed=4)
+    averaged = np.mean([np.subtract(*resampled_mean_aurocs(y, a, b, n_resamples=300, seed=4).T)
+                        for y, a, b in samples], axis=0)
+    assert (result.ci_low, result.ci_high) == tuple(np.quantile(averaged, [0.025, 0.975]))  # exactly 2.5 / 97.5
+    singles = [bootstrap_auroc_difference(y, a, b, n_resamples=300, seed=4) for y, a, b in samples]
+    assert result.estimate == pytest.approx(np.mean([r.estimate for r in singles]), abs=1e-15)
+    assert (result.n_resamples, result.n_skipped, result.seed) == (300, 0, 4)
+    assert bootstrap_auroc_difference_over_seeds(samples[:1], n_resamples=300, seed=4) == singles[0]
+
+
+def test_bootstrap_over_seeds_skips_a_resample_skipped_in_any_seed():
+    y = np.array([[1, 0], [0, np.nan], [0, 0], [0, 1], [0, 0], [0, 0]], dtype=float)
+    rng = np.random.default_rng(3)
+    tiny = (y, rng.random(y.shape), rng.random(y.shape))
+    large = _scores(seed=13, n=6, k=2, nan_fraction=0.0)
+    skipped = np.isnan(resampled_mean_aurocs(*tiny, n_resamples=60, seed=1)[:, 0])
+    skipped |= np.isnan(resampled_mean_aurocs(*large, n_resamples=60, seed=1)[:, 0])
+    result = bootstrap_auroc_difference_over_seeds([tiny, large], n_resamples=60, seed=1)
+    assert 0 < result.n_skipped == skipped.sum() and result.n_resamples == 60 - skipped.sum()
 
 
 def test_bootstrap_refuses_mismatched_or_invalid_input():
@@ -221,6 +235,10 @@ def test_bootstrap_refuses_mismatched_or_invalid_input():
         bootstrap_auroc_difference(np.where(np.isnan(y), 2.0, y), a, b)
     with pytest.raises(ValueError, match="both classes"):
         bootstrap_auroc_difference(np.zeros_like(y), a, b)
+    with pytest.raises(ValueError, match="confidence must be in"):
+        bootstrap_auroc_difference(y, a, b, confidence=95)
+    with pytest.raises(ValueError, match="at least one"):
+        bootstrap_auroc_difference_over_seeds([])
 
 
 def test_bootstrap_is_vectorised_2000_resamples_of_1000_images_and_3_labels():

@@ -6,9 +6,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from medpeft.config import DataConfig, build
+from medpeft.data import read_dataset, read_split_dataset
 from medpeft.data.chexpert import read_chexpert
 from medpeft.data.labels import CHEXPERT_COMPETITION_LABELS as COMPETITION_LABELS, NIH_LABELS, RSNA_CLASSES
-from medpeft.data.nih import nih_official_split, read_nih
+from medpeft.data.nih import read_nih
 from medpeft.data.rsna import read_rsna
 from medpeft.data.split_list import label_mismatches, read_split_list
 from medpeft.errors import DataError
@@ -40,18 +42,22 @@ def test_nih_reader_reproduces_the_published_counts(nih2017):
     assert int((nih2017[list(NIH_LABELS)].sum(axis=1) == 0).sum()) == 60_412  # No Finding
 
 
-def test_nih_official_split_with_patient_disjoint_validation(nih2017):
-    table = nih_official_split(nih2017, NIH / "train_val_list.txt", NIH / "test_list.txt", val_fraction=0.1, seed=0)
+def test_nih_official_split_with_patient_disjoint_validation():
+    config = {"format": "nih", "csv": str(NIH / "Data_Entry_2017.csv"),
+              "split": {"files": {"train_val": str(NIH / "train_val_list.txt"), "test": str(NIH / "test_list.txt")},
+                        "val_fraction": 0.1, "seed": 0}}
+    table = read_split_dataset(build(DataConfig, config))
     sizes = table["split"].value_counts().to_dict()
     assert sizes["test"] == 25_596 and sizes["train"] + sizes["val"] == 86_524
     assert abs(sizes["val"] / 86_524 - 0.1) < 0.01
     assert (table.groupby("patient_id")["split"].nunique() == 1).all()
-    again = nih_official_split(nih2017, NIH / "train_val_list.txt", NIH / "test_list.txt", val_fraction=0.1, seed=0)
+    again = read_split_dataset(build(DataConfig, config))
     assert again["split"].equals(table["split"])
 
 
 def test_nih_view_filter_is_explicit():
-    assert len(read_nih(NIH / "Data_Entry_2017.csv", views=["PA"])) == 67_310
+    assert len(read_dataset(build(DataConfig, {"format": "nih", "csv": str(NIH / "Data_Entry_2017.csv"),
+                                                "views": ["PA"]}))) == 67_310
 
 
 @pytest.mark.parametrize("repo", ["MED-PEFT", "MRM-pytorch"])

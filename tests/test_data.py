@@ -3,8 +3,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medpeft.config import DataConfig, SplitConfig
-from medpeft.data.csv_reader import read_csv_dataset
+from medpeft.config import SplitConfig
+from medpeft.data.csv_reader import CSVData, read_csv_dataset
 from medpeft.data.images import check_images, load_grayscale
 from medpeft.data.splits import assign_splits, patient_split
 from medpeft.errors import DataError
@@ -18,7 +18,7 @@ def write_csv(tmp_path, text):
 
 def test_zero_one_columns_become_the_label_table(tmp_path):
     csv = write_csv(tmp_path, "path,pid,A,B\nx/1.png,p1,1,0\nx/2.png,p1,0,1\nx/3.png,p2,1,1\n")
-    table = read_csv_dataset(DataConfig(csv=str(csv), patient_column="pid", labels=["B", "A"]))
+    table = read_csv_dataset(CSVData(csv=str(csv), patient_column="pid", labels=["B", "A"]))
     assert list(table.columns) == ["image_id", "path", "patient_id", "view", "B", "A"]
     assert table[["B", "A"]].to_numpy().tolist() == [[0, 1], [1, 0], [1, 1]]
     assert table["path"].iloc[0] == str(tmp_path / "x/1.png")
@@ -27,7 +27,7 @@ def test_zero_one_columns_become_the_label_table(tmp_path):
 
 def test_delimited_names_with_negative_name(tmp_path):
     csv = write_csv(tmp_path, "img,findings\n1.png,Effusion|Mass\n2.png,No Finding\n3.png,Mass\n")
-    table = read_csv_dataset(DataConfig(csv=str(csv), path_column="img", label_column="findings",
+    table = read_csv_dataset(CSVData(csv=str(csv), path_column="img", label_column="findings",
                                         labels=["Mass", "Effusion"]))
     assert table[["Mass", "Effusion"]].to_numpy().tolist() == [[1, 1], [0, 0], [1, 0]]
     assert table["patient_id"].tolist() == ["1.png", "2.png", "3.png"]  # one patient per image by default
@@ -35,12 +35,12 @@ def test_delimited_names_with_negative_name(tmp_path):
 
 def test_multiclass_names_need_exactly_one_label_per_row(tmp_path):
     csv = write_csv(tmp_path, "path,subtype\n1.png,virus\n2.png,bacteria\n3.png,normal\n")
-    table = read_csv_dataset(DataConfig(csv=str(csv), label_column="subtype", task="multiclass",
+    table = read_csv_dataset(CSVData(csv=str(csv), label_column="subtype", task="multiclass",
                                         labels=["normal", "bacteria", "virus"], negative_names=[]))
     assert table[["normal", "bacteria", "virus"]].to_numpy().argmax(1).tolist() == [2, 1, 0]
     bad = write_csv(tmp_path, "path,subtype\n1.png,virus\n2.png,\n")
     with pytest.raises(DataError, match="row 3: a multiclass row needs exactly one label, got 0"):
-        read_csv_dataset(DataConfig(csv=str(bad), label_column="subtype", task="multiclass",
+        read_csv_dataset(CSVData(csv=str(bad), label_column="subtype", task="multiclass",
                                     labels=["normal", "virus"], negative_names=[]))
 
 
@@ -54,12 +54,12 @@ def test_multiclass_names_need_exactly_one_label_per_row(tmp_path):
 def test_bad_csv_names_file_row_and_expectation(tmp_path, text, config, message):
     csv = write_csv(tmp_path, text)
     with pytest.raises(DataError, match=f"labels.csv: {message}"):
-        read_csv_dataset(DataConfig(csv=str(csv), **config))
+        read_csv_dataset(CSVData(csv=str(csv), **config))
 
 
 def test_missing_csv_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="missing.csv: labels CSV not found"):
-        read_csv_dataset(DataConfig(csv=str(tmp_path / "missing.csv"), labels=["A"]))
+        read_csv_dataset(CSVData(csv=str(tmp_path / "missing.csv"), labels=["A"]))
 
 
 def test_patient_split_keeps_patients_on_one_side_and_is_seeded():

@@ -8,7 +8,7 @@ from rich.console import Console
 
 from medpeft import demo
 from medpeft.pretrain import MAE_CHECKPOINT
-from medpeft.train import rundir
+from medpeft.engine import rundir
 
 
 def test_demo_pretrains_then_compares_methods_across_label_fractions(tmp_path, monkeypatch):

@@ -23,8 +23,11 @@ import medpeft
 from medpeft.config import config_from_dict
 from medpeft.errors import RunDirError
 from medpeft.methods import list_methods
-from medpeft.train import recipe, rundir
-from medpeft.train.distributed import BatchPlan, Processes
+from medpeft.engine import rundir
+from medpeft.engine.assemble import build_model, load_model
+from medpeft.engine.evaluation import evaluate_split
+from medpeft.files import read_json
+from medpeft.engine.distributed import BatchPlan, Processes
 
 from conftest import TINY_VIT, write_squares_dataset
 from test_cnn_methods import CNNS
@@ -68,19 +71,20 @@ def lora_runs(odd_csv, tmp_path_factory):
     single = medpeft.train(config_from_dict(config(odd_csv, root / "single")), quiet=True)
     yaml.safe_dump(config(odd_csv, root / "ddp"), open(root / "ddp.yaml", "w"))
     done = launch([sys.executable, "-m", "medpeft", "train", str(root / "ddp.yaml"), "--devices", "2"])
-    return root, single, rundir.read_json(root / "ddp" / rundir.METRICS), done
+    return root, single, read_json(root / "ddp" / rundir.METRICS), done
 
 
 def single_process_predictions(run_dir) -> str:
     """predictions.csv as this process computes it from the run's saved weights, on one thread as each
     launched process (oneDNN's CPU convolutions round differently on another number of threads)."""
-    config, built = recipe.load_model(run_dir)
-    table = recipe.run_table(Path(run_dir), config)
+    config = rundir.finished_config(Path(run_dir))
+    built = load_model(run_dir, config)
+    table = rundir.run_table(Path(run_dir), config)
     frames, threads = [], torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for split in ("val", "test"):
-            recipe.evaluate_split(built.model, table, split, config, torch.device("cpu"), predictions=frames)
+            evaluate_split(built.model, table, split, config, torch.device("cpu"), predictions=frames)
     finally:
         torch.set_num_threads(threads)
     return pd.concat(frames).to_csv(index=False)
@@ -172,7 +176,7 @@ def test_a_ddp_run_resumes_under_a_launcher_and_ends_as_an_uninterrupted_one(lor
     launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
             "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0",
             "-m", "medpeft", "train", str(root / "resume.yaml")])
-    resumed = rundir.read_json(out / rundir.METRICS)
+    resumed = read_json(out / rundir.METRICS)
     assert (resumed["val"], resumed["test"], resumed["best_epoch"]) == \
         (uninterrupted["val"], uninterrupted["test"], uninterrupted["best_epoch"])
     for file in (root / "ddp" / "weights").iterdir():
@@ -209,7 +213,7 @@ def test_every_method_trains_under_ddp_and_its_processes_stay_in_step(every_meth
     _, runs = every_method_ddp
     assert len(runs) == len(list_methods()) + 3
     for run in runs:
-        metrics = rundir.read_json(Path(run["output_dir"]) / rundir.METRICS)
+        metrics = read_json(Path(run["output_dir"]) / rundir.METRICS)
         assert metrics["processes"] == 2
         assert medpeft.evaluate(run["output_dir"], "test") == metrics["test"], run["output_dir"]
         written = (Path(run["output_dir"]) / rundir.PREDICTIONS).read_text()
@@ -221,7 +225,7 @@ def test_full_fine_tuning_in_two_processes_gives_the_single_process_weights(ever
     single = {**next(run for run in runs if Path(run["output_dir"]).name == "full"), "output_dir": str(tmp_path)}
     medpeft.train(config_from_dict(single), quiet=True)
     a, b = (load_file(Path(d) / "weights" / "adapter.safetensors") for d in (tmp_path, root / "full"))
-    initial = recipe.build_model(config_from_dict(single)).model.state_dict()
+    initial = build_model(config_from_dict(single)).model.state_dict()
     assert a.keys() == initial.keys()
     moved = max(float((a[k] - initial[k]).abs().max()) for k in a)
     assert moved > 1e-3  # the weights moved (2 AdamW steps of lr 3e-3)

@@ -10,7 +10,7 @@ import medpeft
 from medpeft.config import config_from_dict
 from medpeft.data.labels import NIH_LABELS
 from medpeft.errors import DataError
-from medpeft.train.recipe import prepare_table
+from medpeft.train.components import prepare_table
 
 from conftest import TINY_VIT
 

@@ -1,4 +1,4 @@
-"""The lean LoRA forward (medpeft.methods.lean_lora) against peft's own: equal outputs and gradients for
+"""The lean LoRA forward (medpeft.accel.lean_lora) against peft's own: equal outputs and gradients for
 every target, under bf16 autocast too, peft's adapter format and merging unchanged, peft's path where
 the adapter is not plain LoRA, and less memory kept for backward and allocated."""
 
@@ -17,10 +17,10 @@ from torch.utils._pytree import tree_leaves
 
 from medpeft.backbones import create_backbone, split_qkv
 from medpeft.backbones.layers import SplitQKV, row_blocks
+from medpeft.accel.lean_lora import LeanLinear, LeanMlp, LeanSplitQKV, make_lean
 from medpeft.config import ModelConfig
 from medpeft.methods import get_method, method_config_from_dict
 from medpeft.methods._peft import PEFT_WEIGHTS, SPLIT_TARGETS
-from medpeft.methods.lean_lora import LeanLinear, LeanMlp, LeanSplitQKV, make_lean
 
 from conftest import TINY_VIT
 
@@ -43,11 +43,8 @@ def applied(targets, lean=True, name="lora", std=0.3, **settings):
     spec = get_method(name)
     config = method_config_from_dict({"name": name, "r": 4, "alpha": 8, "targets": targets, **settings})
     model = spec.apply(backbone(), config)
-    if not lean:  # peft's own layers, as get_peft_model made them
-        for module in model.modules():
-            original = {LeanLinear: PeftLinear, LeanSplitQKV: SplitQKV, LeanMlp: Mlp}.get(type(module))
-            if original:
-                module.__class__ = original
+    if lean:  # else peft's own layers, as get_peft_model made them
+        make_lean(model)
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -233,9 +230,9 @@ def test_active_dropout_uses_peft_path_and_inactive_dropout_the_lean_one(targets
 
 
 def test_dora_merged_and_disabled_adapters_use_peft_path():
-    dora = applied(["q", "v"], name="dora")
-    assert not any(isinstance(m, LeanLinear) for m in dora.modules())  # apply leaves DoRA to peft
-    reference = applied(["q", "v"], name="dora")
+    dora = applied(["q", "v"], name="dora", lean=False)
+    assert not any(isinstance(m, LeanLinear) for m in dora.modules())  # the method is peft's alone
+    reference = applied(["q", "v"], name="dora", lean=False)
     assert make_lean(dora) == 4  # q and v of 2 blocks, each falling back
     x = torch.randn(2, 3, 32, 32)
     assert_same(dora, reference, x, lean_used=False)

@@ -75,7 +75,7 @@ def test_unknown_targets_are_left_out_of_each_label_metric():
 def test_masked_bce_ignores_unknown_targets():
     import torch
 
-    from medpeft.train.recipe import masked_bce
+    from medpeft.train.components import masked_bce
 
     logits = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
     targets = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])

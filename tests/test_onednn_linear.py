@@ -1,4 +1,4 @@
-"""fp32 linear layers on the CPU through oneDNN (medpeft.backbones.layers): nn.Linear's results, gradients
+"""fp32 linear layers on the CPU through oneDNN (medpeft.accel.onednn): nn.Linear's results, gradients
 and state dict, with the kernel actually in use."""
 
 from collections import Counter
@@ -8,13 +8,12 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from medpeft.backbones import layers
-from medpeft.backbones.layers import OneDNNLinear, linear, token_product, use_onednn_linear
+from medpeft.accel import onednn as layers
+from medpeft.accel.lean_lora import LeanLinear
+from medpeft.accel.onednn import OneDNNLinear, linear, token_product, use_onednn_linear
 from medpeft.config import config_from_dict
-from medpeft.methods.lean_lora import LeanLinear
 
-pytestmark = pytest.mark.skipif(layers.ONEDNN_LINEAR is None,
-                                reason="this torch has no oneDNN (mkldnn) kernels")
+pytestmark = pytest.mark.skipif(not layers.available(), reason="this torch has no usable oneDNN linear op")
 
 
 class Ops(TorchDispatchMode):
@@ -127,7 +126,7 @@ def test_training_builds_its_linear_layers_on_onednn_and_lean_lora_still_applies
         converted.append((model, n))
         return n
 
-    monkeypatch.setattr(recipe, "use_onednn_linear", recording)
+    monkeypatch.setattr(layers, "use_onednn_linear", recording)
     config = {**run_config, "method": {"name": "lora", "targets": ["all_linear"]},
               "train": {**run_config["train"], "epochs": 1}}
     recipe.train(config_from_dict(config), quiet=True)

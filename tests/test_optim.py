@@ -4,7 +4,9 @@ from safetensors.torch import load_file
 
 import medpeft
 from medpeft.config import TrainConfig, config_from_dict
-from medpeft.train.recipe import build_model, build_optimizer, build_scheduler
+from medpeft.engine.assemble import build_model
+from medpeft.engine.loop import build_scheduler
+from medpeft.train.components import build_optimizer
 
 
 def lora_model(run_config):

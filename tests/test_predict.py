@@ -20,7 +20,7 @@ from medpeft.config import config_from_dict
 from medpeft.data.readers import read_dataset
 from medpeft.errors import ConfigError, DataError, RunDirError
 from medpeft.inference import predict
-from medpeft.inference.run import UnreadableInputWarning
+from medpeft.inference import UnreadableInputWarning
 from medpeft.metrics.thresholds import select_threshold
 
 PROBS = ["prob:bright", "prob:dark"]

@@ -19,7 +19,7 @@ from medpeft.data.readers import read_dataset
 from medpeft.errors import ConfigError
 from medpeft.pretrain import MAE_CHECKPOINT, MaskedAutoencoder, pretrain
 from medpeft.pretrain import recipe as pretrain_recipe
-from medpeft.train import rundir
+from medpeft.engine import rundir
 from medpeft.train.recipe import train
 
 TINY_MAE = {"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2, "preview_every": 2,

@@ -17,7 +17,7 @@ from medpeft.config import config_from_dict
 from medpeft.data.images import load_grayscale
 from medpeft.data.phantoms import generate_phantoms
 from medpeft.errors import ConfigError
-from medpeft.inference.run import UnreadableInputWarning
+from medpeft.inference import UnreadableInputWarning
 from medpeft.inference.saliency import saliency_map, target_layer, upsample
 from medpeft.methods.registry import unwrap
 

@@ -14,7 +14,9 @@ import medpeft
 from medpeft.config import config_from_dict
 from medpeft.errors import CheckpointError, ConfigError, DataError, RunDirError
 from medpeft.metrics import classification_metrics
-from medpeft.train import recipe, rundir
+from medpeft.engine import rundir, runtime
+from medpeft.engine.assemble import build_model
+from medpeft.train import recipe
 
 
 def run(config: dict) -> dict:
@@ -270,7 +272,7 @@ def test_bf16_on_the_cpu_runs_timm_attention_without_the_fused_kernel(run_config
     matmul + softmax path, which computes the same function; other precisions keep the fused kernel."""
     def built(precision, attention="auto"):
         train = {**run_config["train"], "precision": precision, "attention": attention}
-        model = recipe.build_model(config_from_dict({**run_config, "train": train})).model.eval()
+        model = build_model(config_from_dict({**run_config, "train": train})).model.eval()
         attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
         assert len(attention) == run_config["model"]["kwargs"]["depth"]
         return model, {m.fused_attn for m in attention}
@@ -290,23 +292,23 @@ def test_bf16_on_a_cpu_without_bf16_matmuls_warns_once(monkeypatch):
     """Emulated bf16 matmuls are ~90x slower than fp32 (AVX2): say so once per process, and only then."""
     import warnings
 
-    cpu, calls = torch.device("cpu"), lambda precision: [recipe.autocast(cpu, precision) for _ in range(3)]
+    cpu, calls = torch.device("cpu"), lambda precision: [runtime.autocast(cpu, precision) for _ in range(3)]
     for native in (True, False):
-        monkeypatch.setattr(recipe, "cpu_bf16_matmul", lambda: native)
-        recipe._warn_emulated_bf16.cache_clear()
+        monkeypatch.setattr(runtime, "cpu_bf16_matmul", lambda: native)
+        runtime._warn_emulated_bf16.cache_clear()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             calls("bf16"), calls("fp32")
         assert len(caught) == (0 if native else 1)
         if not native:  # pointing at the caller of autocast
             assert "no bf16 matmul instructions" in str(caught[0].message) and caught[0].filename == __file__
-    recipe._warn_emulated_bf16.cache_clear()
+    runtime._warn_emulated_bf16.cache_clear()
 
 
 FAULTS = """
 import resource, sys, torch
 if sys.argv[1] == "reuse":
-    from medpeft.train.recipe import reuse_freed_memory
+    from medpeft.accel.memory import reuse_freed_memory
     reuse_freed_memory()
 counts = []
 for _ in range(5):  # a "step" that allocates and frees 4 tensors of 16 MB

@@ -1,9 +1,13 @@
-"""medpeft: parameter-efficient fine-tuning of medical vision foundation models."""
+"""medpeft: parameter-efficient fine-tuning of medical vision foundation models.
 
-__version__ = "0.1.0"
+The package root composes the layers: importing it registers every dataset format (medpeft.data) and
+every method (medpeft.methods) with the config loader, and exposes the Python API.
+"""
 
-from medpeft.config import RunConfig, load_config  # noqa: E402
-from medpeft.train import evaluate, train  # noqa: E402
-from medpeft.inference import load_run, load_runs  # noqa: E402
+from medpeft.version import __version__
+from medpeft.config import RunConfig, load_config
+from medpeft import data, methods  # noqa: F401  (registration of formats and methods)
+from medpeft.train import train
+from medpeft.inference import evaluate, load_run, load_runs
 
 __all__ = ["RunConfig", "__version__", "evaluate", "load_config", "load_run", "load_runs", "train"]

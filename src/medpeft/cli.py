@@ -28,7 +28,7 @@ def train(
 ):
     """Fine-tune a backbone as CONFIG says; an unfinished run in the same directory resumes."""
     from medpeft import load_config, train as run_training
-    from medpeft.train.distributed import Processes
+    from medpeft.engine.distributed import Processes
 
     overrides = list(set_ or []) + ([f"output_dir={out}"] if out else []) + _on_missing(on_missing)
     run_config = load_config(config, overrides)
@@ -85,7 +85,7 @@ def evaluate(
 ):
     """Evaluate a finished run's best weights on a split of its own data split."""
     from medpeft import evaluate as run_evaluation
-    from medpeft.train.distributed import Processes
+    from medpeft.engine.distributed import Processes
 
     if devices > 1:
         _launch(devices, ["evaluate", str(run_dir), f"--split={split}"])
@@ -114,7 +114,7 @@ def predict(
     import warnings
 
     from medpeft.inference import load_runs, predict as run_prediction
-    from medpeft.train.rundir import write_text_atomic
+    from medpeft.files import write_text_atomic
 
     run_dirs = [Path(p) for p in runs.split(",")] if runs else paths[:1]
     images = paths if runs else paths[1:]
@@ -168,7 +168,7 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON inste
     from medpeft.methods import list_methods
 
     rows = [{"name": m.name, "description": m.description, "reference": m.reference,
-             "families": list(m.families), "merges": m.merge is not None} for m in list_methods()]
+             "families": list(m.config_cls.families), "merges": m.merge is not None} for m in list_methods()]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -191,7 +191,7 @@ def _on_missing(value: Optional[str]) -> list[str]:
 
 def _prepared(config: Path, set_: Optional[List[str]], on_missing: Optional[str] = None):
     from medpeft import load_config
-    from medpeft.data.readers import read_split_dataset
+    from medpeft.data import read_split_dataset
 
     run_config = load_config(config, list(set_ or []) + _on_missing(on_missing), base={"output_dir": "-"})
     return run_config, read_split_dataset(run_config.data)
@@ -286,6 +286,8 @@ def study_report(study_dir: Path = typer.Argument(..., help="A study directory (
 
 
 def print_metrics(metrics: dict, split: str) -> None:
+    from medpeft.metrics.display import format_score as _fmt
+
     table = Table(title=f"{split}: mean AUROC {_fmt(metrics['mean_auroc'])} over {metrics['n']} images")
     for column in ("label", "AUROC", "AUPRC", "positives", "negatives"):
         table.add_column(column, justify="left" if column == "label" else "right")
@@ -294,10 +296,6 @@ def print_metrics(metrics: dict, split: str) -> None:
     console.print(table)
     if "accuracy" in metrics:
         console.print(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}")
-
-
-def _fmt(value) -> str:
-    return "undefined" if value is None else f"{value:.4f}"
 
 
 def _one_line(error: BaseException) -> str:

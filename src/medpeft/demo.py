@@ -24,7 +24,8 @@ from rich.table import Table
 from medpeft.config import load_pretrain_config
 from medpeft.data.phantoms import FINDINGS, generate_phantoms
 from medpeft.pretrain import MAE_CHECKPOINT, pretrain
-from medpeft.train import rundir
+from medpeft.engine import rundir
+from medpeft.files import write_text_atomic
 
 IMAGE_SIZE = 64
 PATIENTS = 1200
@@ -79,7 +80,7 @@ def run_demo(out: str | Path = "demo-runs", jobs: int = 2, console: Console | No
 
     console.rule("[bold]3. scratch vs linear probe vs full fine-tuning vs LoRA at 1%, 10%, 100% labels")
     study_file = out / "study.yaml"
-    rundir.write_text_atomic(study_file, yaml.safe_dump(
+    write_text_atomic(study_file, yaml.safe_dump(
         study_spec(csv, mae_dir / MAE_CHECKPOINT, out / "cache"), sort_keys=False))
     run_study(study_file, out / "study", jobs=jobs)
     report = write_report(out / "study")

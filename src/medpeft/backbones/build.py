@@ -18,12 +18,10 @@ def create_backbone(config: ModelConfig, num_classes: int) -> tuple[nn.Module, L
     local checkpoint file. Returns the model and, for a file, the load report.
     """
     pretrained = config.weights == "timm"
-    if not pretrained and not config.name.startswith("hf-hub:") and not timm.is_model(config.name):
-        raise ConfigError(f"model.name {config.name!r} is not a timm model (see timm.list_models())")
     kwargs = dict(num_classes=num_classes, **config.kwargs)
     if config.drop_path_rate:  # some CNNs (DenseNet) have no stochastic depth: 0 leaves it out
         kwargs["drop_path_rate"] = config.drop_path_rate
-    if family(config.name) == "vit":  # CNNs take any input size and have no img_size argument
+    if config.family == "vit":  # CNNs take any input size and have no img_size argument
         kwargs["img_size"] = config.img_size
     if config.global_pool is not None:
         kwargs["global_pool"] = config.global_pool
@@ -43,18 +41,6 @@ def create_backbone(config: ModelConfig, num_classes: int) -> tuple[nn.Module, L
     if config.weights not in ("random", "timm"):
         report = load_checkpoint(model, config.weights)
     return model, report
-
-
-# timm modules whose models are vision transformers (patch embedding, blocks, position embedding).
-_VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid", "vision_transformer_relpos", "deit", "eva", "beit")
-
-
-def family(name: str) -> str:
-    """'vit' or 'cnn' for a timm model name (hub names are taken as ViTs)."""
-    if name.startswith("hf-hub:"):
-        return "vit"
-    module = timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
-    return "vit" if module in _VIT_MODULES else "cnn"
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medpeft.backbones.layers import classifier_name
 from medpeft.errors import CheckpointError
 
 # Containers that training scripts wrap a state_dict in ({'model': ...} is MAE, MRM and medical MAE).
@@ -131,7 +132,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> LoadReport:
     model_state = model.state_dict()
     # What a fine-tuning model may initialise itself: the classifier ('head', 'fc', 'classifier',
     # 'head.fc' by family) and the pooled-feature norm.
-    head = model.pretrained_cfg.get("classifier", "head") + "."
+    head = classifier_name(model) + "."
     fresh_ok = (head, "fc_norm.")
     # MAE fine-tuning pools patch tokens and normalises them with fc_norm instead of norm:
     # the pretrained final norm is the right start for it.

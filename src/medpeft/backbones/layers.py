@@ -1,11 +1,14 @@
-"""Reusable pieces that reshape a timm ViT without changing what it computes, and the kernel of its
-linear layers on the CPU."""
+"""Reusable pieces that reshape a timm ViT without changing what it computes."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+
+def classifier_name(model: nn.Module) -> str:
+    """The name of a timm model's classification head module ('head', 'fc', 'classifier', 'head.fc')."""
+    return model.pretrained_cfg.get("classifier", "head")
 
 
 class SplitQKV(nn.Module):
@@ -89,99 +92,3 @@ def fuse_qkv(model: nn.Module) -> nn.Module:
         if isinstance(attn.qkv, SplitQKV):
             attn.qkv = attn.qkv.fused()
     return model
-
-
-# torch's fp32 matmul on the CPU is MKL's sgemm; its oneDNN inner product (AVX-512 brgemm where the CPU has
-# it) ran ViT-S's linear layers 2.1x faster and LoRA's rank-8 products 3x faster on an AMD EPYC with AVX-512
-# (benchmarks/results/lora_costs.md). Private to torch, but what inductor's CPU backend calls.
-ONEDNN_LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available()
-                 else None)
-"""oneDNN's linear op (x W^T + b), or None where this torch has no oneDNN."""
-
-
-def _onednn(x: torch.Tensor) -> bool:
-    """Whether to take oneDNN's kernel: fp32 on the CPU outside autocast, and not while a graph is traced,
-    compiled or exported (their graphs keep torch's portable linear: TorchScript, ONNX, inductor)."""
-    return (ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
-
-
-def _weight_operand(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` as oneDNN's linear reads it well: contiguous or a transposed view of a contiguous tensor
-    (it ran a column slice 40x slower than its copy)."""
-    return weight if weight.is_contiguous() or weight.t().is_contiguous() else weight.contiguous()
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x weight^T + bias`` for a 2-D x (tokens x in): ``F.linear``, in fp32 on the CPU through oneDNN.
-    `weight` (out x in) may be a transposed view; other strided views are copied first."""
-    if not _onednn(x):
-        return F.linear(x, weight, bias)
-    return ONEDNN_LINEAR(x, _weight_operand(weight), bias, "none", [], "")
-
-
-TOKEN_CHUNK = 1024
-"""Tokens per oneDNN call in ``token_product`` of two wide operands (see there)."""
-
-
-def token_product(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``p^T q``, the sum over the rows (tokens) of p (N x m) and q (N x n): a weight's gradient. Through
-    oneDNN (see ``linear``), whose input must be row-major: the narrower of the two is transposed into a
-    copy, the wider one read in place. When both are wide (a full weight's gradient), the sum runs over
-    chunks of about TOKEN_CHUNK tokens, each added in the matmul's epilogue: one call over every token ran
-    at 200 GFLOP/s, chunks at 250-290 (ViT-B's 768 x 3072 weights, 6,304 tokens)."""
-    if not _onednn(p):
-        return torch.mm(p.t(), q)
-    swap = p.shape[1] > q.shape[1]
-    narrow, wide = (q, p) if swap else (p, q)
-    chunks = max(1, round(len(p) / TOKEN_CHUNK)) if narrow.shape[1] >= 64 else 1
-    out = None
-    for rows, weight in zip(narrow.tensor_split(chunks), wide.tensor_split(chunks)):
-        rows, weight = rows.t().contiguous(), _weight_operand(weight.t())
-        out = linear(rows, weight) if out is None else ONEDNN_LINEAR.binary(rows, out, weight, None, "add")
-    return out.t() if swap else out
-
-
-class _Linear(torch.autograd.Function):
-    """``linear`` of a 2-D x with its backward through ``linear`` and ``token_product``."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x if weight.requires_grad else None, weight)
-        return linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
-        grad_x = linear(gy, weight.t()) if need_x else None
-        grad_w = token_product(gy, x) if need_w else None
-        return grad_x, grad_w, gy.sum(0) if need_b else None  # need_b is False for no bias
-
-
-class OneDNNLinear(nn.Linear):
-    """An ``nn.Linear`` whose fp32 CPU forward and backward run oneDNN's inner product (see ``linear``);
-    elsewhere (GPU, autocast, other dtypes, traced graphs) it is ``nn.Linear``. Same parameters and
-    state-dict names."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _onednn(x):
-            return super().forward(x)
-        # 2-D inside the function: its output is then no view of a tensor made inside (which peft's
-        # AdaLoRA, adding into it in place, would be refused)
-        out = _Linear.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
-        return out.view(*x.shape[:-1], self.out_features)
-
-
-def use_onednn_linear(model: nn.Module) -> int:
-    """Make every plain ``nn.Linear`` of `model` a ``OneDNNLinear``, in place (a no-op where torch has no
-    oneDNN); returns how many."""
-    if ONEDNN_LINEAR is None:
-        return 0
-    converted = 0
-    for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = OneDNNLinear
-            converted += 1
-    return converted

@@ -7,15 +7,16 @@ out of the loss and the metric).
 
 from __future__ import annotations
 
-
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from medpeft.config import DATA_FORMATS, DataConfig, option
 from medpeft.data.labels import CHEXPERT_COMPETITION_LABELS, CHEXPERT_LABELS
-from medpeft.data.table import check_unique_ids, first_row, read_table_file, require_columns
-from medpeft.errors import DataError
+from medpeft.data.table import check_unique_ids, first_row, keep_views, read_table_file, require_columns
+from medpeft.errors import ConfigError, DataError
 
 UNCERTAINTY_POLICIES = ("ones", "zeros", "ignore")
 # Named presets; a label missing from a preset takes its 'default'.
@@ -29,19 +30,50 @@ UNCERTAINTY_PRESETS = {
 _VALUES = {"1.0": 1.0, "1": 1.0, "0.0": 0.0, "0": 0.0, "": 0.0}
 
 
+@DATA_FORMATS.register("chexpert")
+@dataclass
+class CheXpertData(DataConfig):
+    """CheXpert: data.csv is ``train.csv`` / ``valid.csv`` (a list reads both); the 5 competition labels or
+    any of the 14."""
+
+    image_root: str | None = option(None, "Folder the CSV's Path column starts in (default: the folder above "
+                                    "the dataset folder).")
+    uncertainty: str | dict[str, str] = option(
+        "med-peft", "Uncertain (-1) labels: a preset (ones, zeros, ignore: masked out of loss and metrics, "
+        "med-peft: the MED-PEFT / MRM lists' policy) or {label: policy, default: policy}.")
+    frontal_only: bool = option(False, "Drop lateral views.")
+    views: list[str] | None = option(None, "Keep only these views (PA, AP, Lateral); None keeps all.")
+
+    def default_labels(self) -> tuple[str, ...]:
+        return CHEXPERT_COMPETITION_LABELS
+
+    def known_labels(self) -> tuple[str, ...]:
+        return CHEXPERT_LABELS
+
+    def validate(self) -> None:
+        super().validate()
+        resolve_uncertainty(self.uncertainty, self.labels)
+
+    def read(self, path: str) -> pd.DataFrame:
+        table = read_chexpert(path, self.labels, self.uncertainty, self.frontal_only, self.image_root)
+        return keep_views(table, self.views, path)
+
+
 def resolve_uncertainty(uncertainty: str | dict, labels) -> dict[str, str]:
-    """A preset name or a {label: policy} mapping (with optional 'default') -> a policy for every label."""
+    """A preset name or a {label: policy} mapping (with optional 'default') -> a policy for every label;
+    ConfigError naming data.uncertainty for an unknown preset, label or policy."""
     if isinstance(uncertainty, str):
         if uncertainty not in UNCERTAINTY_PRESETS:
-            raise DataError(f"uncertainty preset {uncertainty!r} is unknown (expected one of {list(UNCERTAINTY_PRESETS)})")
+            raise ConfigError(f"data.uncertainty preset {uncertainty!r} is unknown (expected one of "
+                              f"{list(UNCERTAINTY_PRESETS)})")
         uncertainty = UNCERTAINTY_PRESETS[uncertainty]
     unknown = set(uncertainty) - set(labels) - {"default"}
     if unknown:
-        raise DataError(f"uncertainty policy names labels not in {list(labels)}: {sorted(unknown)}")
+        raise ConfigError(f"data.uncertainty names labels not in {list(labels)}: {sorted(unknown)}")
     policies = {name: uncertainty.get(name, uncertainty.get("default", "ignore")) for name in labels}
     bad = {k: v for k, v in policies.items() if v not in UNCERTAINTY_POLICIES}
     if bad:
-        raise DataError(f"uncertainty policies must be one of {list(UNCERTAINTY_POLICIES)}, got {bad}")
+        raise ConfigError(f"data.uncertainty policies must be one of {list(UNCERTAINTY_POLICIES)}, got {bad}")
     return policies
 
 

@@ -5,17 +5,39 @@ Returns the plain table (see medpeft.data.table); ``image_id`` is the path as wr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from medpeft.config import DataConfig
+from medpeft.config import DATA_FORMATS, DataConfig, option
 from medpeft.data.table import check_unique_ids, first_row, names_to_targets, read_table_file, require_columns
 from medpeft.errors import DataError
 
 
-def read_csv_dataset(config: DataConfig, path: str | Path | None = None) -> pd.DataFrame:
+@DATA_FORMATS.register("csv")
+@dataclass
+class CSVData(DataConfig):
+    """Any labels CSV: an image path column, 0/1 label columns or one column of names ('A|B'), optional
+    patient and split columns."""
+
+    split_column = True
+    image_root: str | None = option(None, "Folder the image paths are relative to (default: the CSV's folder).")
+    path_column: str = option("path", "Column of image paths.", required=True)
+    patient_column: str | None = option(None, "Patient id column: a patient's images stay on one side of a "
+                                        "split; default: one patient per row.")
+    label_column: str | None = option(None, "One column of delimited label names per row ('A|B'); unset: each "
+                                      "label is a 0/1 column.")
+    label_delimiter: str = option("|", "Separator of the names in label_column.", required=True)
+    negative_names: list[str] = option(["No Finding"], "Names in label_column meaning 'none of the labels' "
+                                       "(multilabel tasks).")
+
+    def read(self, path: str) -> pd.DataFrame:
+        return read_csv_dataset(self, path)
+
+
+def read_csv_dataset(config: CSVData, path: str | Path | None = None) -> pd.DataFrame:
     """The plain table of the labels CSV at `path` (default: ``config.csv``)."""
     csv = Path(path or config.csv)
     frame = read_table_file(csv, "labels CSV")

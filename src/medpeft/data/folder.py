@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from medpeft.config import DATA_FORMATS, DataConfig, check_pattern, option
 
 from medpeft.errors import DataError
 
@@ -22,6 +25,34 @@ def _patient_of(name: str, pattern: re.Pattern | None, path: Path, default: str)
     if not match:
         raise DataError(f"{path}: patient_pattern {pattern.pattern!r} does not match the name")
     return match.group(1)
+
+
+PATIENT_PATTERN_HELP = ("Regular expression whose first group, searched in each file name, is the patient id "
+                        "(e.g. '(person\\d+)_'); default: one patient per image.")
+
+
+@DATA_FORMATS.register("folder")
+@dataclass
+class FolderData(DataConfig):
+    """Folder per class: data.csv names the root of ``<class>/`` folders (the labels); one class per image."""
+
+    patient_pattern: str | None = option(None, PATIENT_PATTERN_HELP)
+
+    def validate(self) -> None:
+        super().validate()
+        check_pattern("data.patient_pattern", self.patient_pattern)
+
+    def read(self, path: str) -> pd.DataFrame:
+        return read_folder(path, self.labels, self.patient_pattern)
+
+
+@DATA_FORMATS.register("images")
+@dataclass
+class ImagesData(FolderData):
+    """Unlabelled images: data.csv names a folder; every image below it (for ``medpeft pretrain``)."""
+
+    def read(self, path: str) -> pd.DataFrame:
+        return read_images(path, self.patient_pattern)
 
 
 def read_images(root: str | Path, patient_pattern: str | None = None) -> pd.DataFrame:

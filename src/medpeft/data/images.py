@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from medpeft.data.medmnist import SEPARATOR as MEDMNIST_SEPARATOR, load_array_image
 from medpeft.errors import DataError
 
-MEDMNIST_SEPARATOR = "::"  # <file.npz>::<split>:<index>, see medpeft.data.medmnist
 MIN_SIDE = 8
 """Smaller images are refused: a radiograph, even a MedMNIST thumbnail (28 px), is larger."""
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -26,8 +26,6 @@ def load_grayscale(path: str) -> Image.Image:
 
         return _checked_size(Image.fromarray(read_dicom(path)), path)
     if MEDMNIST_SEPARATOR in str(path):
-        from medpeft.data.medmnist import load_array_image
-
         return Image.fromarray(load_array_image(str(path))).convert("L")
     try:
         with Image.open(path) as image:

@@ -8,14 +8,13 @@ single patient order, so the 1% subset lies inside the 10% one, which lies insid
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from medpeft.errors import DataError
+from medpeft.files import write_text_atomic
 
 N_FOLDS = 10             # per level: 10%, then 1%, then 0.1% blocks of the order are stratified
 LEAF_PATIENTS = 50       # below this, folds would hold too few patients to stratify anything
@@ -153,16 +152,7 @@ def write_split_file(image_ids, path, meta: dict | None = None) -> str:
     text = "".join(f"# {k}: {v}\n" for k, v in header.items()) + "".join(f"{i}\n" for i in ids)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)  # readers see the old file or the whole new one, never a partial write
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
     return digest
 
 

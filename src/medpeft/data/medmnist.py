@@ -6,16 +6,29 @@ medpeft.data.images.load_grayscale resolves.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from medpeft.data.images import MEDMNIST_SEPARATOR as SEPARATOR
+from medpeft.config import DATA_FORMATS, DataConfig
 from medpeft.errors import DataError
 
 SPLITS = ("train", "val", "test")
+SEPARATOR = "::"
+"""A row's path is ``<file.npz>::<split>:<index>``."""
+
+
+@DATA_FORMATS.register("medmnist")
+@dataclass
+class MedMNISTData(DataConfig):
+    """A MedMNIST ``.npz`` file (data.csv): its own train / val / test split; labels are the class names
+    (multiclass) or the label names (multilabel, e.g. ChestMNIST's 14)."""
+
+    def read(self, path: str) -> pd.DataFrame:
+        return read_medmnist(path, self.labels, self.task)
 
 
 @lru_cache(maxsize=4)

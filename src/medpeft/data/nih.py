@@ -6,23 +6,40 @@ All 112,120 images are kept by default (every view, every follow-up): filtering 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
+from medpeft.config import DATA_FORMATS, DataConfig, option
 from medpeft.data.labels import NIH_LABELS, NIH_NO_FINDING
-from medpeft.data.splits import patient_split
-from medpeft.data.table import check_unique_ids, names_to_targets, read_table_file, require_columns
+from medpeft.data.table import check_unique_ids, keep_views, names_to_targets, read_table_file, require_columns
 from medpeft.errors import DataError
 
 
+@DATA_FORMATS.register("nih")
+@dataclass
+class NIHData(DataConfig):
+    """NIH ChestX-ray14: data.csv is ``Data_Entry_2017.csv`` or ``Data_Entry_2017_v2020.csv``; the 14
+    findings in the standard order."""
 
-def read_nih(data_entry: str | Path, image_dir: str | Path | None = None, views=None) -> pd.DataFrame:
+    image_root: str | None = option(None, "Folder of the PNGs (default: images/ beside the CSV).")
+    views: list[str] | None = option(None, "Keep only these View Position values (e.g. [PA]); None keeps all.")
+
+    def default_labels(self) -> tuple[str, ...]:
+        return NIH_LABELS
+
+    def known_labels(self) -> tuple[str, ...]:
+        return NIH_LABELS
+
+    def read(self, path: str) -> pd.DataFrame:
+        return keep_views(read_nih(path, self.image_root), self.views, path)
+
+
+def read_nih(data_entry: str | Path, image_dir: str | Path | None = None) -> pd.DataFrame:
     """The plain table of ``Data_Entry_2017*.csv``; 'No Finding' is all zeros.
 
     image_dir: folder holding the PNGs (default: an ``images`` folder beside the CSV).
-    views: keep only these View Position values (e.g. ``["PA"]``); None keeps all.
     """
     data_entry = Path(data_entry)
     frame = read_table_file(data_entry, "NIH Data_Entry file")
@@ -42,37 +59,4 @@ def read_nih(data_entry: str | Path, image_dir: str | Path | None = None, views=
     })
     for k, name in enumerate(NIH_LABELS):
         table[name] = targets[:, k]
-    if views is not None:
-        table = table[table["view"].isin(list(views))].reset_index(drop=True)
     return table
-
-
-def read_image_list(path: str | Path) -> list[str]:
-    """A file of image names, one per line (blank lines and surrounding spaces ignored)."""
-    try:
-        return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    except FileNotFoundError:
-        raise DataError(f"{path}: image list not found") from None
-
-
-def nih_official_split(table: pd.DataFrame, train_val_list: str | Path, test_list: str | Path,
-                       val_fraction: float = 0.1, seed: int = 0) -> pd.DataFrame:
-    """Assign the official split: test from `test_list`; a patient-disjoint validation set of about
-    `val_fraction` of the train_val images, drawn with `seed`; the rest train."""
-    test = set(read_image_list(test_list))
-    train_val = set(read_image_list(train_val_list))
-    for listed, path in ((test, test_list), (train_val, train_val_list)):
-        missing = listed - set(table["image_id"])
-        if missing and len(table) > 0:
-            raise DataError(f"{path}: {len(missing)} listed images are not in the table, e.g. {sorted(missing)[0]}")
-    table = table.copy()
-    table["split"] = np.where(table["image_id"].isin(test), "test",
-                              np.where(table["image_id"].isin(train_val), "train", ""))
-    leaked = set(table.loc[table["split"] == "test", "patient_id"]) & set(
-        table.loc[table["split"] == "train", "patient_id"])
-    if leaked:
-        raise DataError(f"{test_list}: patient {sorted(leaked)[0]} is in both the test and the train_val list")
-    pool = table["split"] == "train"
-    table.loc[pool, "split"] = np.where(
-        patient_split(table.loc[pool, "patient_id"], val_fraction, 0.0, seed) == "val", "val", "train")
-    return table[table["split"] != ""].reset_index(drop=True)

@@ -3,16 +3,38 @@ row with Target 0) and ``stage_2_detailed_class_info.csv``. One image (DICOM) pe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from medpeft.data.labels import RSNA_CLASSES
+from medpeft.config import DATA_FORMATS, DataConfig, option
+from medpeft.data.labels import RSNA_CLASSES, RSNA_LABELS
 from medpeft.data.table import read_table_file, require_columns
 from medpeft.errors import DataError
 
 IMAGE_FOLDER = "stage_2_train_images"
+
+
+@DATA_FORMATS.register("rsna")
+@dataclass
+class RSNAData(DataConfig):
+    """RSNA Pneumonia: data.csv is ``stage_2_train_labels.csv``; one image (DICOM) per patient, label =
+    max Target, or the 3 classes with class_info."""
+
+    image_root: str | None = option(None, "Folder holding stage_2_train_images (default: the CSV's folder).")
+    class_info: str | None = option(None, "stage_2_detailed_class_info.csv, for the 3-class task (labels: "
+                                    "the three classes).")
+
+    def default_labels(self) -> tuple[str, ...]:
+        return RSNA_CLASSES if self.class_info else RSNA_LABELS
+
+    def known_labels(self) -> tuple[str, ...]:
+        return self.default_labels()
+
+    def read(self, path: str) -> pd.DataFrame:
+        return read_rsna(path, self.class_info, self.image_root)
 
 
 def read_rsna(train_labels: str | Path, detailed_class_info: str | Path | None = None,

@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 
 from medpeft.config import SplitConfig
+from medpeft.data.label_fractions import label_fraction_subsets, read_split_file
+from medpeft.data.split_list import label_mismatches, read_split_list
 from medpeft.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -33,9 +35,6 @@ def patient_split(patient_ids: pd.Series, val_fraction: float, test_fraction: fl
 def read_split_ids(path: str | Path, table: pd.DataFrame, labels) -> list[str]:
     """Image ids of a split file: a medpeft split file ('# sha256: ...' header), a published list
     ('<path> <0/1 labels>', whose labels must agree with `table`), or one image name per line."""
-    from medpeft.data.label_fractions import read_split_file
-    from medpeft.data.split_list import label_mismatches, read_split_list
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: split file not found")
@@ -87,8 +86,6 @@ def assign_splits(table: pd.DataFrame, config: SplitConfig, source, labels=()) -
     else:
         table["split"] = patient_split(table["patient_id"], config.val_fraction, config.test_fraction, config.seed)
     if config.label_fraction < 1.0:
-        from medpeft.data.label_fractions import label_fraction_subsets
-
         train = table["split"] == "train"
         kept = label_fraction_subsets(table[train], list(labels), [config.label_fraction], config.seed)
         table = table[~train | table["image_id"].isin(kept[config.label_fraction])].reset_index(drop=True)

@@ -35,6 +35,16 @@ def first_row(mask) -> int:
     return int(np.argmax(np.asarray(mask))) + 2
 
 
+def keep_views(table: pd.DataFrame, views: list[str] | None, source) -> pd.DataFrame:
+    """The rows whose view is one of `views` (None keeps all); DataError if none is left."""
+    if views is None:
+        return table
+    table = table[table["view"].isin(views)].reset_index(drop=True)
+    if table.empty:
+        raise DataError(f"{source}: no images with views {views}")
+    return table
+
+
 def check_unique_ids(image_ids: pd.Series, source) -> None:
     duplicated = image_ids.duplicated()
     if duplicated.any():

@@ -21,14 +21,13 @@ import timm
 import torch
 from torch import nn
 
-import medpeft
-from medpeft.backbones.build import count_parameters
+from medpeft.backbones import count_parameters
 from medpeft.errors import ExportError
+from medpeft.files import atomic_directory, write_json_atomic
 from medpeft.methods.registry import own_weights
-from medpeft.train import rundir
+from medpeft.version import __version__
 
 MANIFEST = "export.json"
-SAFETENSORS = "model.safetensors"
 TORCHSCRIPT = "model.torchscript.pt"
 ONNX = "model.onnx"
 ONNX_OPSET = 18
@@ -50,7 +49,7 @@ def export(run, out_dir) -> dict:
     with torch.no_grad():
         expected = reference(x)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with rundir.atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir) as tmp:
         diffs = {}
         if model is not None:
             diffs["safetensors"] = _save_timm(model, tmp, run, x, expected)
@@ -70,9 +69,9 @@ def export(run, out_dir) -> dict:
             "parameters": count_parameters(network)[1],
             "max_abs_diff": diffs,
             "tolerance": TOLERANCE,
-            "versions": {"medpeft": medpeft.__version__, "torch": torch.__version__, "timm": timm.__version__},
+            "versions": {"medpeft": __version__, "torch": torch.__version__, "timm": timm.__version__},
         }
-        rundir.write_json_atomic(tmp / MANIFEST, manifest)
+        write_json_atomic(tmp / MANIFEST, manifest)
     return manifest
 
 

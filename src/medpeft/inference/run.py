@@ -9,33 +9,29 @@ several task runs on one shared backbone, saliency maps and a standalone export.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
+from medpeft import accel
 from medpeft.config import RunConfig
 from medpeft.data.dataset import build_transform
-from medpeft.data.images import is_dicom, load_grayscale
+from medpeft.engine import rundir
+from medpeft.engine.assemble import load_model
+from medpeft.engine.evaluation import evaluate_split
+from medpeft.engine.loaders import image_cache
+from medpeft.engine.loop import progress_bar
+from medpeft.engine.runtime import autocast, resolve_device, session
 from medpeft.errors import ConfigError, DataError, RunDirError
+from medpeft.files import read_json
+from medpeft.inference.inputs import collect_inputs, input_name, read_batches, report_unreadable
 from medpeft.methods import MethodSpec
-from medpeft.metrics.thresholds import YOUDEN, parse_rule
-from medpeft.train import recipe, rundir
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
-
-
-class UnreadableInputWarning(UserWarning):
-    """Some inputs could not be read; they are listed in the output with the reason."""
-
+from medpeft.metrics.thresholds import YOUDEN, parse_rule, select_thresholds
 
 @dataclass
 class Run:
@@ -106,12 +102,13 @@ def _decision_rule(run_dir: Path, config: RunConfig, rule: str) -> tuple[str, di
     if not path.is_file():
         raise RunDirError(f"{run_dir}: no {rundir.THRESHOLDS} (written by medpeft 0.1 before decision thresholds "
                           f"were stored); train the run again to predict with it")
-    stored = rundir.read_json(path)
+    stored = read_json(path)
     if stored["rule"] == "argmax" or rule == stored["rule"]:
         return stored["rule"], stored["thresholds"]
     parse_rule(rule)
-    val = pd.read_csv(run_dir / rundir.PREDICTIONS).query("split == 'val'")
-    return rule, recipe.val_thresholds(val, list(config.data.labels), rule)
+    labels = list(config.data.labels)
+    _, targets, probs = rundir.read_predictions(run_dir, "val", labels)
+    return rule, select_thresholds(targets, probs, labels, rule)
 
 
 def load_run(path, threshold: str = YOUDEN) -> Run:
@@ -120,7 +117,8 @@ def load_run(path, threshold: str = YOUDEN) -> Run:
     threshold: 'youden' (the rule stored with the run) or 'sensitivity:X', chosen on the run's
     validation predictions. Multiclass runs decide by arg-max."""
     run_dir = Path(path)
-    config, built = recipe.load_model(run_dir)
+    config = rundir.finished_config(run_dir)
+    built = load_model(run_dir, config)
     rule, thresholds = _decision_rule(run_dir, config, threshold)
     return Run(run_dir, config, built.model, built.spec, rule, thresholds)
 
@@ -137,82 +135,17 @@ def load_runs(paths, threshold: str = YOUDEN) -> list[Run]:
     if len(set(names)) < len(names):
         raise ConfigError(f"--runs: two runs have the same folder name ({', '.join(names)}); the output's column "
                           f"groups are named by it")
-    configs = [recipe.check_finished(run_dir) for run_dir in run_dirs]
+    configs = [rundir.finished_config(run_dir) for run_dir in run_dirs]
     first = run_dirs[0]
     for run_dir, config in zip(run_dirs[1:], configs[1:]):
         if preprocessing(config) != preprocessing(configs[0]):
             raise ConfigError(f"{run_dir}: its preprocessing (img_size, mean, std) differs from {first}'s; "
                               f"runs in --runs must take the same input")
     runs = []
-    for run_dir, config, (model, spec) in zip(run_dirs, configs, shared_models(configs, run_dirs)):
+    for run_dir, config, built in zip(run_dirs, configs, shared_models(configs, run_dirs)):
         rule, thresholds = _decision_rule(run_dir, config, threshold)
-        runs.append(Run(run_dir, config, model, spec, rule, thresholds))
+        runs.append(Run(run_dir, config, built.model, built.spec, rule, thresholds))
     return runs
-
-
-# ----------------------------------------------------------------------------- inputs
-def collect_inputs(inputs) -> list:
-    """Expand folders (recursively: image files by suffix, and DICOM files without one) into sorted files;
-    PIL images pass through. A path that does not exist is an error."""
-    items = []
-    for item in [inputs] if isinstance(inputs, (str, Path, Image.Image)) else inputs:
-        if isinstance(item, Image.Image):
-            items.append(item)
-            continue
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(str(f) for f in path.rglob("*") if f.is_file() and (
-                f.suffix.lower() in IMAGE_SUFFIXES or (not f.suffix and is_dicom(f))))
-            if not found:
-                raise DataError(f"{path}: no images below this folder (expected {', '.join(IMAGE_SUFFIXES)} "
-                                f"or DICOM files)")
-            items += found
-        elif path.is_file():
-            items.append(str(path))
-        else:
-            raise DataError(f"{path}: no such file or folder")
-    return items
-
-
-def read_input(item) -> Image.Image:
-    """A PIL image as grayscale, or a file through medpeft.data.images.load_grayscale (DataError if unreadable)."""
-    return item.convert("L") if isinstance(item, Image.Image) else load_grayscale(item)
-
-
-class InputImages(Dataset):
-    """Items (image tensor, error message): an unreadable input gives zeros and the reason, not an exception."""
-
-    def __init__(self, items: list, transform, img_size: int):
-        self.items, self.transform, self.img_size = items, transform, img_size
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int):
-        item = self.items[index]
-        try:
-            return self.transform(read_input(item)), ""
-        except DataError as e:
-            return torch.zeros(3, self.img_size, self.img_size), str(e)
-
-
-def input_name(item, index: int) -> str:
-    return f"<image {index}>" if isinstance(item, Image.Image) else str(item)
-
-
-def read_batches(items: list, run: Run, batch_size: int, workers: int = 0) -> DataLoader:
-    return DataLoader(InputImages(items, run.transform(), run.config.model.img_size), batch_size=batch_size,
-                      num_workers=workers)
-
-
-def report_unreadable(names: list[str], errors: list[str], strict: bool) -> None:
-    bad = [(name, error) for name, error in zip(names, errors) if error]
-    if not bad:
-        return
-    if strict:
-        raise DataError(f"{bad[0][1]} ({len(bad)} of {len(names)} inputs unreadable; --strict)")
-    warnings.warn(f"{len(bad)} of {len(names)} inputs could not be read and have no prediction (see the "
-                  f"'error' column); first: {bad[0][1]}", UnreadableInputWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -221,18 +154,18 @@ def predict(runs: list[Run], images, batch_size: int | None = None, strict: bool
     """Decode each image once and apply every run to it. One run: columns prob:<label>, pred:<label>;
     several: the same under '<run name>/'. With `strict`, an unreadable input raises DataError."""
     items = collect_inputs(images)
-    recipe.reuse_freed_memory()
-    device = recipe.resolve_device(runs[0].config.train.device)
+    accel.prepare_process(runs[0].config.train)
+    device = resolve_device(runs[0].config.train.device)
     batch_size = batch_size or runs[0].config.train.eval_batch_size
     probs = [[] for _ in runs]
     errors = []
-    console = Console(stderr=True)
+    console = Console(stderr=True, quiet=not progress)
     for run in runs:
         run.model.to(device)
-    with Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=not (progress and console.is_terminal)) as bar:
-        task = bar.add_task("", total=len(items))
-        for x, batch_errors in read_batches(items, runs[0], batch_size, workers):
+    with progress_bar(console) as bar:
+        task = bar.add_task("predicting", total=len(items))
+        for x, batch_errors in read_batches(items, runs[0].transform(), runs[0].config.model.img_size, batch_size,
+                                            workers):
             x = x.to(device)
             for run, out in zip(runs, probs):
                 out.append(class_probabilities(run, x, device))
@@ -256,6 +189,21 @@ def predict(runs: list[Run], images, batch_size: int | None = None, strict: bool
 @torch.no_grad()
 def class_probabilities(run: Run, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """(B, K) probabilities: sigmoid per label, softmax for a multiclass task; in the run's precision."""
-    with recipe.autocast(device, run.config.train.precision):
+    with autocast(device, run.config.train.precision):
         logits = run.model(x).float()
     return (logits.softmax(1) if run.config.data.task == "multiclass" else logits.sigmoid()).cpu()
+
+
+def evaluate(run_dir: str | Path, split: str = "test") -> dict:
+    """Metrics of a finished run's best weights on one split of its own data split (on every process of a
+    launcher, each computing its share of the images)."""
+    run_dir = Path(run_dir)
+    config = rundir.finished_config(run_dir)
+    built = load_model(run_dir, config)
+    table = rundir.run_table(run_dir, config)
+    with session(config.train) as (procs, device):
+        metrics = evaluate_split(built.model.to(device), table, split, config, device, image_cache(table, config),
+                                 procs=procs)
+    if metrics is None:
+        raise DataError(f"{run_dir}: the run's '{split}' split is empty")
+    return metrics

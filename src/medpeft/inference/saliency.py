@@ -28,11 +28,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from medpeft.engine.runtime import resolve_device
 from medpeft.errors import ConfigError, DataError
-from medpeft.inference.run import Run, collect_inputs, input_name, read_input, report_unreadable
+from medpeft.files import write_bytes_atomic
+from medpeft.inference.inputs import collect_inputs, input_name, read_input, report_unreadable
 from medpeft.methods.registry import unwrap
-from medpeft.train import recipe
-from medpeft.train.rundir import write_bytes_atomic
 
 COLORMAP = "jet"
 ALPHA = 0.4
@@ -58,7 +58,7 @@ def target_layer(model: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor], 
 
 
 @contextmanager
-def captured_activations(run: Run) -> Iterator[dict]:
+def captured_activations(run) -> Iterator[dict]:
     """While open, the run model's forward pass replaces the target layer's output by a detached copy
     that requires grad, kept under 'leaf' of the yielded dict with 'to_grid' to make it a feature map.
     The parameters' requires_grad is left alone: gradients flow to that leaf only. The hook is removed
@@ -87,10 +87,10 @@ def grad_cam(logit: torch.Tensor, store: dict) -> np.ndarray:
     return (cam / top if top > 0 else torch.zeros_like(cam)).cpu().numpy()
 
 
-def _forward(run: Run, x: torch.Tensor, store: dict) -> tuple[torch.Tensor, np.ndarray]:
+def _forward(run, x: torch.Tensor, store: dict) -> tuple[torch.Tensor, np.ndarray]:
     """Logits (K,) of one input (3, H, W) with the graph kept, and its probabilities. In fp32 whatever the
     run's precision, so a probability may differ from `predict`'s in the last digits."""
-    device = recipe.resolve_device(run.config.train.device)
+    device = resolve_device(run.config.train.device)
     with torch.enable_grad():
         logits = run.model.to(device)(x.reshape(1, *x.shape[-3:]).to(device).float())[0]
     if "leaf" not in store:
@@ -99,7 +99,7 @@ def _forward(run: Run, x: torch.Tensor, store: dict) -> tuple[torch.Tensor, np.n
     return logits, probs.detach().cpu().numpy()
 
 
-def saliency_map(run: Run, x: torch.Tensor, label_index: int) -> np.ndarray:
+def saliency_map(run, x: torch.Tensor, label_index: int) -> np.ndarray:
     """Grad-CAM map (H', W') in [0, 1] of one preprocessed input x ((3, H, W) or (1, 3, H, W), as made by
     `run.transform()`) for the label at `label_index`. H', W': the feature map's grid (e.g. 8 x 8)."""
     with captured_activations(run) as store:
@@ -121,7 +121,7 @@ def overlay(image: Image.Image, cam: np.ndarray, colormap: str = COLORMAP, alpha
     return Image.fromarray(np.round((1 - alpha) * gray + alpha * color).astype(np.uint8), "RGB")
 
 
-def _positive(run: Run, probs: np.ndarray) -> list[int]:
+def _positive(run, probs: np.ndarray) -> list[int]:
     """Indices of the labels the run calls positive (the arg-max label for a multiclass run)."""
     row = run.decide(probs[None]).iloc[0]
     if "pred" in row:
@@ -140,7 +140,7 @@ def _safe(text: str) -> str:
     return re.sub(r"[^\w.-]+", "_", text)
 
 
-def explain(run: Run, images, out_dir, labels: list[str] | None = None) -> pd.DataFrame:
+def explain(run, images, out_dir, labels: list[str] | None = None) -> pd.DataFrame:
     """Write a Grad-CAM overlay PNG, out_dir/<image stem>__<label>.png, per image and per label the run
     calls positive on it, or per label in `labels`. Returns one row per map: input, label, probability,
     file, error (''); an image with no positive label has one row without label and file, an unreadable

@@ -4,20 +4,15 @@ head, or for full fine-tuning every weight) is its own. Memory grows by the runs
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from medpeft.backbones import create_backbone
-from medpeft.backbones.layers import use_onednn_linear
 from medpeft.config import RunConfig
+from medpeft.engine.assemble import Built, load_model, shared_backbone
 from medpeft.errors import ConfigError
-from medpeft.methods import MethodSpec, get_method
-from medpeft.methods.registry import load_weights
-from medpeft.train import rundir
 
 
 def backbone_key(config: RunConfig) -> dict:
@@ -29,17 +24,8 @@ def backbone_key(config: RunConfig) -> dict:
     return key
 
 
-def _unshare_trainable(model: nn.Module, shared: dict) -> None:
-    """Give every parameter the method trains its own tensor, so loading the run's weights leaves the
-    shared backbone untouched."""
-    for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is not None and param.requires_grad and id(param) in shared:
-                module._parameters[name] = nn.Parameter(param.detach().clone())
-
-
-def shared_models(configs: list[RunConfig], run_dirs: list[Path]) -> list[tuple[nn.Module, MethodSpec]]:
-    """(model in eval mode with the run's best weights, method) per run, over one shared backbone."""
+def shared_models(configs: list[RunConfig], run_dirs: list[Path]) -> list[Built]:
+    """Each run's model (eval mode, its best weights) built by the one model assembler over one shared backbone."""
     key = backbone_key(configs[0])
     for config, run_dir in zip(configs[1:], run_dirs[1:]):
         if backbone_key(config) != key:
@@ -48,18 +34,7 @@ def shared_models(configs: list[RunConfig], run_dirs: list[Path]) -> list[tuple[
                               f"backbone checkpoint")
     torch.manual_seed(configs[0].train.seed)
     backbone, _ = create_backbone(configs[0].model, len(configs[0].data.labels))
-    backbone.requires_grad_(False)
-    shared = {id(t): t for t in (*backbone.parameters(), *backbone.buffers())}
-    out = []
-    for config, run_dir in zip(configs, run_dirs):
-        model = copy.deepcopy(backbone, dict(shared))  # the memo maps every tensor to itself: not copied
-        model.requires_grad_(True)
-        if model.get_classifier().out_features != len(config.data.labels):
-            model.reset_classifier(len(config.data.labels))
-        spec = get_method(config.method.name)
-        model = spec.apply(model, config.method)
-        _unshare_trainable(model, shared)
-        load_weights(spec, model, run_dir / rundir.WEIGHTS)
-        use_onednn_linear(model)  # as build_model: the same kernel, the same probabilities as evaluation
-        out.append((model.eval(), spec))
-    return out
+    built = [load_model(run_dir, config, backbone=shared_backbone(backbone))
+             for config, run_dir in zip(configs, run_dirs)]
+    backbone.requires_grad_(False)  # the shared tensors are every run's frozen ones
+    return built

@@ -15,66 +15,57 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar
-
 import peft
 import torch
-from torch import nn
 
+from medpeft.config import option
 from medpeft.errors import ConfigError
 from medpeft.methods import _peft
 from medpeft.methods.registry import MethodSpec, TrainingHooks, register_method
 
 
 @dataclass
-class AdaLoraConfig:
-    name: ClassVar[str] = "adalora"
-    init_r: int = 12
-    """Starting rank of every targeted layer."""
-    target_r: int = 8
-    """Average rank per layer left after pruning (the budget)."""
-    alpha: int = 16
-    dropout: float = 0.0
-    targets: list = field(default_factory=lambda: ["qkv"])
-    warmup_fraction: float = 0.1
-    """Share of the optimiser steps trained at init_r before pruning starts (peft's tinit)."""
-    final_fraction: float = 0.2
-    """Share of the last steps trained with the final ranks fixed (peft's tfinal)."""
-    interval: int = 1
-    """Optimiser steps between two rank allocations (peft's deltaT)."""
-    beta1: float = 0.85
-    beta2: float = 0.85
-    """Smoothing of the importance (sensitivity) and its uncertainty."""
-    orth_reg_weight: float = 0.5
-    """Weight of the penalty ||A A^T - I|| + ||B^T B - I|| added to the loss."""
-    total_step: int | None = None
-    """Optimiser steps of the run; medpeft train fills it in."""
+class AdaLoraConfig(_peft.PeftConfig):
+    init_r: int = option(12, "Starting rank of every targeted layer.", gt=0)
+    target_r: int = option(8, "Average rank per layer left after pruning (the budget); at most init_r.", gt=0)
+    alpha: int = option(16, "Scaling numerator (alpha / r).", gt=0)
+    dropout: float = option(0.0, "Dropout on the update's input.", ge=0, lt=1)
+    targets: list[str] = _peft.targets_option(["qkv"])
+    warmup_fraction: float = option(0.1, "Share of the optimiser steps trained at init_r before pruning starts "
+                                    "(peft's tinit).", ge=0, lt=1)
+    final_fraction: float = option(0.2, "Share of the last steps trained with the final ranks fixed (peft's "
+                                   "tfinal).", ge=0, lt=1)
+    interval: int = option(1, "Optimiser steps between two rank allocations (peft's deltaT).", gt=0)
+    beta1: float = option(0.85, "Smoothing of the importance (sensitivity).", ge=0, lt=1)
+    beta2: float = option(0.85, "Smoothing of the importance's uncertainty.", ge=0, lt=1)
+    orth_reg_weight: float = option(0.5, "Weight of the penalty ||A A^T - I|| + ||B^T B - I|| added to the loss.",
+                                    ge=0)
+    total_step: int | None = option(None, "Optimiser steps of the run; medpeft train fills it in.", gt=0)
 
-    def __post_init__(self):
-        _peft.check_targets(self.targets)
-        if not 0 < self.target_r <= self.init_r:
+    def validate(self) -> None:
+        super().validate()
+        if self.target_r > self.init_r:
             raise ConfigError(f"method.target_r must be in (0, init_r={self.init_r}], got {self.target_r}")
-        if not (0 <= self.warmup_fraction and 0 <= self.final_fraction and self.warmup_fraction + self.final_fraction < 1):
-            raise ConfigError("method.warmup_fraction and final_fraction must be >= 0 and sum to < 1 "
-                              "(the steps in between allocate the ranks)")
+        if self.warmup_fraction + self.final_fraction >= 1:
+            raise ConfigError("method.warmup_fraction and final_fraction must sum to < 1 (the steps in between "
+                              "allocate the ranks)")
 
     def schedule(self) -> tuple[int, int]:
         """(tinit, tfinal) in optimiser steps."""
         return round(self.warmup_fraction * self.total_step), round(self.final_fraction * self.total_step)
 
-
-def apply(model: nn.Module, config: AdaLoraConfig) -> peft.PeftModel:
-    if config.total_step is None:
-        raise ConfigError("method.total_step is unset: AdaLoRA's rank schedule needs the run's number of "
-                          "optimiser steps (medpeft train sets it)")
-    tinit, tfinal = config.schedule()
-    if tinit >= config.total_step - tfinal:
-        raise ConfigError(f"method: {config.total_step} optimiser steps leave no rank-allocation phase "
-                          f"between warmup ({tinit}) and final ({tfinal}) steps; train longer")
-    return _peft.inject(model, config.targets, peft.AdaLoraConfig(
-        init_r=config.init_r, target_r=config.target_r, lora_alpha=config.alpha, lora_dropout=config.dropout,
-        tinit=tinit, tfinal=tfinal, deltaT=config.interval, beta1=config.beta1, beta2=config.beta2,
-        orth_reg_weight=config.orth_reg_weight, total_step=config.total_step))
+    def peft_config(self) -> peft.AdaLoraConfig:
+        if self.total_step is None:
+            raise ConfigError("method.total_step is unset: AdaLoRA's rank schedule needs the run's number of "
+                              "optimiser steps (medpeft train sets it)")
+        tinit, tfinal = self.schedule()
+        if tinit >= self.total_step - tfinal:
+            raise ConfigError(f"method: {self.total_step} optimiser steps leave no rank-allocation phase "
+                              f"between warmup ({tinit}) and final ({tfinal}) steps; train longer")
+        return peft.AdaLoraConfig(
+            init_r=self.init_r, target_r=self.target_r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+            tinit=tinit, tfinal=tfinal, deltaT=self.interval, beta1=self.beta1, beta2=self.beta2,
+            orth_reg_weight=self.orth_reg_weight, total_step=self.total_step)
 
 
 def load(model: peft.PeftModel, directory: Path) -> None:
@@ -123,7 +114,7 @@ def load_state_dict(model: peft.PeftModel, state: dict) -> None:
 
 
 register_method(MethodSpec(
-    name="adalora", config_cls=AdaLoraConfig, apply=apply, save=_peft.save, load=load, merge=_peft.merge,
+    name="adalora", config_cls=AdaLoraConfig, apply=_peft.apply, save=_peft.save, load=load, merge=_peft.merge,
     hooks=TrainingHooks(configure=configure, loss=orthogonality_penalty, after_step=after_step,
                         state_dict=state_dict, load_state_dict=load_state_dict),
     description="AdaLoRA: SVD-form LoRA whose rank budget moves to the important layers during training (HF peft).",

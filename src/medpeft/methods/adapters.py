@@ -5,13 +5,14 @@ so training starts from the pretrained function. They are non-linear: they do no
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Literal
 
 import torch
 from torch import nn
 
+from medpeft.config import MethodConfig, option
 from medpeft.errors import ConfigError
-from medpeft.methods.registry import MethodSpec, freeze, register_method
+from medpeft.methods.registry import MethodSpec, freeze_all_but_head, register_method
 
 
 class Bottleneck(nn.Module):
@@ -30,26 +31,16 @@ class Bottleneck(nn.Module):
 
 
 @dataclass
-class AdapterConfig:
-    name: ClassVar[str] = "adapter"
-    hidden: int = 64
-    """Bottleneck width."""
-    placement: str = "houlsby"
-    """'houlsby' (after attention and after the MLP) or 'pfeiffer' (after the MLP only)."""
-
-    def __post_init__(self):
-        if self.placement not in ("houlsby", "pfeiffer"):
-            raise ConfigError(f"method.placement must be 'houlsby' or 'pfeiffer', got {self.placement!r}")
-        if self.hidden < 1:
-            raise ConfigError(f"method.hidden must be >= 1, got {self.hidden}")
+class AdapterConfig(MethodConfig):
+    hidden: int = option(64, "Bottleneck width.", gt=0)
+    placement: Literal["houlsby", "pfeiffer"] = option("houlsby", "'houlsby' (after attention and after the MLP) "
+                                                       "or 'pfeiffer' (after the MLP only).")
 
 
 @dataclass
-class AdaptFormerConfig:
-    name: ClassVar[str] = "adaptformer"
-    hidden: int = 64
-    scale: float = 0.1
-    """Multiplier of the parallel branch."""
+class AdaptFormerConfig(MethodConfig):
+    hidden: int = option(64, "Bottleneck width.", gt=0)
+    scale: float = option(0.1, "Multiplier of the parallel branch.")
 
 
 def _sequential(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
@@ -68,23 +59,21 @@ def _blocks(model: nn.Module):
 
 
 def apply_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
-    freeze(model)
+    freeze_all_but_head(model)
     for block in _blocks(model):
         sites = [block.attn, block.mlp] if config.placement == "houlsby" else [block.mlp]
         for site in sites:
             site.adapter = Bottleneck(model.embed_dim, config.hidden).to(model.cls_token.device)
             site.register_forward_hook(_sequential)
-    model.get_classifier().requires_grad_(True)
     return model
 
 
 def apply_adaptformer(model: nn.Module, config: AdaptFormerConfig) -> nn.Module:
-    freeze(model)
+    freeze_all_but_head(model)
     for block in _blocks(model):
         block.mlp.adapter = Bottleneck(model.embed_dim, config.hidden).to(model.cls_token.device)
         block.mlp.adapter_scale = config.scale
         block.mlp.register_forward_hook(_parallel)
-    model.get_classifier().requires_grad_(True)
     return model
 
 

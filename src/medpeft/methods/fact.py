@@ -7,27 +7,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import ClassVar
 
 import torch
 from torch import nn
 
+from medpeft.config import MethodConfig, option
 from medpeft.errors import ConfigError
-from medpeft.methods.registry import MethodSpec, freeze, register_method
+from medpeft.methods.registry import MethodSpec, freeze_all_but_head, register_method
 
 _PROJECTIONS = 4  # q, k, v (slices of the fused qkv) and the output projection
 
 
 @dataclass
-class FacTConfig:
-    name: ClassVar[str] = "fact_tt"
-    r: int = 16
-    """Tensor-train rank."""
-    scale: float = 1.0
-
-    def __post_init__(self):
-        if self.r < 1:
-            raise ConfigError(f"method.r must be >= 1, got {self.r}")
+class FacTConfig(MethodConfig):
+    r: int = option(16, "Tensor-train rank.", gt=0)
+    scale: float = option(1.0, "Multiplier of the update.")
 
 
 def _update(model: nn.Module, layer: int, position: int, x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +43,7 @@ def apply(model: nn.Module, config: FacTConfig) -> nn.Module:
     blocks = getattr(model, "blocks", None)
     if blocks is None or not all(isinstance(b.attn.qkv, nn.Linear) for b in blocks):
         raise ConfigError("FacT-TT needs a timm ViT with fused attn.qkv linear layers")
-    freeze(model)
+    freeze_all_but_head(model)
     dim, device = model.embed_dim, model.cls_token.device
     if blocks[0].attn.qkv.out_features != 3 * dim:
         raise ConfigError("FacT-TT needs attention width == embed_dim")
@@ -61,7 +55,6 @@ def apply(model: nn.Module, config: FacTConfig) -> nn.Module:
     for layer, block in enumerate(blocks):
         model._fact_hooks.append(block.attn.qkv.register_forward_hook(partial(_qkv_hook, model, layer)))
         model._fact_hooks.append(block.attn.proj.register_forward_hook(partial(_proj_hook, model, layer)))
-    model.get_classifier().requires_grad_(True)
     return model
 
 

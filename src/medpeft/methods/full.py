@@ -1,16 +1,16 @@
 """Full fine-tuning: every parameter of the backbone and the head is trained."""
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from torch import nn
 
+from medpeft.config import MethodConfig
 from medpeft.methods.registry import MethodSpec, own_weights, register_method
 
 
 @dataclass
-class FullConfig:
-    name: ClassVar[str] = "full"
+class FullConfig(MethodConfig):
+    families = ("vit", "cnn")
 
 
 def apply(model: nn.Module, config: FullConfig) -> nn.Module:
@@ -19,5 +19,4 @@ def apply(model: nn.Module, config: FullConfig) -> nn.Module:
 
 register_method(MethodSpec(
     name="full", config_cls=FullConfig, apply=apply, merge=own_weights,
-    description="Full fine-tuning: all backbone and head parameters are trained.", families=("vit", "cnn"),
-))
+    description="Full fine-tuning: all backbone and head parameters are trained."))

@@ -1,73 +1,56 @@
-"""The LoRA family through HF peft, on chosen linear layers of a timm ViT: LoRA (Hu et al. 2021),
-DoRA and rsLoRA. Weights are saved in peft's adapter format (``peft.PeftModel.from_pretrained``
-loads them) with the classification head."""
+"""The LoRA family through HF peft, on chosen linear layers of a timm ViT (or the convolutions of a CNN):
+LoRA (Hu et al. 2021), DoRA and rsLoRA. Weights are saved in peft's adapter format
+(``peft.PeftModel.from_pretrained`` loads them) with the classification head."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import peft
-from torch import nn
 
-from medpeft.errors import ConfigError
+from medpeft.config import option
 from medpeft.methods import _peft
-from medpeft.methods.lean_lora import make_lean
 from medpeft.methods.registry import MethodSpec, register_method
-
-PEFT_WEIGHTS = _peft.PEFT_WEIGHTS
 
 
 @dataclass
-class LoraConfig:
-    name: ClassVar[str] = "lora"
-    r: int = 8
-    """Rank of the update B @ A."""
-    alpha: int = 16
-    """Scaling numerator: the update is multiplied by alpha / r (rsLoRA: alpha / sqrt(r))."""
-    dropout: float = 0.0
-    targets: list = field(default_factory=lambda: ["qkv"])
-    """ViT: any of qkv (fused, default), q, k, v (e.g. [q, v] as MED-PEFT), proj, fc1, fc2, mlp,
-    all_linear. CNN: [convs] (every ungrouped convolution after the stem)."""
-    def __post_init__(self):
-        _peft.check_targets(self.targets)
-        if self.r <= 0:
-            raise ConfigError(f"method.r must be > 0, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
+class LoraConfig(_peft.PeftConfig):
+    families = ("vit", "cnn")
+    use_dora: ClassVar[bool] = False
+    use_rslora: ClassVar[bool] = False
+    r: int = option(8, "Rank of the update B @ A.", gt=0)
+    alpha: int = option(16, "Scaling numerator: the update is multiplied by alpha / r (rsLoRA: alpha / sqrt(r)).",
+                        gt=0)
+    dropout: float = option(0.0, "Dropout on the update's input.", ge=0, lt=1)
+    targets: list[str] = _peft.targets_option(["qkv"])
+
+    def peft_config(self) -> peft.LoraConfig:
+        return peft.LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, bias="none",
+                               use_dora=self.use_dora, use_rslora=self.use_rslora)
 
 
 @dataclass
 class DoraConfig(LoraConfig):
-    name: ClassVar[str] = "dora"
+    families = ("vit",)
+    use_dora = True
 
 
 @dataclass
 class RsLoraConfig(LoraConfig):
-    name: ClassVar[str] = "rslora"
+    families = ("vit",)
+    use_rslora = True
 
 
-def apply(model: nn.Module, config: LoraConfig) -> nn.Module:
-    model = _peft.inject(model, config.targets, peft.LoraConfig(
-        r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, bias="none",
-        use_dora=config.name == "dora", use_rslora=config.name == "rslora"))
-    if config.name != "dora":
-        # One autograd function per adapted Linear (medpeft.methods.lean_lora): less memory than peft's
-        # op-by-op forward, the same results and saved weights; peft's forward where dropout is active.
-        make_lean(model)
-    return model
-
-
-_SHARED = dict(apply=apply, save=_peft.save, load=_peft.load, merge=_peft.merge)
 register_method(MethodSpec(
-    name="lora", config_cls=LoraConfig, **_SHARED, families=("vit", "cnn"),
+    name="lora", config_cls=LoraConfig, **_peft.SHARED,
     description="LoRA: trainable low-rank updates of chosen linear layers (HF peft).",
     reference="Hu et al. 2021, arXiv 2106.09685; Lian et al. 2024, arXiv 2401.12215"))
 register_method(MethodSpec(
-    name="dora", config_cls=DoraConfig, **_SHARED,
+    name="dora", config_cls=DoraConfig, **_peft.SHARED,
     description="DoRA: LoRA on the direction of each weight plus a trained magnitude vector (HF peft).",
     reference="Liu et al. 2024, arXiv 2402.09353"))
 register_method(MethodSpec(
-    name="rslora", config_cls=RsLoraConfig, **_SHARED,
+    name="rslora", config_cls=RsLoraConfig, **_peft.SHARED,
     description="rsLoRA: LoRA scaled by alpha / sqrt(r), stable at high rank (HF peft).",
     reference="Kalajdzievski 2023, arXiv 2312.03732"))

@@ -1,113 +1,107 @@
 """Thin wrappers over HF peft's other adapter types, on the same targets as LoRA (medpeft.methods._peft):
-LoHa, LoKr, IA3, VeRA, OFT, BOFT and FourierFT. Each is a typed config and the peft config it builds;
+LoHa, LoKr, IA3, VeRA, OFT, BOFT and FourierFT. Each is a typed config and the peft config it makes;
 injection, the head, saving in peft's format and merging are shared."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
 
 import peft
-from torch import nn
 
+from medpeft.config import option
+from medpeft.errors import ConfigError
 from medpeft.methods import _peft
 from medpeft.methods.registry import MethodSpec, register_method
 
 
-def _qkv():
-    return field(default_factory=lambda: ["qkv"])
+@dataclass
+class LoHaConfig(_peft.PeftConfig):
+    r: int = option(8, "Rank of each Hadamard factor.", gt=0)
+    alpha: int = option(16, "Scaling numerator (alpha / r).", gt=0)
+    targets: list[str] = _peft.targets_option(["qkv"])
+
+    def peft_config(self) -> peft.LoHaConfig:
+        return peft.LoHaConfig(r=self.r, alpha=self.alpha)
 
 
 @dataclass
-class LoHaConfig:
-    name: ClassVar[str] = "loha"
-    r: int = 8
-    alpha: int = 16
-    targets: list = _qkv()
+class LoKrConfig(_peft.PeftConfig):
+    r: int = option(8, "Rank of the Kronecker factor.", gt=0)
+    alpha: int = option(16, "Scaling numerator (alpha / r).", gt=0)
+    targets: list[str] = _peft.targets_option(["qkv"])
+
+    def peft_config(self) -> peft.LoKrConfig:
+        return peft.LoKrConfig(r=self.r, alpha=self.alpha)
 
 
 @dataclass
-class LoKrConfig:
-    name: ClassVar[str] = "lokr"
-    r: int = 8
-    alpha: int = 16
-    targets: list = _qkv()
+class IA3Config(_peft.PeftConfig):
+    targets: list[str] = _peft.targets_option(["qkv", "fc2"])
+    feedforward: list[str] = option(["fc2"], "Targets whose input (not output) is scaled, as IA3 does for the "
+                                    "MLP's second layer; a subset of targets.")
+
+    def validate(self) -> None:
+        super().validate()
+        outside = [t for t in self.feedforward if t not in self.targets]
+        if outside:
+            raise ConfigError(f"method.feedforward {self.feedforward}: {outside[0]!r} is not one of method.targets "
+                              f"{self.targets}")
+
+    def peft_config(self) -> peft.IA3Config:
+        return peft.IA3Config(feedforward_modules=_peft.target_regex(self.feedforward))
 
 
 @dataclass
-class IA3Config:
-    name: ClassVar[str] = "ia3"
-    targets: list = field(default_factory=lambda: ["qkv", "fc2"])
-    feedforward: list = field(default_factory=lambda: ["fc2"])
-    """Targets whose input (not output) is scaled, as IA3 does for the MLP's second layer."""
+class VeraConfig(_peft.PeftConfig):
+    r: int = option(256, "Rank of the shared frozen random projections; only the scaling vectors train.", gt=0)
+    targets: list[str] = _peft.targets_option(["qkv"])
+
+    def peft_config(self) -> peft.VeraConfig:
+        return peft.VeraConfig(r=self.r)
 
 
 @dataclass
-class VeraConfig:
-    name: ClassVar[str] = "vera"
-    r: int = 256
-    """Rank of the shared frozen random projections; only the scaling vectors train."""
-    targets: list = _qkv()
+class OFTConfig(_peft.PeftConfig):
+    block_size: int = option(32, "Size of the orthogonal blocks; must divide the targets' input width.", gt=0)
+    targets: list[str] = _peft.targets_option(["qkv"])
+
+    def peft_config(self) -> peft.OFTConfig:
+        return peft.OFTConfig(r=0, oft_block_size=self.block_size)
 
 
 @dataclass
-class OFTConfig:
-    name: ClassVar[str] = "oft"
-    block_size: int = 32
-    """Size of the orthogonal blocks; must divide the targets' input width."""
-    targets: list = _qkv()
+class BOFTConfig(_peft.PeftConfig):
+    block_size: int = option(4, "Size of the butterfly blocks.", gt=0)
+    butterfly_factor: int = option(1, "Butterfly factors (1: block-diagonal, as OFT).", gt=0)
+    targets: list[str] = _peft.targets_option(["qkv"])
+
+    def peft_config(self) -> peft.BOFTConfig:
+        return peft.BOFTConfig(boft_block_size=self.block_size, boft_n_butterfly_factor=self.butterfly_factor)
 
 
 @dataclass
-class BOFTConfig:
-    name: ClassVar[str] = "boft"
-    block_size: int = 4
-    butterfly_factor: int = 1
-    targets: list = _qkv()
+class FourierFTConfig(_peft.PeftConfig):
+    n_frequency: int = option(1000, "Trained spectral coefficients per layer.", gt=0)
+    scaling: float = option(150.0, "Scale of the spectral update.", gt=0)
+    targets: list[str] = _peft.targets_option(["qkv"])
+
+    def peft_config(self) -> peft.FourierFTConfig:
+        return peft.FourierFTConfig(n_frequency=self.n_frequency, scaling=self.scaling)
 
 
-@dataclass
-class FourierFTConfig:
-    name: ClassVar[str] = "fourierft"
-    n_frequency: int = 1000
-    """Trained spectral coefficients per layer."""
-    scaling: float = 150.0
-    targets: list = _qkv()
-
-
-def _peft_config(config) -> peft.PeftConfig:
-    if config.name == "loha":
-        return peft.LoHaConfig(r=config.r, alpha=config.alpha)
-    if config.name == "lokr":
-        return peft.LoKrConfig(r=config.r, alpha=config.alpha)
-    if config.name == "ia3":
-        return peft.IA3Config(feedforward_modules=_peft.target_regex(config.feedforward))
-    if config.name == "vera":
-        return peft.VeraConfig(r=config.r)
-    if config.name == "oft":
-        return peft.OFTConfig(r=0, oft_block_size=config.block_size)
-    if config.name == "boft":
-        return peft.BOFTConfig(boft_block_size=config.block_size, boft_n_butterfly_factor=config.butterfly_factor)
-    return peft.FourierFTConfig(n_frequency=config.n_frequency, scaling=config.scaling)
-
-
-def apply(model: nn.Module, config) -> nn.Module:
-    _peft.check_targets(config.targets)
-    return _peft.inject(model, config.targets, _peft_config(config))
-
-
-_SHARED = dict(apply=apply, save=_peft.save, load=_peft.load, merge=_peft.merge)
-for config_cls, description, reference in (
-    (LoHaConfig, "LoHa: low-rank Hadamard-product updates (HF peft).", "Hyeon-Woo et al. 2022, arXiv 2108.06098"),
-    (LoKrConfig, "LoKr: low-rank Kronecker-product updates (HF peft).", "Yeh et al. 2024, arXiv 2309.14859"),
-    (IA3Config, "IA3: learned rescaling of attention projections and MLP activations (HF peft).",
+for name, config_cls, description, reference in (
+    ("loha", LoHaConfig, "LoHa: low-rank Hadamard-product updates (HF peft).", "Hyeon-Woo et al. 2022, arXiv 2108.06098"),
+    ("lokr", LoKrConfig, "LoKr: low-rank Kronecker-product updates (HF peft).", "Yeh et al. 2024, arXiv 2309.14859"),
+    ("ia3", IA3Config, "IA3: learned rescaling of attention projections and MLP activations (HF peft).",
      "Liu et al. 2022, arXiv 2205.05638"),
-    (VeraConfig, "VeRA: shared frozen random low-rank projections with trained scaling vectors (HF peft).",
+    ("vera", VeraConfig, "VeRA: shared frozen random low-rank projections with trained scaling vectors (HF peft).",
      "Kopiczko et al. 2024, arXiv 2310.11454"),
-    (OFTConfig, "OFT: block-diagonal orthogonal rotation of the weights (HF peft).", "Qiu et al. 2023, arXiv 2306.07280"),
-    (BOFTConfig, "BOFT: butterfly-factorised orthogonal fine-tuning (HF peft).", "Liu et al. 2024, arXiv 2311.06243"),
-    (FourierFTConfig, "FourierFT: sparse trained spectral coefficients of the weight update (HF peft).",
+    ("oft", OFTConfig, "OFT: block-diagonal orthogonal rotation of the weights (HF peft).",
+     "Qiu et al. 2023, arXiv 2306.07280"),
+    ("boft", BOFTConfig, "BOFT: butterfly-factorised orthogonal fine-tuning (HF peft).",
+     "Liu et al. 2024, arXiv 2311.06243"),
+    ("fourierft", FourierFTConfig, "FourierFT: sparse trained spectral coefficients of the weight update (HF peft).",
      "Gao et al. 2024, arXiv 2405.03003"),
 ):
-    register_method(MethodSpec(name=config_cls.name, config_cls=config_cls, description=description,
-                               reference=reference, **_SHARED))
+    register_method(MethodSpec(name=name, config_cls=config_cls, description=description, reference=reference,
+                               **_peft.SHARED))

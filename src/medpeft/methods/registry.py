@@ -1,5 +1,6 @@
-"""One registry from a method's name to its config dataclass and the functions that apply, save,
-load and merge it. A method registers itself at import: ``register_method(MethodSpec(...))``."""
+"""One registry from a method's name to its config (a MethodConfig subclass, registered under
+``method.name`` too) and the functions that apply, save, load and merge it. A method registers itself
+at import: ``register_method(MethodSpec(...))``; a new method is one file."""
 
 from __future__ import annotations
 
@@ -11,23 +12,24 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from medpeft.errors import CheckpointError, ConfigError
+from medpeft.config import METHODS, MethodConfig, build
+from medpeft.errors import CheckpointError
 
 ADAPTER_FILE = "adapter.safetensors"
 RUNNING_STATS_FILE = "running_stats.safetensors"
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-def freeze(model: nn.Module) -> None:
+def freeze_all_but_head(model: nn.Module) -> nn.Module:
+    """Freeze every parameter but the classifier's (a method then unfreezes or adds its own); returns `model`."""
     model.requires_grad_(False)
+    model.get_classifier().requires_grad_(True)
+    return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The timm model inside a method's wrapper (e.g. a peft.PeftModel), for timm's helpers."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def classifier_name(model: nn.Module) -> str:
-    return model.pretrained_cfg.get("classifier", "head")
 
 
 def trainable_state_dict(model: nn.Module) -> dict:
@@ -62,8 +64,8 @@ def load_trainable(model: nn.Module, directory: Path) -> None:
 def running_stats(model: nn.Module) -> dict:
     """The BatchNorm running statistics: buffers that training changes even where the weights are frozen."""
     return {f"{name}.{key}" if name else key: buffer.detach().cpu().clone()
-            for name, module in model.named_modules() if isinstance(module, nn.modules.batchnorm._NormBase)
-            for key, buffer in module._buffers.items() if buffer is not None}
+            for name, module in model.named_modules() if isinstance(module, _BATCH_NORMS)
+            for key, buffer in module.named_buffers(recurse=False)}
 
 
 def load_running_stats(model: nn.Module, state: dict, source: str) -> None:
@@ -75,7 +77,7 @@ def load_running_stats(model: nn.Module, state: dict, source: str) -> None:
                               f"unexpected {extra[:3]}")
     for key, value in state.items():
         module_name, _, buffer_name = key.rpartition(".")
-        model.get_submodule(module_name)._buffers[buffer_name] = value.clone()
+        setattr(model.get_submodule(module_name), buffer_name, value.clone())  # a new tensor: not shared
 
 
 def save_weights(spec: "MethodSpec", model: nn.Module, directory: Path) -> None:
@@ -119,9 +121,10 @@ class TrainingHooks:
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    config_cls: type
+    config_cls: type[MethodConfig]
+    """Its knobs; also says which backbone families the method applies to (``families``)."""
     apply: Callable[[nn.Module, Any], nn.Module]
-    """Freeze and inject in place as needed; return the module to train and call."""
+    """Freeze and inject in place as needed (the classifier always trains); return the module to train and call."""
     description: str
     reference: str = ""
     save: Callable[[nn.Module, Path], None] = save_trainable
@@ -129,24 +132,25 @@ class MethodSpec:
     """Load saved weights into a model that `apply` has just prepared."""
     merge: Callable[[nn.Module], nn.Module] | None = None
     """Fold the method into plain backbone weights; None when the method cannot merge."""
-    families: tuple = ("vit",)
-    """Backbone families it applies to: 'vit', 'cnn'."""
     hooks: TrainingHooks | None = None
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return self.config_cls.families
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
-    if spec.name in _REGISTRY:
-        raise ValueError(f"method {spec.name!r} is registered twice")
+    """Make `spec` known by its name, to the config loader (``method.name``) and to ``get_method``."""
+    METHODS.register(spec.name)(spec.config_cls)
     _REGISTRY[spec.name] = spec
     return spec
 
 
 def get_method(name: str) -> MethodSpec:
-    if name not in _REGISTRY:
-        raise ConfigError(f"method.name {name!r} is not a known method (expected one of: {', '.join(_REGISTRY)})")
+    METHODS.get(name)  # the loader's error for an unknown name
     return _REGISTRY[name]
 
 
@@ -154,15 +158,7 @@ def list_methods() -> list[MethodSpec]:
     return list(_REGISTRY.values())
 
 
-def method_config_from_dict(data: Any):
-    """Build the config dataclass of the method named by ``data['name']``."""
-    from medpeft.config import build_dataclass
-
-    if isinstance(data, str):
-        data = {"name": data}
-    if not isinstance(data, dict) or "name" not in data:
-        raise ConfigError("method must be a mapping with a 'name' key, e.g. {name: lora, r: 8}")
-    data = dict(data)
-    spec = get_method(data.pop("name"))
-    return build_dataclass(spec.config_cls, data, "method")
+def method_config_from_dict(data: Any) -> MethodConfig:
+    """The config of the method named by ``data['name']`` (or by `data`, a name)."""
+    return build(MethodConfig, {"name": data} if isinstance(data, str) else data)
 

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import ClassVar
 
 import torch
 from torch import nn
 
-from medpeft.methods.registry import MethodSpec, freeze, register_method
+from medpeft.backbones import classifier_name
+from medpeft.config import MethodConfig
+from medpeft.methods.registry import MethodSpec, freeze_all_but_head, register_method
 
 
 @dataclass
-class SSFConfig:
-    name: ClassVar[str] = "ssf"
+class SSFConfig(MethodConfig):
+    families = ("vit", "cnn")
 
 
 def _ssf(module: nn.Module, site: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
@@ -34,7 +35,7 @@ def _targets(model: nn.Module):
     layer, and every convolution and linear layer that has a bias, except the classifier (a bias-free
     convolution feeds a norm, whose SSF covers it; merging then never adds a parameter)."""
     vit = hasattr(model, "blocks") and hasattr(model, "patch_embed")
-    head = model.pretrained_cfg.get("classifier", "head")
+    head = classifier_name(model)
     for name, module in model.named_modules():
         if vit:
             inside = name.startswith("blocks.") or name in ("norm", "fc_norm")
@@ -59,7 +60,7 @@ def _channels(module: nn.Module) -> int:
 
 
 def apply(model: nn.Module, config: SSFConfig) -> nn.Module:
-    freeze(model)
+    freeze_all_but_head(model)
     for module in list(_targets(model)):
         channels = _channels(module)
         # timm's LayerNorm2d normalises (B, C, H, W) over C
@@ -70,7 +71,6 @@ def apply(model: nn.Module, config: SSFConfig) -> nn.Module:
         # timm's norm+activation layers (BatchNormAct2d): scale the norm's output, before the activation
         site = module.drop if hasattr(module, "act") and hasattr(module, "drop") else module
         module._ssf_hook = site.register_forward_hook(partial(_ssf, module))
-    model.get_classifier().requires_grad_(True)
     return model
 
 
@@ -94,6 +94,6 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 register_method(MethodSpec(
-    name="ssf", config_cls=SSFConfig, apply=apply, merge=merge, families=("vit", "cnn"),
+    name="ssf", config_cls=SSFConfig, apply=apply, merge=merge,
     description="SSF: per-channel scale and shift after each linear layer and LayerNorm; merges exactly.",
     reference="Lian et al. 2022, arXiv 2210.08823"))

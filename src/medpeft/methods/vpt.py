@@ -11,33 +11,30 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from medpeft.config import MethodConfig, option
 from medpeft.errors import ConfigError
-from medpeft.methods.registry import MethodSpec, freeze, register_method
+from medpeft.methods.registry import MethodSpec, freeze_all_but_head, register_method
 
 
 @dataclass
-class VPTShallowConfig:
-    name: ClassVar[str] = "vpt_shallow"
-    tokens: int = 50
-    """Prompt tokens."""
-
-    def __post_init__(self):
-        if self.tokens < 1:
-            raise ConfigError(f"method.tokens must be >= 1, got {self.tokens}")
+class VPTShallowConfig(MethodConfig):
+    deep: ClassVar[bool] = False
+    """Fresh prompts at every block (VPT-deep) instead of the first only."""
+    tokens: int = option(50, "Prompt tokens (per block for VPT-deep).", gt=0)
 
 
 @dataclass
 class VPTDeepConfig(VPTShallowConfig):
-    name: ClassVar[str] = "vpt_deep"
-    tokens: int = 10
+    deep = True
+    tokens: int = option(10, "Prompt tokens (per block for VPT-deep).", gt=0)
 
 
 def apply(model: nn.Module, config: VPTShallowConfig) -> nn.Module:
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise ConfigError("VPT needs a transformer backbone with .blocks (a timm ViT)")
-    freeze(model)
-    layers = len(blocks) if config.name == "vpt_deep" else 1
+    freeze_all_but_head(model)
+    layers = len(blocks) if config.deep else 1
     prompts = torch.empty(layers, config.tokens, model.embed_dim, device=model.cls_token.device)
     bound = math.sqrt(6.0 / (config.tokens + model.embed_dim))  # Xavier uniform, as in VPT
     model.vpt_prompts = nn.Parameter(nn.init.uniform_(prompts, -bound, bound))
@@ -55,7 +52,6 @@ def apply(model: nn.Module, config: VPTShallowConfig) -> nn.Module:
         blocks[i].register_forward_pre_hook(insert(i))
     blocks[-1].register_forward_hook(
         lambda block, args, out: torch.cat([out[:, :prefix], out[:, prefix + count:]], dim=1))
-    model.get_classifier().requires_grad_(True)
     return model
 
 

@@ -1,4 +1,4 @@
-"""Metrics as pure functions over whole splits."""
+"""Metrics as pure functions over whole splits. ``UndefinedMetricWarning`` is scikit-learn's class."""
 
 from medpeft.metrics.classification import UndefinedMetricWarning, auroc, classification_metrics
 

@@ -2,7 +2,8 @@
 
 AUROC is the Mann-Whitney statistic with mid-ranks for ties, which equals the area under the
 ROC curve (and scikit-learn's ``roc_auc_score``). A label whose `y_true` holds a single class has
-no AUROC: it is reported as undefined (None), left out of the mean, and warned about.
+no AUROC: it is reported as undefined (None), left out of the mean, and warned about with
+scikit-learn's ``UndefinedMetricWarning``.
 """
 
 from __future__ import annotations
@@ -11,39 +12,52 @@ import warnings
 
 import numpy as np
 from scipy.stats import rankdata
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import average_precision_score, f1_score
 
-
-class UndefinedMetricWarning(UserWarning):
-    """A metric is undefined for a label (e.g. only one class present)."""
+from medpeft.metrics.validation import check_binary_problem
 
 
 def auroc(y_true: np.ndarray, y_score: np.ndarray) -> float | None:
-    """Area under the ROC curve for binary `y_true` (N,) and scores (N,); None if one class only."""
-    y_true = np.asarray(y_true).astype(bool)
-    n_pos = int(y_true.sum())
-    n_neg = y_true.size - n_pos
+    """Area under the ROC curve of scores `y_score` (N,) for labels `y_true` (N,); None if one class only.
+
+    `y_true` holds only 0 and 1 (no unknowns: leave those rows out first) and `y_score` is finite;
+    anything else raises ValueError. Ties count 1/2.
+    """
+    y, (score,) = check_binary_problem(y_true, {"y_score": y_score}, allow_unknown=False)
+    return mann_whitney_auroc(y.astype(bool), score)
+
+
+def mann_whitney_auroc(positive: np.ndarray, score: np.ndarray) -> float | None:
+    """AUROC of checked input: `positive` (N,) bool, `score` (N,) finite; None if one class only.
+
+    U / (n_pos n_neg), U = the sum of the positives' mid-ranks minus n_pos (n_pos + 1) / 2.
+    """
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return None
-    ranks = rankdata(np.asarray(y_score, dtype=np.float64))
-    return float((ranks[y_true].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    ranks = rankdata(score)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def classification_metrics(targets: np.ndarray, probs: np.ndarray, labels: list[str], task: str) -> dict:
-    """Per-label AUROC / AUPRC and their macro means over labels where they are defined.
+    """Per-label AUROC / AUPRC and their macro means over the labels where they are defined.
 
-    targets: (N, K) 0/1, NaN = unknown (one-hot for 'multiclass'); probs: (N, K) sigmoid or softmax outputs.
-    'multiclass' adds accuracy and macro F1 of the arg-max prediction.
+    targets: (N, K) 0/1 with NaN = unknown (one-hot for 'multiclass'); an image with an unknown label
+    is left out of that label's metrics only. probs: (N, K) sigmoid or softmax outputs, finite
+    wherever the target is known. K = len(labels). 'multiclass' adds the accuracy and macro F1 of
+    the arg-max prediction. Invalid input raises ValueError.
     """
-    targets = np.asarray(targets)
-    probs = np.asarray(probs, dtype=np.float64)
-    if targets.shape != probs.shape or targets.ndim != 2 or targets.shape[1] != len(labels):
+    targets, (probs,) = check_binary_problem(targets, {"probs": probs}, targets_name="targets",
+                                             allow_unknown=True, ndims=(2,))
+    if targets.shape[1] != len(labels):
         raise ValueError(f"targets {targets.shape} and probs {probs.shape} must both be (N, {len(labels)})")
     per_label, undefined = {}, []
     for k, name in enumerate(labels):
-        known = np.isfinite(targets[:, k])  # NaN: unknown label (e.g. an ignored uncertain one), left out
+        known = ~np.isnan(targets[:, k])
         y, score = targets[known, k], probs[known, k]
-        area = auroc(y, score)
+        area = mann_whitney_auroc(y.astype(bool), score)
         if area is None:
             undefined.append(name)
         per_label[name] = {

@@ -5,19 +5,22 @@ label; it is computed with the midrank formulation of Sun & Xu 2014 ("Fast imple
 DeLong's algorithm for comparing the areas under correlated receiver operating characteristic
 curves", IEEE SPL 21(11)), O(n log n). The paired bootstrap resamples images (rows) with
 replacement, the same rows for both models, and gives a percentile confidence interval for the
-difference in mean AUROC over labels. Targets are 0/1 with NaN = unknown: an image with an unknown
-label is left out for that label only.
+difference in mean AUROC over labels, of one pair of runs or averaged over the pairs of several
+training seeds. Targets are 0/1 with NaN = unknown: an image with an unknown label is left out for
+that label only (its scores are never looked at). Invalid input raises ValueError.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import rankdata
 
-from medpeft.metrics.classification import auroc
+from medpeft.metrics.classification import mann_whitney_auroc
+from medpeft.metrics.validation import check_binary_problem
 
 _CHUNK_CELLS = 4_000_000  # resamples x images held in memory at once by the bootstrap
 
@@ -38,26 +41,29 @@ class DeLongResult:
 
 @dataclass(frozen=True)
 class BootstrapResult:
-    """Percentile bootstrap interval of a mean-AUROC statistic (a single model's, or a - b)."""
+    """Percentile bootstrap interval of a difference in mean AUROC over labels (a - b, AUROC units)."""
 
-    estimate: float  # the statistic on the full sample
+    estimate: float  # the statistic on the full sample(s)
     ci_low: float
     ci_high: float
     confidence: float
     n_resamples: int  # resamples used (requested minus skipped)
-    n_skipped: int  # resamples in which no label had both classes
+    n_skipped: int  # resamples in which no label had both classes (in some sample)
     seed: int
 
 
 def delong_test(targets: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> DeLongResult:
     """DeLong's test for one binary label: targets (N,) 0/1/NaN, scores_a and scores_b (N,).
 
-    Images with a NaN target are dropped. Raises ValueError unless at least two positives and two
-    negatives remain (the variance needs two of each). If the variance of the difference is 0 the
-    p-value is 1.0 when the difference is 0 (e.g. identical scores) and 0.0 otherwise.
+    Images with a NaN target are dropped (their scores may be anything); the other scores must be
+    finite. Raises ValueError on invalid input, or unless at least two positives and two negatives
+    remain (the variance needs two of each). If the variance of the difference is 0 the p-value is
+    1.0 when the difference is 0 (e.g. identical scores) and 0.0 otherwise.
     """
-    y, scores = _check_label(targets, np.stack([_as_vector(scores_a, "scores_a"), _as_vector(scores_b, "scores_b")]))
-    positive = y.astype(bool)
+    y, (a, b) = check_binary_problem(targets, {"scores_a": scores_a, "scores_b": scores_b},
+                                     targets_name="targets", allow_unknown=True)
+    known = ~np.isnan(y)
+    positive, scores = y[known].astype(bool), np.stack([a[known], b[known]])
     m, n = int(positive.sum()), int((~positive).sum())
     if m < 2 or n < 2:
         raise ValueError(f"DeLong's test needs both classes (at least 2 positives and 2 negatives); "
@@ -73,7 +79,7 @@ def delong_test(targets: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray)
     # var(A - B) = (S10_aa + S10_bb - 2 S10_ab) / m + (S01_aa + ...) / n, taken as the variance of the
     # component differences: the same quantity, and exactly 0 when the two score vectors rank alike.
     variance = float(np.var(v10[0] - v10[1], ddof=1) / m + np.var(v01[0] - v01[1], ddof=1) / n)
-    auroc_a, auroc_b = auroc(y, scores[0]), auroc(y, scores[1])
+    auroc_a, auroc_b = mann_whitney_auroc(positive, scores[0]), mann_whitney_auroc(positive, scores[1])
     difference = auroc_a - auroc_b
     if variance > 0:
         z = difference / math.sqrt(variance)
@@ -97,15 +103,60 @@ def resampled_mean_aurocs(targets: np.ndarray, *scores: np.ndarray, n_resamples:
                           seed: int = 0) -> np.ndarray:
     """Mean AUROC over labels of each model on each paired bootstrap resample: (n_resamples, n_models).
 
-    targets (N, K) or (N,) 0/1/NaN; each scores array has the same shape. Resample b uses the rows
-    from `bootstrap_indices(N, n_resamples, seed)` for every model. A label is left out of a
-    resample's mean when its known rows in that resample hold one class only (the same labels for
-    every model, as the rows are shared); a resample in which no label has both classes is a row
-    of NaN (skipped by the intervals, not redrawn).
+    targets (N, K) or (N,) 0/1/NaN; each scores array has the same shape and is finite where the
+    target is known. Resample b uses the rows from `bootstrap_indices(N, n_resamples, seed)` for
+    every model. A label is left out of a resample's mean when its known rows in that resample hold
+    one class only (the same labels for every model, as the rows are shared); a resample in which no
+    label has both classes is a row of NaN (skipped by the intervals, not redrawn).
     """
+    y, s = _as_columns(targets, {f"scores[{i}]": x for i, x in enumerate(scores)})
+    return _resampled_mean_aurocs(y, s, n_resamples, seed)
+
+
+def bootstrap_auroc_difference(targets: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
+                               n_resamples: int = 2000, seed: int = 0,
+                               confidence: float = 0.95) -> BootstrapResult:
+    """Paired bootstrap CI of mean AUROC(a) - mean AUROC(b) over labels, resampling images.
+
+    targets, scores_a, scores_b: (N, K), or (N,) for one label; NaN target = unknown. The estimate
+    averages over the labels defined on the full sample; each resample averages over the labels
+    defined in it. Resamples with no defined label are skipped (not redrawn) and counted. The
+    interval is the (1 - confidence) / 2 and (1 + confidence) / 2 percentiles of the resampled
+    differences. The same as `bootstrap_auroc_difference_over_seeds` with one sample.
+    """
+    return bootstrap_auroc_difference_over_seeds([(targets, scores_a, scores_b)], n_resamples=n_resamples,
+                                                 seed=seed, confidence=confidence)
+
+
+def bootstrap_auroc_difference_over_seeds(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                                          n_resamples: int = 2000, seed: int = 0,
+                                          confidence: float = 0.95) -> BootstrapResult:
+    """Paired bootstrap CI of the mean over samples of mean AUROC(a) - mean AUROC(b).
+
+    samples: one (targets, scores_a, scores_b) per training seed, each as in
+    `bootstrap_auroc_difference` (e.g. two methods' test predictions of one seed, on the same images).
+    Every sample is resampled with the same bootstrap `seed` (the same rows when the samples hold the
+    same images), the per-resample differences are averaged over the samples, and the interval is
+    taken from those averages; a resample skipped in any sample is skipped. The estimate is the mean
+    over samples of the full-sample differences.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if not samples:
+        raise ValueError("samples must hold at least one (targets, scores_a, scores_b)")
+    checked = [_as_columns(y, {"scores_a": a, "scores_b": b}) for y, a, b in samples]
+    estimate = np.mean([_mean_auroc(y, a) - _mean_auroc(y, b) for y, (a, b) in checked])
+    differences = []
+    for y, scores in checked:
+        means = _resampled_mean_aurocs(y, scores, n_resamples, seed)
+        differences.append(means[:, 0] - means[:, 1])
+    return _percentile_interval(estimate, np.mean(differences, axis=0), confidence, seed)
+
+
+def _resampled_mean_aurocs(y: np.ndarray, s: list[np.ndarray], n_resamples: int, seed: int) -> np.ndarray:
+    """`resampled_mean_aurocs` of checked (N, K) targets and scores."""
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
-    y, s = _check_multilabel(targets, scores)
     n, k = y.shape
     chunk = max(1, _CHUNK_CELLS // max(n, 1))
     out = np.empty((n_resamples, len(s)))
@@ -134,35 +185,13 @@ def resampled_mean_aurocs(targets: np.ndarray, *scores: np.ndarray, n_resamples:
     return out
 
 
-def bootstrap_auroc_difference(targets: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
-                               n_resamples: int = 2000, seed: int = 0,
-                               confidence: float = 0.95) -> BootstrapResult:
-    """Paired bootstrap CI of mean AUROC(a) - mean AUROC(b) over labels, resampling images.
-
-    targets, scores_a, scores_b: (N, K), or (N,) for one label; NaN target = unknown. The estimate
-    averages over the labels defined on the full sample; each resample averages over the labels
-    defined in it. Resamples with no defined label are skipped (not redrawn) and counted.
-    """
-    estimate = _mean_auroc(targets, scores_a) - _mean_auroc(targets, scores_b)
-    means = resampled_mean_aurocs(targets, scores_a, scores_b, n_resamples=n_resamples, seed=seed)
-    return _percentile_interval(estimate, means[:, 0] - means[:, 1], confidence, seed)
-
-
-def bootstrap_auroc_ci(targets: np.ndarray, scores: np.ndarray, n_resamples: int = 2000, seed: int = 0,
-                       confidence: float = 0.95) -> BootstrapResult:
-    """Bootstrap percentile CI of one model's mean AUROC over labels (same resampling as above)."""
-    means = resampled_mean_aurocs(targets, scores, n_resamples=n_resamples, seed=seed)
-    return _percentile_interval(_mean_auroc(targets, scores), means[:, 0], confidence, seed)
-
-
 def _percentile_interval(estimate: float, replicates: np.ndarray, confidence: float, seed: int) -> BootstrapResult:
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     used = replicates[np.isfinite(replicates)]
     if used.size == 0:
         raise ValueError("no bootstrap resample had a label with both classes")
-    alpha = 1 - confidence
-    low, high = np.quantile(used, [alpha / 2, 1 - alpha / 2])
+    # 1 - 0.95 is 0.050000000000000044 in binary; rounded, 0.95 takes exactly the 2.5th and 97.5th percentiles.
+    tail = round((1 - confidence) / 2, 12)
+    low, high = np.quantile(used, [tail, 1 - tail])
     return BootstrapResult(estimate=float(estimate), ci_low=float(low), ci_high=float(high),
                            confidence=confidence, n_resamples=int(used.size),
                            n_skipped=int(replicates.size - used.size), seed=seed)
@@ -197,52 +226,21 @@ def _label_levels(target: np.ndarray, scores: list[np.ndarray]):
     return known, positive, levels
 
 
-def _mean_auroc(targets: np.ndarray, scores: np.ndarray) -> float:
-    """Mean AUROC over the labels with both classes among their known rows."""
-    y, (s,) = _check_multilabel(targets, (scores,))
+def _mean_auroc(y: np.ndarray, scores: np.ndarray) -> float:
+    """Mean AUROC over the labels with both classes among their known rows; checked (N, K) input."""
     areas = []
     for j in range(y.shape[1]):
-        known = np.isfinite(y[:, j])
-        areas.append(auroc(y[known, j], s[known, j]))
+        known = ~np.isnan(y[:, j])
+        areas.append(mann_whitney_auroc(y[known, j].astype(bool), scores[known, j]))
     defined = [a for a in areas if a is not None]
     if not defined:
         raise ValueError("no label has both classes among its known targets")
     return float(np.mean(defined))
 
 
-def _as_vector(x: np.ndarray, name: str) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (one label), got shape {x.shape}")
-    return x
-
-
-def _check_label(targets: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One label: drop NaN targets, check 0/1 and finite scores; returns (y (n,), scores (M, n))."""
-    y = _as_vector(targets, "targets")
-    if scores.shape[1] != y.size:
-        raise ValueError(f"targets ({y.size},) and scores {scores.shape[1:]} must cover the same images")
-    known = np.isfinite(y)
-    y, scores = y[known], scores[:, known]
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError("targets must be 0, 1 or NaN (unknown)")
-    if not np.isfinite(scores).all():
-        raise ValueError("scores must be finite")
-    return y, scores
-
-
-def _check_multilabel(targets: np.ndarray, scores) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(N, K) or (N,) targets and scores of one shape, as 2-D float arrays; 0/1/NaN and finite."""
-    y = np.asarray(targets, dtype=np.float64)
-    s = [np.asarray(x, dtype=np.float64) for x in scores]
+def _as_columns(targets: np.ndarray, scores: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Checked (N, K) or (N,) targets and same-shape scores as (N, K) float arrays (K = 1 for (N,))."""
+    y, s = check_binary_problem(targets, scores, targets_name="targets", allow_unknown=True, ndims=(1, 2))
     if y.ndim == 1:
-        y, s = y[:, None], [x.reshape(-1, 1) if x.ndim == 1 else x for x in s]
-    if y.ndim != 2 or any(x.shape != y.shape for x in s):
-        raise ValueError(f"targets {np.shape(targets)} and scores {[np.shape(x) for x in scores]} "
-                         f"must have the same (N, K) or (N,) shape")
-    known = np.isfinite(y)
-    if not np.isin(y[known], (0, 1)).all():
-        raise ValueError("targets must be 0, 1 or NaN (unknown)")
-    if any(not np.isfinite(x[known]).all() for x in s):
-        raise ValueError("scores must be finite where the target is known")
+        y, s = y[:, None], [x[:, None] for x in s]
     return y, s

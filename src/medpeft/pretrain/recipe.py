@@ -15,6 +15,7 @@ on CPU (seeded per-sample augmentation, RNG state checkpointed).
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from dataclasses import replace
@@ -27,31 +28,30 @@ from PIL import Image
 from rich.console import Console
 from timm.optim import create_optimizer_v2
 
+from medpeft import accel
 from medpeft.backbones import create_backbone
-from medpeft.backbones.layers import use_onednn_linear
 from medpeft.config import PretrainConfig, dump_config
+from medpeft.data import read_split_dataset
 from medpeft.data.images import check_images
-from medpeft.data.readers import read_split_dataset
+from medpeft.engine import rundir
+from medpeft.engine.loaders import image_cache, make_loader
+from medpeft.engine.loop import Stepper, begin_epoch, build_scheduler, run_epoch
+from medpeft.engine.runtime import autocast, resolve_device
 from medpeft.errors import DataError, TrainingError
+from medpeft.files import write_bytes_atomic, write_json_atomic
 from medpeft.pretrain.mae import MaskedAutoencoder
-from medpeft.train import rundir
-from medpeft.train.recipe import (
-    _check_run_dir, _progress, autocast, begin_epoch, build_scheduler, image_cache, make_loader, resolve_device, resumed_state,
-    reuse_freed_memory, rng_state, set_attention_kernel, start_run_dir)
 
 MAE_CHECKPOINT = "mae.pth"
 PREVIEWS = "previews"
 
 
-def build_mae(config: PretrainConfig) -> MaskedAutoencoder:
+def build_mae(config: PretrainConfig, device: torch.device | None = None) -> MaskedAutoencoder:
     """The encoder as ``medpeft train`` will build it (no head, final norm kept) inside an MAE."""
     torch.manual_seed(config.train.seed)
     model_config = replace(config.model, global_pool="", kwargs={**config.model.kwargs, "fc_norm": False})
     encoder, report = create_backbone(model_config, num_classes=0)
     model = MaskedAutoencoder(encoder, config.mae, fixed_pos_embed=report is None)
-    set_attention_kernel(model, config.train)
-    use_onednn_linear(model)
-    return model
+    return accel.apply(model, "vit", config.train, device or resolve_device(config.train.device))
 
 
 @torch.no_grad()
@@ -87,9 +87,9 @@ def write_preview(model: MaskedAutoencoder, images: torch.Tensor, config: Pretra
     grid = torch.cat([(c * std + mean)[:, 0].clamp(0, 1) for c in columns], dim=2)  # (B, H, 4W)
     rows = (grid.reshape(-1, grid.shape[-1]).cpu().numpy() * 255).round().astype(np.uint8)
     path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(rows).save(tmp, format="PNG")
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    Image.fromarray(rows).save(buffer, format="PNG")
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def prepare_table(config: PretrainConfig) -> pd.DataFrame:
@@ -102,107 +102,109 @@ def prepare_table(config: PretrainConfig) -> pd.DataFrame:
 
 def pretrain(config: PretrainConfig, quiet: bool = False) -> dict:
     """Pretrain as `config` says, write the run directory, return its metrics (also in metrics.json)."""
-    console = Console(quiet=quiet)
-    run_dir = Path(config.output_dir)
-    table = prepare_table(config)
-    config_text = dump_config(config)
-    resume = _check_run_dir(run_dir, config_text)
-    cfg = config.train
+    recipe = PreTrain(config, Console(quiet=quiet))
+    recipe.setup()
+    recipe.train()
+    return recipe.finish()
 
-    reuse_freed_memory()
-    model = build_mae(config)
-    encoder_parameters = sum(p.numel() for p in model.encoder.parameters())
-    console.print(f"MAE pretraining of {config.model.name} ({encoder_parameters:,} encoder parameters), "
-                  f"mask ratio {config.mae.mask_ratio}, {int((table['split'] == 'train').sum()):,} images")
-    device = resolve_device(cfg.device)
-    start_run_dir(run_dir, config_text, table, resuming=resume is not None)
 
-    model.to(device)
-    cache = image_cache(table, config, progress=console.is_terminal)
-    train_loader = make_loader(table, "train", config, train=True, cache=cache)
-    has_val = (table["split"] == "val").any()
-    val_loader = make_loader(table, "val", config, train=False, cache=cache) if has_val else None
-    preview_split = "val" if has_val else "train"
-    preview_rows = table[table["split"] == preview_split].drop_duplicates("patient_id")  # one image per patient
-    preview_loader = make_loader(preview_rows.head(config.mae.preview_images), preview_split, config,
-                                 train=False, cache=cache)
-    preview_images = next(iter(preview_loader))[0].to(device)
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    betas=tuple(config.mae.adam_betas), fused=True)
-    scheduler = build_scheduler(optimizer, cfg, math.ceil(len(train_loader) / cfg.grad_accum_steps))
+class PreTrain:
+    """The MAE pretraining recipe: setup -> epochs (the shared loop, validation loss, previews) -> finish."""
 
-    state = {"epoch": 0, "step": 0, "elapsed": 0.0, "history": []}
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        state = resumed_state(resume, device, run_dir, console)
+    def __init__(self, config: PretrainConfig, console: Console):
+        self.config, self.console, self.run_dir = config, console, Path(config.output_dir)
 
-    started = time.perf_counter() - state["elapsed"]
-    while state["epoch"] < cfg.epochs:
-        epoch = state["epoch"]
-        begin_epoch(train_loader, cfg.seed, epoch)
+    def setup(self) -> None:
+        config, cfg = self.config, self.config.train
+        self.table = table = prepare_table(config)
+        checkpoint = rundir.check_run_dir(self.run_dir, config.to_dict())
+        accel.prepare_process(cfg)
+        self.device = device = resolve_device(cfg.device)
+        self.model = model = build_mae(config, device)
+        self.encoder_parameters = sum(p.numel() for p in model.encoder.parameters())
+        self.console.print(f"MAE pretraining of {config.model.name} ({self.encoder_parameters:,} encoder "
+                           f"parameters), mask ratio {config.mae.mask_ratio}, "
+                           f"{int((table['split'] == 'train').sum()):,} images")
+        rundir.start_run_dir(self.run_dir, dump_config(config), table, resuming=checkpoint is not None)
+        model.to(device)
+        self._setup_loaders(image_cache(table, config, progress=self.console.is_terminal))
+        optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                        betas=tuple(config.mae.adam_betas), fused=True)
+        steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum_steps)
+        self.stepper = Stepper(optimizer, build_scheduler(optimizer, cfg, steps_per_epoch), cfg,
+                               [p for p in model.parameters() if p.requires_grad])
+        self.state = {"epoch": 0, "step": 0, "elapsed": 0.0, "history": []}
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            self.stepper.scheduler.load_state_dict(checkpoint["scheduler"])
+            rundir.restore_rng(checkpoint, device, self.run_dir)
+            self.console.print(f"resuming {self.run_dir} at epoch {checkpoint['state']['epoch'] + 1}")
+            self.state = checkpoint["state"]
+
+    def _setup_loaders(self, cache) -> None:
+        """Training batches, validation batches (if there is a val split) and the preview images."""
+        table, config = self.table, self.config
+        self.train_loader = make_loader(table, "train", config, train=True, cache=cache)
+        has_val = (table["split"] == "val").any()
+        self.val_loader = make_loader(table, "val", config, train=False, cache=cache) if has_val else None
+        split = "val" if has_val else "train"
+        rows = table[table["split"] == split].drop_duplicates("patient_id")  # one image per patient
+        loader = make_loader(rows.head(config.mae.preview_images), split, config, train=False, cache=cache)
+        self.preview_images = next(iter(loader))[0].to(self.device)
+
+    def _batch_loss(self, i: int, batch) -> tuple[torch.Tensor, float, int]:
+        x = batch[0].to(self.device, non_blocking=True)
+        with autocast(self.device, self.config.train.precision):
+            loss, _, _ = self.model(x, self.config.mae.mask_ratio)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"{self.run_dir}: the reconstruction loss became {loss.item()} at epoch "
+                                f"{self.state['epoch'] + 1}: training diverged (lower train.lr)")
+        return loss, loss.item(), len(x)
+
+    def train(self) -> None:
+        cfg, state = self.config.train, self.state
+        self.started = time.perf_counter() - state["elapsed"]
+        while state["epoch"] < cfg.epochs:
+            self._epoch(state["epoch"])
+
+    def _epoch(self, epoch: int) -> None:
+        config, cfg, state, model = self.config, self.config.train, self.state, self.model
+        begin_epoch(self.train_loader, cfg.seed, epoch)
         model.train()
-        losses, seen, epoch_start = [], 0, time.perf_counter()
-        with _progress(console) as progress:
-            bar = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(train_loader), loss=0.0, ips=0.0)
-            for i, (x, _) in enumerate(train_loader):
-                x = x.to(device, non_blocking=True)
-                with autocast(device, cfg.precision):
-                    loss, _, _ = model(x, config.mae.mask_ratio)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"{run_dir}: the reconstruction loss became {loss.item()} at epoch "
-                                        f"{epoch + 1}: training diverged (lower train.lr)")
-                (loss / cfg.grad_accum_steps).backward()
-                if (i + 1) % cfg.grad_accum_steps == 0 or i + 1 == len(train_loader):
-                    if cfg.grad_clip:
-                        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                       cfg.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    state["step"] += 1
-                    scheduler.step_update(state["step"])
-                    if state["step"] % cfg.log_every_steps == 0:
-                        rundir.append_log(run_dir, {"event": "step", "epoch": epoch, "step": state["step"],
-                                                    "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
-                losses.append(loss.item())
-                seen += len(x)
-                progress.update(bar, advance=1, loss=float(np.mean(losses[-20:])),
-                                ips=seen / (time.perf_counter() - epoch_start))
-
-        record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
-                  "val_loss": validation_loss(model, val_loader, config, device) if has_val else None}
+        train_loss, seen, seconds = run_epoch(self.train_loader, epoch, self._batch_loss, self.stepper, state,
+                                              self.run_dir, self.console)
+        val_loss = None if self.val_loader is None else validation_loss(model, self.val_loader, config, self.device)
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss}
         state["history"].append(record)
-        state["epoch"] = epoch + 1
-        state["elapsed"] = time.perf_counter() - started
-        epoch_time = time.perf_counter() - epoch_start
-        rundir.append_log(run_dir, {"event": "epoch", **record, "seconds": epoch_time})
-        val_text = f"  val loss {record['val_loss']:.4f}" if has_val else ""
-        console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}{val_text}  "
-                      f"{seen / epoch_time:.0f} img/s  {epoch_time:.1f}s")
+        state.update(epoch=epoch + 1, elapsed=time.perf_counter() - self.started)
+        rundir.append_log(self.run_dir, {"event": "epoch", **record, "seconds": seconds})
+        val_text = "" if val_loss is None else f"  val loss {val_loss:.4f}"
+        self.console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {train_loss:.4f}{val_text}  "
+                           f"{seen / seconds:.0f} img/s  {seconds:.1f}s")
         every = config.mae.preview_every
         if every and ((epoch + 1) % every == 0 or epoch + 1 == cfg.epochs):
-            write_preview(model, preview_images, config, run_dir / PREVIEWS / f"epoch-{epoch + 1:04d}.png")
-        rundir.torch_save_atomic({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), **rng_state(device), "state": state,
-        }, run_dir / rundir.CHECKPOINT)
+            write_preview(model, self.preview_images, config, self.run_dir / PREVIEWS / f"epoch-{epoch + 1:04d}.png")
+        rundir.save_checkpoint({
+            "model": model.state_dict(), "optimizer": self.stepper.optimizer.state_dict(),
+            "scheduler": self.stepper.scheduler.state_dict(), **rundir.rng_state(self.device), "state": state,
+        }, self.run_dir)
 
-    rundir.torch_save_atomic({"model": model.mae_state_dict(), "epoch": state["epoch"]}, run_dir / MAE_CHECKPOINT)
-    metrics = {
-        "model": config.model.name,
-        "encoder_parameters": encoder_parameters,
-        "epochs_run": state["epoch"],
-        "steps": state["step"],
-        "wall_time_s": time.perf_counter() - started,
-        "split_sizes": {s: int((table["split"] == s).sum()) for s in ("train", "val")},
-        "history": state["history"],
-        "final_train_loss": state["history"][-1]["train_loss"],
-        "final_val_loss": state["history"][-1]["val_loss"],
-        "checkpoint": str(run_dir / MAE_CHECKPOINT),
-    }
-    rundir.write_json_atomic(run_dir / rundir.METRICS, metrics)
-    (run_dir / rundir.CHECKPOINT).unlink(missing_ok=True)
-    console.print(f"done: {run_dir / MAE_CHECKPOINT}; fine-tune it with model.name={config.model.name} "
-                  f"model.weights={run_dir / MAE_CHECKPOINT} (same img_size and kwargs)")
-    return metrics
+    def finish(self) -> dict:
+        """Write mae.pth (the MAE checkpoint layout ``medpeft train`` loads) and, last, metrics.json."""
+        config, state, run_dir = self.config, self.state, self.run_dir
+        buffer = io.BytesIO()
+        torch.save({"model": self.model.mae_state_dict(), "epoch": state["epoch"]}, buffer)
+        write_bytes_atomic(run_dir / MAE_CHECKPOINT, buffer.getvalue())
+        metrics = {
+            "model": config.model.name, "encoder_parameters": self.encoder_parameters,
+            "epochs_run": state["epoch"], "steps": state["step"], "wall_time_s": time.perf_counter() - self.started,
+            "split_sizes": {s: int((self.table["split"] == s).sum()) for s in ("train", "val")},
+            "history": state["history"], "final_train_loss": state["history"][-1]["train_loss"],
+            "final_val_loss": state["history"][-1]["val_loss"], "checkpoint": str(run_dir / MAE_CHECKPOINT),
+        }
+        write_json_atomic(run_dir / rundir.METRICS, metrics)
+        (run_dir / rundir.CHECKPOINT).unlink(missing_ok=True)
+        self.console.print(f"done: {run_dir / MAE_CHECKPOINT}; fine-tune it with model.name={config.model.name} "
+                           f"model.weights={run_dir / MAE_CHECKPOINT} (same img_size and kwargs)")
+        return metrics

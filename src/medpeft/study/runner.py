@@ -37,7 +37,10 @@ from rich.console import Console
 from medpeft.errors import ConfigError
 from medpeft.study.spec import Cell, load_study
 from medpeft.study.store import Store
-from medpeft.train import rundir
+from medpeft.config import config_from_dict
+from medpeft.engine import rundir
+from medpeft.engine.assemble import check_buildable
+from medpeft.files import read_json, write_text_atomic
 
 STORE = "study.sqlite"
 
@@ -131,13 +134,14 @@ def run_study(study_path: str | Path, out: str | Path, jobs: int = 1, executor: 
     study = load_study(study_path)
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    check_models(study.cells, study.path)
     out = Path(out)
     for sub in ("configs", "runs", "logs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     store = Store(out / STORE)
     try:
         store.sync(study.cells, (out / "runs").resolve())
-        rundir.write_text_atomic(out / "study.yaml", Path(study_path).read_text())
+        write_text_atomic(out / "study.yaml", Path(study_path).read_text())
         todo = [c for c in study.cells
                 if store.status(c.key) in ("pending", "running") or (retry_failed and store.status(c.key) == "failed")]
         done = len(study.cells) - len(todo)
@@ -153,12 +157,23 @@ def run_study(study_path: str | Path, out: str | Path, jobs: int = 1, executor: 
     return counts
 
 
+def check_models(cells: list[Cell], path: Path) -> None:
+    """Build each distinct model of the cells on the meta device (see engine.assemble.check_buildable)."""
+    seen = set()
+    for cell in cells:
+        config = config_from_dict({**cell.config, "output_dir": "-"})
+        key = yaml.safe_dump([cell.config["model"], cell.config["method"], len(config.data.labels)])
+        if key not in seen:
+            seen.add(key)
+            check_buildable(config, where=f"{path}: cell {cell.key}: ")
+
+
 def _recover(store: Store, cell: Cell, out: Path) -> bool:
     """A cell whose run finished but was not recorded (runner killed in between) is recorded now."""
     run_dir = out / "runs" / cell.key
     if not rundir.is_complete(run_dir):
         return False
-    store.mark_done(cell.key, json.loads((run_dir / rundir.METRICS).read_text()), None)
+    store.mark_done(cell.key, read_json(run_dir / rundir.METRICS), None)
     return True
 
 
@@ -183,7 +198,7 @@ def _execute(store: Store, cells: list[Cell], out: Path, jobs: int, executor: st
 def _start(pool, store: Store, cell: Cell, out: Path) -> Future:
     config_path = (out / "configs" / f"{cell.key}.yaml").resolve()
     run_dir = (out / "runs" / cell.key).resolve()
-    rundir.write_text_atomic(config_path, yaml.safe_dump({**cell.config, "output_dir": str(run_dir)}, sort_keys=False))
+    write_text_atomic(config_path, yaml.safe_dump({**cell.config, "output_dir": str(run_dir)}, sort_keys=False))
     store.mark_running(cell.key)
     return pool.submit(cell.key, str(config_path), str((out / "logs" / f"{cell.key}.log").resolve()))
 
@@ -193,7 +208,7 @@ def _record(store: Store, cell: Cell, result: CellResult, out: Path, counter: st
         store.mark_failed(cell.key, result.error)
         console.print(f"{counter} {cell.key}: [red]failed[/red]: {result.error}")
         return
-    metrics = json.loads((out / "runs" / cell.key / rundir.METRICS).read_text())
+    metrics = read_json(out / "runs" / cell.key / rundir.METRICS)
     store.mark_done(cell.key, metrics, result.peak_memory_mb)
     test = (metrics["test"] or {}).get("mean_auroc")
     console.print(f"{counter} {cell.key}: test AUROC {'n/a' if test is None else f'{test:.4f}'} "

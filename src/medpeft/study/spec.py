@@ -22,7 +22,8 @@
 
 Every axis is optional (one level, ``default``, when absent). String values may use environment
 variables (``${NIH_ROOT}/Data_Entry_2017.csv``). Every cell is validated as a run config when the
-study is read, so a typo fails before the first cell trains.
+study is read, and ``medpeft study run`` builds each cell's model on the meta device before the first
+cell trains, so a typo or a method that does not fit its backbone fails before any training.
 """
 
 from __future__ import annotations
@@ -99,9 +100,9 @@ def _levels(path: Path, axes: dict, axis: str) -> dict:
         return {1.0: {}} if axis == "fraction" else {0: {}}
     if not isinstance(levels, list) or not levels:
         raise ConfigError(f"{path}: axes.{axis} must be a non-empty list")
-    if axis == "fraction":
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1 for v in levels):
-            raise ConfigError(f"{path}: axes.fraction must be numbers in (0, 1], got {levels}")
+    if axis == "fraction":  # the range is the run config's rule (data.split.label_fraction)
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in levels):
+            raise ConfigError(f"{path}: axes.fraction must be numbers, got {levels}")
         return {float(v): {"data": {"split": {"label_fraction": float(v)}}} for v in levels}
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in levels):
         raise ConfigError(f"{path}: axes.seed must be integers, got {levels}")

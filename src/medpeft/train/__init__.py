@@ -1,5 +1,6 @@
-"""The training recipe and the run directory it writes."""
+"""Fine-tuning: the recipe (setup -> epochs -> finish) and the training-only features it uses
+(activation recomputation, frozen-prefix caching)."""
 
-from medpeft.train.recipe import evaluate, train
+from medpeft.train.recipe import train
 
-__all__ = ["evaluate", "train"]
+__all__ = ["train"]

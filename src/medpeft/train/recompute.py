@@ -16,32 +16,41 @@ each of ``model.blocks`` in place: module names, weights and saved files do not 
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from medpeft.backbones.layers import ONEDNN_LINEAR
+from medpeft.accel.onednn import linear_op
 from medpeft.errors import ConfigError
 from medpeft.methods import unwrap
 
-_aten = torch.ops.aten
-_MATMULS = {_aten.mm.default, _aten.addmm.default, _aten.addmm_.default}
-if ONEDNN_LINEAR is not None:  # fp32 linear layers on the CPU (medpeft.backbones.layers)
-    _MATMULS.add(ONEDNN_LINEAR.default)
-# Attention: torch's fused kernels, or the batched matmuls (q k^T, attn v) of timm's path without them
-_ATTENTION = {_aten._scaled_dot_product_flash_attention_for_cpu.default,
-              _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
-              _aten._scaled_dot_product_cudnn_attention.default, _aten.bmm.default}
 _keeping = [False]  # set while a block's qkv or fc2 runs (forward and its recomputation)
+
+
+def _ops(*names: str) -> set:
+    """The default overloads of the aten ops of these names that this torch has (some are private)."""
+    return {getattr(torch.ops.aten, name).default for name in names if hasattr(torch.ops.aten, name)}
+
+
+@functools.cache
+def _kept_ops() -> tuple[set, set]:
+    """(the matmuls of a linear layer, attention's ops): torch's, and oneDNN's linear where medpeft.accel uses it."""
+    matmuls = _ops("mm", "addmm", "addmm_") | ({linear_op().default} if linear_op() is not None else set())
+    # Attention: torch's fused kernels, or the batched matmuls (q k^T, attn v) of timm's path without them
+    attention = _ops("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention", "bmm")
+    return matmuls, attention
 
 
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     """Keep attention and the matmuls inside qkv and fc2 (also LoRA's, whose in-place update of the base
     output is kept with it; lean LoRA makes its weight-sized W + s B A with baddbmm, which is recomputed);
     recompute everything else."""
-    keep = op in _ATTENTION or (_keeping[0] and op in _MATMULS)
+    matmuls, attention = _kept_ops()
+    keep = op in attention or (_keeping[0] and op in matmuls)
     return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
 

@@ -4,30 +4,24 @@ peft computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` op by op: four 
 in forward and three input-sized ones for the input's gradient per layer, and under autocast it keeps
 low-precision copies of W, A and B for backward. Here one autograd function computes
 ``y = x W^T + b + s (x A^T) B^T``: in fp32 as one matmul with ``W + s B A`` (weight-sized, made for the
-call and again in backward for the input's gradient), under autocast with the low-rank update added in
-place into the base matmul's output (and into the input's gradient). It saves only x (once, in the
-compute dtype), the small ``x A^T`` and the parameters themselves. When x is the output of a LayerNorm,
-whose own backward keeps its input z and statistics anyway, not even x is saved: A's gradient, a sum
-over tokens of x, is taken over z (see ``_grad_as``). In timm's Mlp (``LeanMlp``), fc2 takes fc1's
-output h, which the GELU keeps anyway, as its input: it saves h, recomputes ``gelu(h)`` in backward, and
-returns h's gradient through the GELU, computed in place in its own buffer, where autograd's GELU
-backward would make a new hidden-sized tensor (at the peak of a step). A ViT block with LoRA on every
-linear layer then keeps 10 of the 16 token-sized tensors that full fine-tuning keeps. (ViT-S, batch 32:
-the peak falls from 1,203 to 1,185 MiB, and with ``train.recompute: selective``, where the GELU path
-works under checkpointing too, from 811 to 783 MiB.) A fused qkv split into q, k, v
-(``medpeft.backbones.SplitQKV``) with some of them adapted runs as one matmul over the fused weight,
-each update on its slice.
-Folding the update into W spares two token-sized passes per layer (adding it into the output and
-into the input's gradient): a ViT-S step at batch 16 with LoRA on every linear layer took 0.87x full
-fine-tuning's time instead of 0.92x (2 AVX2 cores). The rank-r products that remain are skinny GEMMs over
-every token, each a pass over a token-sized tensor, so backward makes as few as it can: ``s gy B`` comes
-out of the input gradient's matmul (by ``[W + s B A | s B]``; not in fc2 after a GELU), A's gradient
-after a LayerNorm from the norm's input (no recomputed x). In fp32 on the CPU every matmul here runs
-oneDNN's kernel (``medpeft.backbones.layers.linear``), which ran these skinny ones 3x faster than
-torch's (MKL's) on an AMD EPYC. Against a step whose rank-r work were free (every weight frozen, the
-gradient taken through every block: ``floor`` in ``benchmarks/lora_costs.py``), a ViT-S step with LoRA on
-every linear layer takes 1.11-1.19x (fp32, two runs of 15 rounds) and 1.26x (bf16) its time (batch 16,
-2 AVX-512 cores).
+call and again in backward), under autocast with the low-rank update added in place into the base
+matmul's output and into the input's gradient (rounding W + s B A to bf16 would lose most of the small
+update). It saves only x (once, in the compute dtype), the small ``x A^T`` and the parameters.
+
+- After a LayerNorm, whose backward keeps its input z and statistics anyway, not even x is saved: A's
+  gradient, a sum over tokens of x, is taken over z (``_grad_as``). That reads the norm's autograd node
+  (``grad_fn._saved_input``, ...) and torch's private check for active saved-tensor hooks;
+  ``norm_inputs_available()`` probes both once, and without them x is saved as usual.
+- In timm's Mlp (``LeanMlp``), fc2 takes fc1's output h, which the GELU keeps anyway, as its input: it
+  saves h, recomputes ``gelu(h)`` in backward and returns h's gradient through the GELU computed in place
+  (aten's ``gelu_backward.grad_input``; where this torch lacks it, the Mlp stays timm's).
+- A fused qkv split into q, k, v (``medpeft.backbones.SplitQKV``) with some of them adapted runs as one
+  matmul over the fused weight, each update on its slice.
+- In fp32 backward gets ``s gy B`` out of the input gradient's matmul (by ``[W + s B A | s B]``), and on
+  the CPU every matmul goes through ``medpeft.accel.onednn.linear``.
+
+A ViT block with LoRA on every linear layer then keeps 10 of the 16 token-sized tensors that full
+fine-tuning keeps. Step times and memory: benchmarks/results/lora_costs*.md.
 
 ``make_lean`` converts the layers of a model that ``peft.get_peft_model`` has wrapped by changing their
 class: state-dict names, ``save_pretrained``, ``PeftModel.from_pretrained`` and ``merge_and_unload`` are
@@ -37,13 +31,41 @@ peft's own. A layer falls back to peft's forward whenever its adapter is not pla
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLinear
 from timm.layers import Mlp
 from torch import nn
 
-from medpeft.backbones.layers import OneDNNLinear, SplitQKV, linear, row_blocks, token_product
+from medpeft.accel.onednn import OneDNNLinear, linear, token_product
+from medpeft.backbones.layers import SplitQKV, row_blocks
+
+_NORM_SAVED = ("_saved_input", "_saved_result1", "_saved_result2", "_saved_weight", "_saved_bias")
+
+
+@functools.cache
+def norm_inputs_available() -> bool:
+    """Whether a LayerNorm's autograd node exposes its saved input and statistics here, and torch's check
+    for active saved-tensor hooks exists (both private to torch); probed once."""
+    try:
+        torch._C._autograd._top_saved_tensors_default_hooks(False)  # active saved-tensor hooks, if any
+        with torch.inference_mode(False), torch.enable_grad():
+            z = torch.arange(8.0).view(2, 4).requires_grad_()  # no random draw: runs' RNG streams stay as they are
+            node = F.layer_norm(z, (4,), torch.ones(4), torch.zeros(4)).grad_fn
+        return type(node).__name__ == "NativeLayerNormBackward0" and all(hasattr(node, n) for n in _NORM_SAVED)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@functools.cache
+def gelu_backward_in_place_available() -> bool:
+    """Whether this torch has aten's ``gelu_backward.grad_input`` (the GELU's backward into a given buffer)."""
+    return hasattr(getattr(torch.ops.aten, "gelu_backward", None), "grad_input")
+
+
+norm_inputs_available()  # probed at import, outside any forward pass, autocast or dispatch mode
 
 
 def _stack_rows(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -60,11 +82,11 @@ def _source(x: torch.Tensor) -> tuple[str, tuple, object] | None:
     statistics of the LayerNorm that made it. None when x comes from elsewhere, or when saved-tensor hooks
     (checkpointing, offloading) pack the producer's tensors, or under torch.compile."""
     fn = x.grad_fn
-    if fn is None or torch.compiler.is_compiling() or torch._C._autograd._top_saved_tensors_default_hooks(False):
+    if fn is None or torch.compiler.is_compiling() or not norm_inputs_available() \
+            or torch._C._autograd._top_saved_tensors_default_hooks(False):  # hooks pack what autograd saves
         return None
     if type(fn).__name__ == "NativeLayerNormBackward0" and x.output_nr == 0:
-        return "layer_norm", (fn._saved_input, fn._saved_result1, fn._saved_result2, fn._saved_weight,
-                              fn._saved_bias), None
+        return "layer_norm", tuple(getattr(fn, name) for name in _NORM_SAVED), None
     return None
 
 
@@ -282,6 +304,6 @@ def make_lean(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is SplitQKV and any(isinstance(c, LeanLinear) for c in module.children()):
             module.__class__ = LeanSplitQKV
-        if type(module) is Mlp and isinstance(module.fc2, LeanLinear):
+        if type(module) is Mlp and isinstance(module.fc2, LeanLinear) and gelu_backward_in_place_available():
             module.__class__ = LeanMlp
     return converted

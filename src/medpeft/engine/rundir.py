@@ -1,0 +1,166 @@
+"""The run directory: what a run writes, written atomically, and complete only when metrics.json exists.
+
+    config.yaml      the resolved config
+    split.csv        image_id, patient_id, split of every image used
+    log.jsonl        training log (steps, epochs, resumes)
+    weights/         the best trainable weights (the method's save format)
+    checkpoint.pt    the last epoch's trainable weights + optimiser / scheduler / RNG state, for resume
+    predictions.csv  the best weights' val and test probabilities and targets per image
+                     (image_id, split, prob:LABEL..., target:LABEL...)
+    thresholds.json  the decision rule chosen on val: per-label thresholds (Youden's J) or arg-max
+    metrics.json     validation and test metrics, parameter counts, time; written last
+
+Fine-tuning (medpeft.train), MAE pretraining (medpeft.pretrain), studies, inference and the CLI all read
+and write run directories through this module.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from packaging.version import Version
+
+from medpeft.config import RunConfig, build, read_yaml_mapping, upgrade_saved
+from medpeft.data import read_dataset
+from medpeft.engine.distributed import SINGLE, Processes
+from medpeft.errors import DataError, RunDirError
+from medpeft.files import read_json, write_bytes_atomic, write_text_atomic
+from medpeft.version import __version__
+
+CONFIG = "config.yaml"
+SPLIT = "split.csv"
+LOG = "log.jsonl"
+WEIGHTS = "weights"
+CHECKPOINT = "checkpoint.pt"
+PREDICTIONS = "predictions.csv"
+THRESHOLDS = "thresholds.json"
+METRICS = "metrics.json"
+
+
+def is_complete(run_dir: Path) -> bool:
+    return (Path(run_dir) / METRICS).is_file()
+
+
+def append_log(run_dir: Path, record: dict) -> None:
+    with open(Path(run_dir) / LOG, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def save_checkpoint(state: dict, run_dir: Path) -> None:
+    """checkpoint.pt, atomically (a run killed while writing keeps the previous epoch's)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes_atomic(Path(run_dir) / CHECKPOINT, buffer.getvalue())
+
+
+def saved_config(run_dir: Path) -> dict:
+    """The run's config.yaml as plain data, upgraded to this medpeft's schema (see config.upgrade_saved)."""
+    return upgrade_saved(read_yaml_mapping(Path(run_dir) / CONFIG, "run config", "a mapping of sections"))
+
+
+def check_run_dir(run_dir: Path, config: dict) -> dict | None:
+    """Refuse a complete run or another run's folder; return the checkpoint of a run to resume (None for a
+    new run). `config` is the new run's config as plain data."""
+    run_dir = Path(run_dir)
+    if is_complete(run_dir):
+        raise RunDirError(f"{run_dir}: the run is complete already ({METRICS} exists); choose another output_dir")
+    if (run_dir / CONFIG).is_file():
+        if saved_config(run_dir) != yaml.safe_load(yaml.safe_dump(config, sort_keys=False)):  # key order aside
+            raise RunDirError(f"{run_dir}: holds an unfinished run of another config; choose another output_dir "
+                              f"or delete it")
+        checkpoint = run_dir / CHECKPOINT
+        return torch.load(checkpoint, map_location="cpu", weights_only=True) if checkpoint.is_file() else None
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise RunDirError(f"{run_dir}: exists and is not a medpeft run directory")
+    return None
+
+
+def _split_frame(table: pd.DataFrame) -> pd.DataFrame:
+    return table[["image_id", "patient_id", "split"]].reset_index(drop=True)
+
+
+def start_run_dir(run_dir: Path, config_text: str, table: pd.DataFrame, resuming: bool) -> None:
+    """Write config.yaml and split.csv; a resumed run must see the split it started with."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    split_path = run_dir / SPLIT
+    if resuming and not _split_frame(table).equals(pd.read_csv(split_path, dtype=str, keep_default_na=False)):
+        raise RunDirError(f"{split_path}: the data no longer give the split this run started with")
+    write_text_atomic(run_dir / CONFIG, config_text)
+    write_text_atomic(split_path, _split_frame(table).to_csv(index=False))
+
+
+def rng_state(device: torch.device, procs: Processes = SINGLE) -> dict:
+    """The RNG states of every process, which a checkpoint keeps so that a resumed run draws what an
+    uninterrupted one would (dropout, drop path)."""
+    mine = {"cpu": torch.get_rng_state(),
+            **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+    return {"rng": procs.all_gather(mine)}
+
+
+def restore_rng(checkpoint: dict, device: torch.device, run_dir: Path, procs: Processes = SINGLE) -> None:
+    """Restore this process's RNG states from a checkpoint and log the resume."""
+    states = checkpoint["rng"]
+    if len(states) != procs.world:
+        raise RunDirError(f"{Path(run_dir) / CHECKPOINT}: the run was started on {len(states)} processes; "
+                          f"resume it on as many (--devices {len(states)})")
+    torch.set_rng_state(states[procs.rank]["cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[procs.rank]["cuda"], device)
+    if procs.main:
+        append_log(run_dir, {"event": "resume", "epoch": checkpoint["state"]["epoch"]})
+
+
+def finished_config(run_dir: Path) -> RunConfig:
+    """The config of a complete fine-tuning run of this medpeft (or an older one); refuse any other folder."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise RunDirError(f"{run_dir}: not a medpeft run directory (no {CONFIG})")
+    if not is_complete(run_dir):
+        raise RunDirError(f"{run_dir}: the run is incomplete (no {METRICS}); resume it with medpeft train")
+    metrics = read_json(run_dir / METRICS)
+    written_by = metrics.get("medpeft_version", "0")
+    if Version(written_by) > Version(__version__):
+        raise RunDirError(f"{run_dir}: written by medpeft {written_by}, newer than this medpeft {__version__}; "
+                          f"upgrade medpeft to use it")
+    config = build(RunConfig, saved_config(run_dir))
+    if list(config.data.labels) != metrics["labels"]:
+        raise RunDirError(f"{run_dir}: {CONFIG} names the labels {config.data.labels}, but the run was trained for "
+                          f"{metrics['labels']} ({METRICS})")
+    return config
+
+
+def run_table(run_dir: Path, config: RunConfig) -> pd.DataFrame:
+    """The run's dataset with the run's own split (split.csv)."""
+    table = read_dataset(config.data).drop(columns="split", errors="ignore")
+    saved = pd.read_csv(Path(run_dir) / SPLIT, dtype=str, keep_default_na=False)
+    table = table.merge(saved[["image_id", "split"]], on="image_id", how="inner")
+    if len(table) != len(saved):
+        raise DataError(f"{config.data.csv}: lacks {len(saved) - len(table)} images of the run's split "
+                        f"({Path(run_dir) / SPLIT})")
+    return table
+
+
+def prediction_frame(image_ids, split: str, labels: list[str], probs: np.ndarray, targets: np.ndarray) -> pd.DataFrame:
+    """Rows of predictions.csv: image_id, split, prob:LABEL..., target:LABEL... ((N, K) arrays)."""
+    return pd.concat([pd.DataFrame({"image_id": np.asarray(image_ids), "split": split}),
+                      pd.DataFrame(probs, columns=[f"prob:{label}" for label in labels]),
+                      pd.DataFrame(targets, columns=[f"target:{label}" for label in labels])], axis=1)
+
+
+def read_predictions(run_dir: Path, split: str, labels: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image ids, targets (N, K) and probabilities (N, K) of one split of a run's predictions.csv, sorted
+    by image id."""
+    path = Path(run_dir) / PREDICTIONS
+    if not path.is_file():
+        raise RunDirError(f"{path}: missing; the run's predictions are needed")
+    table = pd.read_csv(path, dtype={"image_id": str})
+    table = table[table["split"] == split].sort_values("image_id", kind="stable")
+    return (table["image_id"].to_numpy(), table[[f"target:{label}" for label in labels]].to_numpy(float),
+            table[[f"prob:{label}" for label in labels]].to_numpy(float))
