@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,10 +19,48 @@ TINY_VIT = {
 }
 
 
+def pytest_addoption(parser):
+    parser.addoption("--accel", choices=("on", "off"), default="on",
+                     help="train.accel of every model and run these tests build in this process ('off': the "
+                          "whole suite on the plain torch, timm and peft modules; tests of the speed-ups skip)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--accel") == "off":
+        os.environ["MEDPEFT_TEST_ACCEL"] = "off"  # see accel_flag
+        skip = pytest.mark.skip(reason="tests a speed-up of medpeft.accel, which --accel=off turns off")
+        for item in items:
+            if "accel" in item.keywords:
+                item.add_marker(skip)
+
+
+def accel_flag() -> bool:
+    """train.accel for configs that tests hand to other processes (pytest --accel)."""
+    return os.environ.get("MEDPEFT_TEST_ACCEL") != "off"
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _accel_switch(request, monkeypatch):
+    """With --accel=off, medpeft.accel sees train.accel: false in every config."""
+    if request.config.getoption("--accel") == "on":
+        return
+    from dataclasses import replace
+
+    from medpeft import accel
+
+    for name in ("apply", "memory_format", "prepare_process", "fused_attention"):
+        original = getattr(accel, name)
+
+        def off(*args, _original=original, **kwargs):
+            return _original(*(replace(a, accel=False) if type(a).__name__ == "TrainConfig" else a for a in args),
+                             **kwargs)
+        monkeypatch.setattr(accel, name, off)
 
 
 def write_squares_dataset(root, n_images=64, size=40, seed=0):

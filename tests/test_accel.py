@@ -49,6 +49,7 @@ def kinds(model) -> set[type]:
     return {type(m) for m in model.modules()}
 
 
+@pytest.mark.accel
 def test_accel_off_builds_the_plain_modules_and_trains_to_the_same_predictions(run_config, tmp_path):
     on, off = (build_model(config_from_dict(lora_all(run_config, tmp_path, "x", accel=flag))).model
                for flag in (True, False))
@@ -59,6 +60,7 @@ def test_accel_off_builds_the_plain_modules_and_trains_to_the_same_predictions(r
     np.testing.assert_allclose(probabilities(tmp_path / "off"), probabilities(tmp_path / "on"), atol=1e-4)
 
 
+@pytest.mark.accel
 def test_without_the_private_apis_every_speed_up_falls_back_and_training_runs(
         run_config, tmp_path, missing_private_apis):
     assert accel.capabilities() == {"onednn_linear": False, "lean_lora_norm_inputs": False,
@@ -74,6 +76,7 @@ def test_without_the_private_apis_every_speed_up_falls_back_and_training_runs(
     np.testing.assert_allclose(probabilities(tmp_path / "fallback"), probabilities(tmp_path / "off"), atol=1e-4)
 
 
+@pytest.mark.accel
 def test_the_attention_kernel_is_the_users_choice_or_accels(run_config, tmp_path):
     def fused(precision, attention, flag):
         config = lora_all(run_config, tmp_path, "x", precision=precision, attention=attention, accel=flag)

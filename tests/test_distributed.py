@@ -29,7 +29,7 @@ from medpeft.engine.evaluation import evaluate_split
 from medpeft.files import read_json
 from medpeft.engine.distributed import BatchPlan, Processes
 
-from conftest import TINY_VIT, write_squares_dataset
+from conftest import TINY_VIT, accel_flag, write_squares_dataset
 from test_cnn_methods import CNNS
 from test_method_contract import SETTINGS
 
@@ -59,7 +59,7 @@ def config(odd_csv, out: Path, **method) -> dict:
                  "split": {"val_fraction": 0.25, "test_fraction": 0.25, "seed": 0}},
         "method": method or {"name": "lora", "r": 4, "alpha": 8, "targets": ["q", "v"]},
         "train": {"epochs": 2, "batch_size": 17, "eval_batch_size": 5, "grad_accum_steps": 2, "lr": 0.003,
-                  "warmup_epochs": 0.5, "log_every_steps": 1},
+                  "warmup_epochs": 0.5, "log_every_steps": 1, "accel": accel_flag()},
         "output_dir": str(out),
     }
 

@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from medpeft.backbones import create_backbone, split_qkv
-from medpeft.backbones.layers import SplitQKV, row_blocks
+from medpeft.backbones.layers import row_blocks
 from medpeft.accel.lean_lora import LeanLinear, LeanMlp, LeanSplitQKV, make_lean
 from medpeft.config import ModelConfig
 from medpeft.methods import get_method, method_config_from_dict

@@ -1,6 +1,7 @@
 """Run directories written by medpeft 0.1 before the config schema and recipe were restructured
 (tests/fixtures/runs_v0_1: LoRA on q/v, AdaLoRA, SSF, norm tuning of a CNN with BatchNorm statistics)
-still load, predict what they predicted then, and evaluate to their recorded metrics."""
+still load, predict what they predicted then, evaluate to their recorded metrics, and their configs
+train again to the same metrics."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from conftest import write_squares_dataset
 
 import medpeft
+from medpeft.config import RunConfig, build, upgrade_saved
 
 FIXTURES = Path(__file__).parent / "fixtures" / "runs_v0_1"
 RUNS = sorted(p.name for p in FIXTURES.iterdir())
@@ -48,3 +51,14 @@ def test_an_old_run_evaluates_to_its_recorded_test_metrics(old_runs, name, monke
     metrics = medpeft.evaluate(Path("runs") / name, "test")
     assert metrics["mean_auroc"] == pytest.approx(recorded["mean_auroc"], abs=1e-6)
     assert metrics["n"] == recorded["n"]
+
+
+@pytest.mark.parametrize("name", ["lora_qv", "cnn_norm"])
+def test_an_old_runs_config_trains_again_to_its_recorded_metrics(old_runs, name, monkeypatch, tmp_path):
+    """Deterministic on the CPU: this medpeft trains a 0.1 run's saved config to the same metrics."""
+    monkeypatch.chdir(old_runs)
+    saved = upgrade_saved(yaml.safe_load((FIXTURES / name / "config.yaml").read_text()))
+    metrics = medpeft.train(build(RunConfig, {**saved, "output_dir": str(tmp_path / name)}), quiet=True)
+    recorded = pd.read_json(FIXTURES / name / "metrics.json", typ="series")
+    for split in ("val", "test"):
+        assert metrics[split]["mean_auroc"] == pytest.approx(recorded[split]["mean_auroc"], abs=1e-6)

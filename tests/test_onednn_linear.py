@@ -116,6 +116,7 @@ def test_a_wide_weights_gradient_sums_token_chunks_in_the_matmuls_epilogue():
     assert ops.counts["mkldnn._linear_pointwise.default"] == 1 and not ops.counts["mkldnn._linear_pointwise.binary"]
 
 
+@pytest.mark.accel
 def test_training_builds_its_linear_layers_on_onednn_and_lean_lora_still_applies(run_config, monkeypatch):
     from medpeft.train import recipe
 

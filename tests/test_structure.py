@@ -3,7 +3,7 @@ no module imports itself back through others, and modules and functions stay sho
 
 Layers, bottom to top (a module may import its own package and anything below its layer):
 
-    errors, version, files  ->  config  ->  data, backbones, metrics  ->  accel, methods  ->  engine
+    errors, version, files, console  ->  config  ->  data, backbones, metrics  ->  accel, methods  ->  engine
     ->  train, pretrain  ->  inference, study  ->  demo  ->  the package root with the CLI
 
 Run as a script (``python tests/test_structure.py``) it prints the package import graph.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = [
-    {"medpeft.errors", "medpeft.version", "medpeft.files"},
+    {"medpeft.errors", "medpeft.version", "medpeft.files", "medpeft.console"},
     {"medpeft.config"},
     {"medpeft.data", "medpeft.backbones", "medpeft.metrics"},
     {"medpeft.accel", "medpeft.methods"},
@@ -90,6 +90,17 @@ def test_every_import_points_down_the_layers_or_within_its_own_package():
     wrong = [f"{module} imports {target}" for module, targets in graph().items() for target in sorted(targets)
              if package(target) != package(module) and layer(target) >= layer(module)]
     assert not wrong, "upward or sideways imports:\n" + "\n".join(wrong)
+
+
+def test_no_module_imports_a_private_name_of_another_package():
+    wrong = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("medpeft"):
+                private = [a.name for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+                if private and package(node.module) != package(name):
+                    wrong.append(f"{name} imports {', '.join(private)} from {node.module}")
+    assert not wrong, "\n".join(wrong)
 
 
 def test_no_module_imports_itself_back_through_others():

@@ -267,6 +267,7 @@ def test_compiled_training_follows_the_eager_run(run_config, tmp_path):
     assert compiled["test"]["mean_auroc"] == pytest.approx(eager["test"]["mean_auroc"], abs=0.02)
 
 
+@pytest.mark.accel
 def test_bf16_on_the_cpu_runs_timm_attention_without_the_fused_kernel(run_config):
     """torch's CPU flash attention is slow in bf16: with train.attention 'auto', bf16 CPU runs take timm's
     matmul + softmax path, which computes the same function; other precisions keep the fused kernel."""

@@ -4,10 +4,10 @@ The package root composes the layers: importing it registers every dataset forma
 every method (medpeft.methods) with the config loader, and exposes the Python API.
 """
 
-from medpeft.version import __version__
-from medpeft.config import RunConfig, load_config
 from medpeft import data, methods  # noqa: F401  (registration of formats and methods)
-from medpeft.train import train
+from medpeft.config import RunConfig, load_config
 from medpeft.inference import evaluate, load_run, load_runs
+from medpeft.train import train
+from medpeft.version import __version__
 
 __all__ = ["RunConfig", "__version__", "evaluate", "load_config", "load_run", "load_runs", "train"]

@@ -113,8 +113,8 @@ def predict(
     """Probabilities and decisions per label for new images; unreadable inputs are listed with the reason."""
     import warnings
 
-    from medpeft.inference import load_runs, predict as run_prediction
     from medpeft.files import write_text_atomic
+    from medpeft.inference import load_runs, predict as run_prediction
 
     run_dirs = [Path(p) for p in runs.split(",")] if runs else paths[:1]
     images = paths if runs else paths[1:]
@@ -219,10 +219,15 @@ def data_split(config: Path = typer.Argument(..., help="YAML run config (its dat
                fractions: str = typer.Option("0.01,0.1,1", help="Label fractions of train, nested."),
                set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key (repeatable).")):
     """Write train (one file per label fraction, nested), val and test split files with content hashes."""
+    from medpeft.config import SplitConfig
     from medpeft.data.label_fractions import label_fraction_subsets, write_split_file
+    from medpeft.errors import ConfigError
 
+    try:  # each as data.split.label_fraction takes it
+        wanted = [SplitConfig(label_fraction=f).label_fraction for f in fractions.split(",")]
+    except ConfigError as e:
+        raise ConfigError(f"--fractions {fractions}: {e}") from None
     run_config, table = _prepared(config, set_)
-    wanted = [float(f) for f in fractions.split(",")]
     train = table[table["split"] == "train"]
     subsets = label_fraction_subsets(train, list(run_config.data.labels), wanted, run_config.data.split.seed)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,9 +23,9 @@ from rich.table import Table
 
 from medpeft.config import load_pretrain_config
 from medpeft.data.phantoms import FINDINGS, generate_phantoms
-from medpeft.pretrain import MAE_CHECKPOINT, pretrain
 from medpeft.engine import rundir
 from medpeft.files import write_text_atomic
+from medpeft.pretrain import MAE_CHECKPOINT, pretrain
 
 IMAGE_SIZE = 64
 PATIENTS = 1200

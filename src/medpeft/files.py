@@ -39,9 +39,11 @@ def read_json(path: str | Path):
 
 
 @contextmanager
-def atomic_directory(path: str | Path):
-    """Yield a temporary folder beside `path`; on success it replaces `path` (old contents removed),
-    on an error it is removed and `path` is left as it was."""
+def atomic_directory(path: str | Path, replace: bool = True):
+    """Yield a temporary folder beside `path`; on success it becomes `path`, on an error it is removed and
+    `path` is left as it was. `replace`: an existing `path` is replaced (its old contents removed); else
+    the first folder to get there stays and later ones are dropped (concurrent writers of the same
+    content, e.g. the image cache)."""
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     os.chmod(tmp, 0o755)
@@ -50,6 +52,14 @@ def atomic_directory(path: str | Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if not replace:
+        try:
+            os.rename(tmp, path)  # fails if another writer's folder is there already
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not path.is_dir():
+                raise
+        return
     old = path.with_name(f".{path.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():

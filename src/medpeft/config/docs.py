@@ -7,7 +7,8 @@ import dataclasses
 
 from medpeft.config.run import MAEConfig
 from medpeft.config.schema import Section, field_types, type_name
-from medpeft.config.sections import DATA_FORMATS, METHODS, AugmentConfig, DataConfig, ModelConfig, SplitConfig, TrainConfig
+from medpeft.config.sections import (DATA_FORMATS, METHODS, AugmentConfig, DataConfig, ModelConfig, SplitConfig,
+                                     TrainConfig)
 
 _SYMBOLS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 

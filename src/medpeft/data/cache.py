@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from rich.console import Console
 
+from medpeft.console import progress_bar
 from medpeft.data.images import load_grayscale
 from medpeft.errors import DataError
+from medpeft.files import atomic_directory
 
 FORMAT_VERSION = 1
 # Part of the key: changing the resampling changes the pixels, so it must give another cache.
@@ -111,10 +111,7 @@ def build_cache(image_ids, paths, size: int, cache_dir, workers: int = 1, progre
     if (final / "index.json").is_file():
         return ImageCache(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    # Same filesystem as the final folder, so the rename below is atomic.
-    tmp = final.parent / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(final, replace=False) as tmp:  # another process's complete copy wins
         n = len(paths)
         if n:
             images = np.memmap(tmp / "images.u8", np.uint8, "w+", shape=(n, size, size))
@@ -126,16 +123,6 @@ def build_cache(image_ids, paths, size: int, cache_dir, workers: int = 1, progre
         index = {"format_version": FORMAT_VERSION, "size": int(size), "resize_method": RESIZE_METHOD,
                  "n": n, "image_ids": image_ids, "key": key}
         (tmp / "index.json").write_text(json.dumps(index))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            # Another process renamed its complete copy into place first: use theirs.
-            if not (final / "index.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ImageCache(final)
 
 
@@ -151,11 +138,11 @@ def _fill(images: np.memmap, paths, size: int, workers: int, progress: bool) -> 
         pool = ProcessPoolExecutor(workers)
         results = pool.map(_decode, [paths[s:s + chunk] for s in starts], [size] * len(starts))
     try:
-        for s, block in zip(starts, results):
-            images[s:s + len(block)] = block
-            if progress:
-                print(f"\rimage cache: {s + len(block)}/{n} images", end="" if s + len(block) < n else "\n",
-                      flush=True)
+        with progress_bar(Console(quiet=not progress)) as bar:
+            task = bar.add_task("image cache", total=n)
+            for s, block in zip(starts, results):
+                images[s:s + len(block)] = block
+                bar.advance(task, len(block))
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 
 from medpeft.config import DATA_FORMATS, DataConfig, check_pattern, option
-
 from medpeft.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".bmp", ".tif", ".tiff")

@@ -8,13 +8,13 @@ where they become 8-bit grey levels.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
+
+from medpeft.files import write_text_atomic
 
 FINDINGS = ("cardiomegaly", "pleural_effusion", "nodule", "consolidation", "pneumothorax")
 _MIN_SIZE = 32
@@ -204,12 +204,5 @@ def generate_phantoms(out_dir, n_patients=200, images_per_patient=(1, 3), size=1
                          "nodule_y": round(nod[1], 2) if nod else None})
 
     df = pd.DataFrame(rows, columns=["path", "patient_id", *FINDINGS, "nodule_x", "nodule_y"])
-    fd, tmp = tempfile.mkstemp(prefix=".labels.", suffix=".csv.tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            df.to_csv(fh, index=False)
-        os.replace(tmp, csv_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(csv_path, df.to_csv(index=False))
     return csv_path

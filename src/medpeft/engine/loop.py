@@ -13,11 +13,11 @@ from typing import Callable
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader
 
 from medpeft.config import TrainConfig
+from medpeft.console import progress_bar
 from medpeft.engine import rundir
 from medpeft.engine.distributed import SINGLE, Processes
 
@@ -35,13 +35,6 @@ def begin_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
     uninterrupted one would."""
     loader.dataset.epoch = epoch
     loader.generator.manual_seed(seed * 7919 + epoch)
-
-
-def progress_bar(console: Console, *fields: str) -> Progress:
-    """A rich progress bar on `console` (off when it is no terminal) showing the task's `fields`."""
-    shown = [TextColumn(text) for text in fields]
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *shown,
-                    TimeElapsedColumn(), console=console, disable=not console.is_terminal)
 
 
 @dataclass

@@ -34,7 +34,7 @@ def cpu_bf16_matmul() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
 
 
-EMULATED_BF16 = "this CPU has no bf16 matmul instructions (AVX-512 and up): torch emulates them, ~90x slower than fp32"
+EMULATED_BF16 = "this CPU has no bf16 matmul instructions (AVX-512 and up): torch emulates them, far slower than fp32"
 
 
 @functools.cache

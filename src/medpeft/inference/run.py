@@ -20,18 +20,19 @@ from torch import nn
 
 from medpeft import accel
 from medpeft.config import RunConfig
+from medpeft.console import progress_bar
 from medpeft.data.dataset import build_transform
 from medpeft.engine import rundir
 from medpeft.engine.assemble import load_model
 from medpeft.engine.evaluation import evaluate_split
 from medpeft.engine.loaders import image_cache
-from medpeft.engine.loop import progress_bar
 from medpeft.engine.runtime import autocast, resolve_device, session
 from medpeft.errors import ConfigError, DataError, RunDirError
 from medpeft.files import read_json
 from medpeft.inference.inputs import collect_inputs, input_name, read_batches, report_unreadable
 from medpeft.methods import MethodSpec
 from medpeft.metrics.thresholds import YOUDEN, parse_rule, select_thresholds
+
 
 @dataclass
 class Run:

@@ -13,8 +13,9 @@ ranks are dropped from the file and a fresh model is resized to them on load.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+
 import peft
 import torch
 

@@ -51,7 +51,6 @@ from medpeft.study.tables import (
     tasks,
 )
 
-
 REPORT = "report"
 ALPHA = 0.05  # the bootstrap interval is 1 - ALPHA; DeLong's test is significant below ALPHA
 N_RESAMPLES = 2000

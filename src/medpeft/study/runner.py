@@ -34,13 +34,13 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from medpeft.errors import ConfigError
-from medpeft.study.spec import Cell, load_study
-from medpeft.study.store import Store
 from medpeft.config import config_from_dict
 from medpeft.engine import rundir
 from medpeft.engine.assemble import check_buildable
+from medpeft.errors import ConfigError
 from medpeft.files import read_json, write_text_atomic
+from medpeft.study.spec import Cell, load_study
+from medpeft.study.store import Store
 
 STORE = "study.sqlite"
 
