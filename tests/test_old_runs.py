@@ -62,3 +62,30 @@ def test_an_old_runs_config_trains_again_to_its_recorded_metrics(old_runs, name,
     recorded = pd.read_json(FIXTURES / name / "metrics.json", typ="series")
     for split in ("val", "test"):
         assert metrics[split]["mean_auroc"] == pytest.approx(recorded[split]["mean_auroc"], abs=1e-6)
+
+
+def test_an_unfinished_run_started_by_0_1_resumes(run_config, monkeypatch):
+    """Its config.yaml has every reader's data keys and no train.accel: the same config as this medpeft
+    reads it, so the run resumes instead of being refused as another config's."""
+    from medpeft.train import recipe
+
+    evaluate, calls = recipe.evaluate_split, []
+
+    def crash_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "evaluate_split", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        medpeft.train(build(RunConfig, run_config), quiet=True)
+    monkeypatch.setattr(recipe, "evaluate_split", evaluate)
+    path = Path(run_config["output_dir"]) / "config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    del saved["train"]["accel"]
+    saved["data"].update(views=None, frontal_only=False, uncertainty="med-peft", class_info=None, patient_pattern=None)
+    path.write_text(yaml.safe_dump(saved, sort_keys=False))
+    metrics = medpeft.train(build(RunConfig, run_config), quiet=True)
+    assert metrics["epochs_run"] == run_config["train"]["epochs"]
+    assert '"event": "resume", "epoch": 1' in (Path(run_config["output_dir"]) / "log.jsonl").read_text()

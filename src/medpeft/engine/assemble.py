@@ -18,7 +18,7 @@ from medpeft.engine import rundir
 from medpeft.engine.runtime import resolve_device
 from medpeft.errors import ConfigError
 from medpeft.methods import MethodSpec, get_method
-from medpeft.methods.registry import load_weights, unwrap
+from medpeft.methods.registry import load_weights
 
 
 @dataclass
@@ -86,11 +86,10 @@ def check_buildable(config: RunConfig, where: str = "") -> None:
     method = config.method
     if getattr(method, "total_step", 0) is None:  # filled in from the data by medpeft train
         method = replace(method, total_step=1_000_000)
-    model = replace(config.model, weights="random")
     try:
         with torch.device("meta"):
-            build = replace(config, model=model, method=method, train=replace(config.train, accel=False))
-            unwrap(build_model(build).model)
+            build_model(replace(config, model=replace(config.model, weights="random"), method=method,
+                                train=replace(config.train, accel=False)))
     except ConfigError as e:
         raise ConfigError(f"{where}{e}") from None
     except (ValueError, RuntimeError, TypeError, NotImplementedError) as e:

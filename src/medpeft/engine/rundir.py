@@ -23,13 +23,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from packaging.version import Version
 
-from medpeft.config import RunConfig, build, read_yaml_mapping, upgrade_saved
+from medpeft.config import PretrainConfig, RunConfig, build, read_yaml_mapping, upgrade_saved
 from medpeft.data import read_dataset
 from medpeft.engine.distributed import SINGLE, Processes
-from medpeft.errors import DataError, RunDirError
+from medpeft.errors import ConfigError, DataError, RunDirError
 from medpeft.files import read_json, write_bytes_atomic, write_text_atomic
 from medpeft.version import __version__
 
@@ -64,14 +63,22 @@ def saved_config(run_dir: Path) -> dict:
     return upgrade_saved(read_yaml_mapping(Path(run_dir) / CONFIG, "run config", "a mapping of sections"))
 
 
-def check_run_dir(run_dir: Path, config: dict) -> dict | None:
+def _same_config(run_dir: Path, config: RunConfig | PretrainConfig) -> bool:
+    """Whether the run directory's config.yaml is `config` (as this medpeft reads it: defaults filled in)."""
+    try:
+        return build(type(config), saved_config(run_dir)) == config
+    except ConfigError:
+        return False
+
+
+def check_run_dir(run_dir: Path, config: RunConfig | PretrainConfig) -> dict | None:
     """Refuse a complete run or another run's folder; return the checkpoint of a run to resume (None for a
-    new run). `config` is the new run's config as plain data."""
+    new run)."""
     run_dir = Path(run_dir)
     if is_complete(run_dir):
         raise RunDirError(f"{run_dir}: the run is complete already ({METRICS} exists); choose another output_dir")
     if (run_dir / CONFIG).is_file():
-        if saved_config(run_dir) != yaml.safe_load(yaml.safe_dump(config, sort_keys=False)):  # key order aside
+        if not _same_config(run_dir, config):
             raise RunDirError(f"{run_dir}: holds an unfinished run of another config; choose another output_dir "
                               f"or delete it")
         checkpoint = run_dir / CHECKPOINT

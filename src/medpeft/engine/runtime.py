@@ -11,7 +11,7 @@ import torch
 
 from medpeft import accel
 from medpeft.config import TrainConfig
-from medpeft.engine.distributed import Processes, check_launcher_precision, start, stop
+from medpeft.engine.distributed import check_launcher_precision, start, stop
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,5 +63,3 @@ def session(train: TrainConfig):
     finally:
         stop(procs)
 
-
-__all__ = ["EMULATED_BF16", "Processes", "autocast", "cpu_bf16_matmul", "resolve_device", "session"]

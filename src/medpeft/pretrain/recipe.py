@@ -117,7 +117,7 @@ class PreTrain:
     def setup(self) -> None:
         config, cfg = self.config, self.config.train
         self.table = table = prepare_table(config)
-        checkpoint = rundir.check_run_dir(self.run_dir, config.to_dict())
+        checkpoint = rundir.check_run_dir(self.run_dir, config)
         accel.prepare_process(cfg)
         self.device = device = resolve_device(cfg.device)
         self.model = model = build_mae(config, device)

@@ -67,7 +67,7 @@ class FineTune:
         config, procs = self.config, self.procs
         self.table = prepare_table(config)
         self.config = config = resolve_method(config, self.table)
-        checkpoint = rundir.check_run_dir(self.run_dir, config.to_dict())
+        checkpoint = rundir.check_run_dir(self.run_dir, config)
         procs.barrier()  # every process has checked the folder before rank 0 writes into it
         if config.train.batch_size < procs.world:
             raise ConfigError(f"train.batch_size {config.train.batch_size} is the global batch: it must be at "
