@@ -102,10 +102,10 @@ def field_types(cls: type) -> dict:
     return cls._type_hints
 
 
-def build(cls: type, data: Any, path: str | None = None) -> Any:
+def build(cls: type, data: Any) -> Any:
     """Make section `cls` (or the class its registry selects) from a mapping: unknown keys are refused,
     nested sections are built first, every value is checked."""
-    path = cls.path if path is None else path
+    path = cls.path
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -130,7 +130,7 @@ def build(cls: type, data: Any, path: str | None = None) -> Any:
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
-        kwargs[name] = build(hint, value, _join(path, name)) if _is_section(hint) else value
+        kwargs[name] = build(hint, value) if _is_section(hint) else value
     return cls(**kwargs)
 
 
