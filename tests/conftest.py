@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,23 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "accel" in item.keywords:
                 item.add_marker(skip)
+
+
+@contextmanager
+def interrupted_at_call(module, name: str, call: int):
+    """Inside, the `call`-th call (1-based) of ``module.name`` raises KeyboardInterrupt, as a killed run
+    stops there; the block must end with it (the run is interrupted)."""
+    original, calls = getattr(module, name), []
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(module, name, interrupting)
+        yield
 
 
 def accel_flag() -> bool:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import write_squares_dataset
+from conftest import interrupted_at_call, write_squares_dataset
 
 import medpeft
 from medpeft.config import RunConfig, build, upgrade_saved
@@ -64,23 +64,13 @@ def test_an_old_runs_config_trains_again_to_its_recorded_metrics(old_runs, name,
         assert metrics[split]["mean_auroc"] == pytest.approx(recorded[split]["mean_auroc"], abs=1e-6)
 
 
-def test_an_unfinished_run_started_by_0_1_resumes(run_config, monkeypatch):
+def test_an_unfinished_run_started_by_0_1_resumes(run_config):
     """Its config.yaml has every reader's data keys and no train.accel: the same config as this medpeft
     reads it, so the run resumes instead of being refused as another config's."""
     from medpeft.train import recipe
 
-    evaluate, calls = recipe.evaluate_split, []
-
-    def crash_in_second_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(recipe, "evaluate_split", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_call(recipe, "evaluate_split", 2):
         medpeft.train(build(RunConfig, run_config), quiet=True)
-    monkeypatch.setattr(recipe, "evaluate_split", evaluate)
     path = Path(run_config["output_dir"]) / "config.yaml"
     saved = yaml.safe_load(path.read_text())
     del saved["train"]["accel"]

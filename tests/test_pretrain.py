@@ -11,7 +11,7 @@ import yaml
 import torch
 from PIL import Image
 
-from conftest import TINY_VIT
+from conftest import TINY_VIT, interrupted_at_call
 from medpeft.backbones import create_backbone
 from medpeft.backbones.checkpoint import load_checkpoint
 from medpeft.config import MAEConfig, ModelConfig, config_from_dict, load_pretrain_config
@@ -114,24 +114,14 @@ def test_pretraining_lowers_the_loss_and_writes_an_mae_checkpoint_that_fine_tuni
     assert finetuned["test"]["mean_auroc"] is not None
 
 
-def test_interrupted_pretraining_resumes_to_the_same_checkpoint(pretrain_config, tmp_path, monkeypatch):
+def test_interrupted_pretraining_resumes_to_the_same_checkpoint(pretrain_config, tmp_path):
     pretrain_config["train"]["epochs"] = 3
     pretrain_config["augment"] = {"hflip": 0.5}
     pretrain(load_pretrain_config(base=pretrain_config), quiet=True)
 
     pretrain_config["output_dir"] = str(tmp_path / "interrupted")
-    original, calls = pretrain_recipe.validation_loss, []
-
-    def crash_in_second_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(pretrain_recipe, "validation_loss", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_call(pretrain_recipe, "validation_loss", 2):
         pretrain(load_pretrain_config(base=pretrain_config), quiet=True)
-    monkeypatch.setattr(pretrain_recipe, "validation_loss", original)
     out = tmp_path / "interrupted"
     assert (out / rundir.CHECKPOINT).is_file() and not (out / MAE_CHECKPOINT).exists()
 

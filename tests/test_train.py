@@ -12,11 +12,13 @@ from peft import PeftModel
 
 import medpeft
 from medpeft.config import config_from_dict
-from medpeft.errors import CheckpointError, ConfigError, DataError, RunDirError
-from medpeft.metrics import classification_metrics
 from medpeft.engine import rundir, runtime
 from medpeft.engine.assemble import build_model
+from medpeft.errors import CheckpointError, ConfigError, DataError, RunDirError
+from medpeft.metrics import classification_metrics
 from medpeft.train import recipe
+
+from conftest import interrupted_at_call
 
 
 def run(config: dict) -> dict:
@@ -86,7 +88,7 @@ def test_same_seed_gives_identical_metrics_on_cpu(run_config, tmp_path):
 
 @pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4, "targets": ["q", "v"]},
                                     {"name": "adalora", "init_r": 8, "target_r": 2, "final_fraction": 0.2}])
-def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(run_config, tmp_path, monkeypatch, method):
+def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(run_config, tmp_path, method):
     run_config["method"] = method
     run_config["train"]["epochs"] = 3
     run_config["augment"] = {"rand_augment_ops": 1}
@@ -94,19 +96,8 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(run_config, tm
     uninterrupted = run(run_config)
 
     run_config["output_dir"] = str(tmp_path / "interrupted")
-    evaluate = recipe.evaluate_split
-    calls = []
-
-    def crash_in_second_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(recipe, "evaluate_split", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_call(recipe, "evaluate_split", 2):  # in the second epoch, before its validation
         run(run_config)
-    monkeypatch.setattr(recipe, "evaluate_split", evaluate)
     out = tmp_path / "interrupted"
     assert not rundir.is_complete(out) and (out / "checkpoint.pt").is_file()
     with pytest.raises(RunDirError, match="incomplete"):
