@@ -291,13 +291,14 @@ def study_report(study_dir: Path = typer.Argument(..., help="A study directory (
 
 
 def print_metrics(metrics: dict, split: str) -> None:
-    from medpeft.metrics.display import format_score as _fmt
+    from medpeft.metrics.display import format_score
 
-    table = Table(title=f"{split}: mean AUROC {_fmt(metrics['mean_auroc'])} over {metrics['n']} images")
+    table = Table(title=f"{split}: mean AUROC {format_score(metrics['mean_auroc'])} over {metrics['n']} images")
     for column in ("label", "AUROC", "AUPRC", "positives", "negatives"):
         table.add_column(column, justify="left" if column == "label" else "right")
     for name, m in metrics["per_label"].items():
-        table.add_row(name, _fmt(m["auroc"]), _fmt(m["auprc"]), str(m["positives"]), str(m["negatives"]))
+        table.add_row(name, format_score(m["auroc"]), format_score(m["auprc"]), str(m["positives"]),
+                      str(m["negatives"]))
     console.print(table)
     if "accuracy" in metrics:
         console.print(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}")

@@ -56,7 +56,8 @@ def section_table(cls: type, prefix: str) -> str:
 
 def formats_table() -> str:
     """The keys each dataset format adds to the common data keys."""
-    rows = [[f"`{name}`", *row] for name, cls in DATA_FORMATS.classes.items() for row in _rows(cls, "data.", DataConfig)]
+    rows = [[f"`{name}`", *row] for name, cls in DATA_FORMATS.classes.items()
+            for row in _rows(cls, "data.", DataConfig)]
     return _table(["format", "key", "type", "default", "description"], rows)
 
 

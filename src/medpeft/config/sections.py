@@ -4,6 +4,7 @@ method's own file, with its default; code below the loader trusts the values."""
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -22,6 +23,7 @@ METHODS = Registry("method.name", "method")
 _VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid", "vision_transformer_relpos", "deit", "eva", "beit")
 
 
+@functools.cache
 def model_family(name: str) -> str:
     """'vit' or 'cnn' for a timm model name (hub names are taken as ViTs); ConfigError for an unknown name."""
     if name.startswith("hf-hub:"):

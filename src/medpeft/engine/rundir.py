@@ -169,5 +169,10 @@ def read_predictions(run_dir: Path, split: str, labels: list[str]) -> tuple[np.n
         raise RunDirError(f"{path}: missing; the run's predictions are needed")
     table = pd.read_csv(path, dtype={"image_id": str})
     table = table[table["split"] == split].sort_values("image_id", kind="stable")
-    return (table["image_id"].to_numpy(), table[[f"target:{label}" for label in labels]].to_numpy(float),
-            table[[f"prob:{label}" for label in labels]].to_numpy(float))
+    return (table["image_id"].to_numpy(), *prediction_arrays(table, labels))
+
+
+def prediction_arrays(rows: pd.DataFrame, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Targets (N, K) and probabilities (N, K) of rows of predictions.csv."""
+    return (rows[[f"target:{label}" for label in labels]].to_numpy(float),
+            rows[[f"prob:{label}" for label in labels]].to_numpy(float))

@@ -160,12 +160,11 @@ def run_study(study_path: str | Path, out: str | Path, jobs: int = 1, executor: 
 def check_models(cells: list[Cell], path: Path) -> None:
     """Build each distinct model of the cells on the meta device (see engine.assemble.check_buildable)."""
     seen = set()
-    for cell in cells:
-        config = config_from_dict({**cell.config, "output_dir": "-"})
-        key = yaml.safe_dump([cell.config["model"], cell.config["method"], len(config.data.labels)])
+    for cell in cells:  # a cell's config is resolved: its data.labels are filled in
+        key = yaml.safe_dump([cell.config["model"], cell.config["method"], len(cell.config["data"]["labels"])])
         if key not in seen:
             seen.add(key)
-            check_buildable(config, where=f"{path}: cell {cell.key}: ")
+            check_buildable(config_from_dict({**cell.config, "output_dir": "-"}), where=f"{path}: cell {cell.key}: ")
 
 
 def _recover(store: Store, cell: Cell, out: Path) -> bool:

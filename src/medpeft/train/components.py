@@ -20,6 +20,7 @@ from medpeft.data.images import check_images
 from medpeft.engine.distributed import Processes
 from medpeft.engine.evaluation import gathered
 from medpeft.engine.loaders import make_loader
+from medpeft.engine.rundir import prediction_arrays
 from medpeft.errors import DataError
 from medpeft.methods import get_method, unwrap
 from medpeft.metrics.thresholds import YOUDEN, select_thresholds
@@ -93,6 +94,5 @@ def decision_rule(val: pd.DataFrame, config: RunConfig) -> dict:
     labels = list(config.data.labels)
     if config.data.task == "multiclass":
         return {"rule": "argmax", "thresholds": None}
-    targets = val[[f"target:{label}" for label in labels]].to_numpy(dtype=float)
-    probs = val[[f"prob:{label}" for label in labels]].to_numpy(dtype=float)
+    targets, probs = prediction_arrays(val, labels)
     return {"rule": YOUDEN, "thresholds": select_thresholds(targets, probs, labels, YOUDEN)}
