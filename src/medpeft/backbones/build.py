@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import timm
+from timm.layers import PatchEmbed
 from torch import nn
 
 from medpeft.backbones.checkpoint import LoadReport, load_checkpoint
@@ -31,16 +32,25 @@ def create_backbone(config: ModelConfig, num_classes: int) -> tuple[nn.Module, L
         if "drop_path_rate" in str(e):
             raise ConfigError(f"{config.name} has no drop path: set model.drop_path_rate: 0") from None
         raise ConfigError(f"model.kwargs do not fit {config.name}: {e}") from None
-    except (OSError, RuntimeError, ValueError) as e:
-        if pretrained:
-            raise CheckpointError(
-                f"could not get timm weights for {config.name!r} ({str(e).splitlines()[0]}); without a "
-                f"network, give model.weights a local checkpoint file") from None
-        raise ConfigError(f"model {config.name!r} could not be built: {str(e).splitlines()[0]}") from None
+    except (OSError, RuntimeError, ValueError, AssertionError) as e:  # timm asserts its arguments
+        first = next(iter(str(e).splitlines()), type(e).__name__)
+        if pretrained and not isinstance(e, AssertionError):
+            raise CheckpointError(f"could not get timm weights for {config.name!r} ({first}); without a "
+                                  f"network, give model.weights a local checkpoint file") from None
+        raise ConfigError(f"model {config.name!r} could not be built: {first}") from None
+    _check_whole_patches(model, config)
     report = None
     if config.weights not in ("random", "timm"):
         report = load_checkpoint(model, config.weights)
     return model, report
+
+
+def _check_whole_patches(model: nn.Module, config: ModelConfig) -> None:
+    """A ViT's input is a whole number of patches: timm's patch embedding drops the rest silently."""
+    embed = getattr(model, "patch_embed", None)
+    if isinstance(embed, PatchEmbed) and not embed.dynamic_img_pad and config.img_size % embed.patch_size[0]:
+        raise ConfigError(f"model.img_size {config.img_size} must be a multiple of {config.name}'s patch size "
+                          f"{embed.patch_size[0]} (the rest of the image would be cut off)")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

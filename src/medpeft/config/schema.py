@@ -6,8 +6,8 @@ checked whenever a section is made, with every error naming its key path.
         r: int = option(8, "Rank of the update B @ A.", gt=0)
 
 A field's annotation is enforced: ``int``, ``float`` (an int or YAML 1.1's ``1e-3`` string becomes a
-float), ``str``, ``bool``, ``Literal[...]`` (one of its values), ``list[T]``, ``dict[str, T]``,
-``T | None`` and ``Any``. A field whose annotation is a Section is a nested mapping. A section class
+float; NaN and infinity are refused), ``str``, ``bool``, ``Literal[...]`` (one of its values),
+``list[T]``, ``dict[str, T]``, ``T | None`` and ``Any``. A field whose annotation is a Section is a nested mapping. A section class
 with a ``registry`` is abstract: the mapping's selecting key (``data.format``, ``method.name``) picks
 the registered class to build, so a new reader or method is one file that registers its own section.
 Cross-field rules go in a section's ``validate``, which runs after every field has been checked.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, ClassVar, Literal
@@ -187,9 +188,13 @@ def _check_bounds(value, bounds: dict, key: str) -> None:
     if ok:
         return
     if low[1] is not None and high[0] is not None:
-        raise ConfigError(f"{key} must be in {low[0]}{low[1]:g}, {high[0]:g}{high[1]}, got {value!r}")
+        raise ConfigError(f"{key} must be in {low[0]}{_number(low[1])}, {_number(high[0])}{high[1]}, got {value!r}")
     name, bound = next(iter(bounds.items()))
-    raise ConfigError(f"{key} must be {_BOUNDS[name]} {bound:g}, got {value!r}")
+    raise ConfigError(f"{key} must be {_BOUNDS[name]} {_number(bound)}, got {value!r}")
+
+
+def _number(bound: float) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
 
 def _coerce(hint, value, key: str):
@@ -233,13 +238,18 @@ def _coerce_one(hint, value, key: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:  # YAML 1.1 reads 1e-3 (no dot) as a string
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
+            return number
     elif isinstance(hint, type) and isinstance(value, hint):
         return value
     raise _Mismatch

@@ -75,7 +75,7 @@ class SplitConfig(Section):
                                  "drawn for validation; with files.train_val: carved from that pool.", ge=0, lt=1)
     test_fraction: float = option(0.1, "With neither files nor column: the share of images (whole patients) "
                                   "drawn for test.", ge=0, lt=1)
-    seed: int = option(0, "Seed of the patient draw and of the label-fraction subset.")
+    seed: int = option(0, "Seed of the patient draw and of the label-fraction subset.", ge=0)
     label_fraction: float = option(1.0, "Train on this share of the training images: a patient-level, "
                                    "label-stratified subset, nested across fractions for a seed (the 1% subset "
                                    "lies inside the 10% one).", gt=0, le=1)
@@ -116,8 +116,8 @@ class DataConfig(Section):
     cache_dir: str | None = option(None, "Decode every used image once into a uint8 memmap at model.img_size "
                                    "under this folder, reused by later runs and processes; None decodes each "
                                    "image every epoch.")
-    mean: list[float] = option(IMAGENET_MEAN, "Per-channel normalisation mean (RGB; the gray image is repeated).",
-                               length=3)
+    mean: list[float] = option(IMAGENET_MEAN, "Per-channel normalisation mean (RGB, of pixel values scaled to "
+                               "[0, 1]; the gray image is repeated).", length=3, ge=0, le=1)
     std: list[float] = option(IMAGENET_STD, "Per-channel normalisation standard deviation (RGB).", length=3, gt=0)
     num_workers: int = option(0, "DataLoader worker processes (and cache-building processes).", ge=0)
 
@@ -211,10 +211,13 @@ class TrainConfig(Section):
     compile: bool = option(False, "torch.compile the training forward (inductor: needs a C/C++ compiler).")
     early_stopping_patience: int | None = option(None, "Stop after this many epochs without a better "
                                                  "validation mean AUROC; None = never.", gt=0)
-    seed: int = option(0, "Seed of the head's init, data order, augmentation, dropout and drop path.")
+    seed: int = option(0, "Seed of the head's init, data order, augmentation, dropout and drop path (below "
+                       "10^6: each image's augmentation seed, derived from it, is a 64-bit number).", ge=0, lt=1_000_000)
     log_every_steps: int = option(10, "Optimiser steps between two step records in log.jsonl.", gt=0)
 
     def validate(self) -> None:
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr ({self.min_lr:g}) must be <= train.lr ({self.lr:g})")
         if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?", self.device):
             raise ConfigError(f"train.device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 
