@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +78,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             ) from None
         except (RuntimeError, EOFError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
-    return _unwrap(obj, path)
+    state_dict = _unwrap(obj, path)
+    check_finite(state_dict.items(), path)
+    return state_dict
+
+
+def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], source) -> None:
+    """Refuse (name, tensor) weights that hold NaN or infinity (a diverged run, a damaged file), naming
+    `source` and the tensor."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{source}: {name} holds NaN or infinite values; expected finite weights (a "
+                                  f"diverged run or a damaged file)")
 
 
 def _is_state_dict(obj) -> bool:

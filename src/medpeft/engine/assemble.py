@@ -9,10 +9,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from medpeft import accel
 from medpeft.backbones import LoadReport, count_parameters, create_backbone
+from medpeft.backbones.checkpoint import check_finite
 from medpeft.config import RunConfig
 from medpeft.engine import rundir
 from medpeft.engine.runtime import resolve_device
@@ -71,10 +73,15 @@ def shared_backbone(backbone: nn.Module) -> nn.Module:
 
 
 def load_model(run_dir: str | Path, config: RunConfig | None = None, backbone: nn.Module | None = None) -> Built:
-    """A finished run's model with its best weights, in eval mode, on the CPU."""
+    """A finished run's model with its best weights (finite: CheckpointError naming the file otherwise), in
+    eval mode, on the CPU."""
     config = config or rundir.finished_config(Path(run_dir))
     built = build_model(config, backbone)
-    load_weights(built.spec, built.model, Path(run_dir) / rundir.WEIGHTS)
+    weights = Path(run_dir) / rundir.WEIGHTS
+    load_weights(built.spec, built.model, weights)
+    for path in sorted(weights.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as tensors:
+            check_finite(((name, tensors.get_tensor(name)) for name in tensors.keys()), path)  # noqa: SIM118 (not a dict)
     built.model.eval()
     return built
 

@@ -9,7 +9,7 @@ several task runs on one shared backbone, saliency maps and a standalone export.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from medpeft.engine.assemble import load_model
 from medpeft.engine.evaluation import evaluate_split
 from medpeft.engine.loaders import image_cache
 from medpeft.engine.runtime import autocast, resolve_device, session
-from medpeft.errors import ConfigError, DataError, RunDirError
+from medpeft.errors import ConfigError, DataError, RunDirError, TrainingError
 from medpeft.files import read_json
 from medpeft.inference.inputs import collect_inputs, input_name, read_batches, report_unreadable
 from medpeft.methods import MethodSpec
@@ -97,6 +97,11 @@ def preprocessing(config: RunConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- loading
+def _finished_config(run_dir: Path) -> RunConfig:
+    """The run's config with `run_dir` as its output_dir: a run that was moved is named where it is now."""
+    return replace(rundir.finished_config(run_dir), output_dir=str(run_dir))
+
+
 def _decision_rule(run_dir: Path, config: RunConfig, rule: str) -> tuple[str, dict | None]:
     """The stored rule (thresholds.json), or another threshold rule chosen on the run's val predictions."""
     path = run_dir / rundir.THRESHOLDS
@@ -118,7 +123,7 @@ def load_run(path, threshold: str = YOUDEN) -> Run:
     threshold: 'youden' (the rule stored with the run) or 'sensitivity:X', chosen on the run's
     validation predictions. Multiclass runs decide by arg-max."""
     run_dir = Path(path)
-    config = rundir.finished_config(run_dir)
+    config = _finished_config(run_dir)
     built = load_model(run_dir, config)
     rule, thresholds = _decision_rule(run_dir, config, threshold)
     return Run(run_dir, config, built.model, built.spec, rule, thresholds)
@@ -136,7 +141,7 @@ def load_runs(paths, threshold: str = YOUDEN) -> list[Run]:
     if len(set(names)) < len(names):
         raise ConfigError(f"--runs: two runs have the same folder name ({', '.join(names)}); the output's column "
                           f"groups are named by it")
-    configs = [rundir.finished_config(run_dir) for run_dir in run_dirs]
+    configs = [_finished_config(run_dir) for run_dir in run_dirs]
     first = run_dirs[0]
     for run_dir, config in zip(run_dirs[1:], configs[1:]):
         if preprocessing(config) != preprocessing(configs[0]):
@@ -174,10 +179,15 @@ def predict(runs: list[Run], images, batch_size: int | None = None, strict: bool
             bar.advance(task, len(x))
     names = [input_name(item, i) for i, item in enumerate(items)]
     report_unreadable(names, errors, strict)
-    ok = np.array([not e for e in errors])
+    ok = np.array([not e for e in errors], dtype=bool)
     frames = [pd.DataFrame({"input": names, "error": errors})]
     for run, out in zip(runs, probs):
         p = torch.cat(out).numpy() if out else np.zeros((0, len(run.labels)))
+        non_finite = ok & ~np.isfinite(p).all(1)
+        if non_finite.any():
+            raise TrainingError(f"{run.path}: the model gives non-finite outputs for {names[non_finite.argmax()]} "
+                                f"({non_finite.sum()} of {len(names)} images): its weights overflow in "
+                                f"train.precision '{run.config.train.precision}'")
         p[~ok] = np.nan
         group = pd.concat([pd.DataFrame(p, columns=[f"prob:{label}" for label in run.labels]), run.decide(p)], axis=1)
         group.loc[~ok, [c for c in group.columns if c.startswith("pred")]] = None
@@ -199,7 +209,7 @@ def evaluate(run_dir: str | Path, split: str = "test") -> dict:
     """Metrics of a finished run's best weights on one split of its own data split (on every process of a
     launcher, each computing its share of the images)."""
     run_dir = Path(run_dir)
-    config = rundir.finished_config(run_dir)
+    config = _finished_config(run_dir)
     built = load_model(run_dir, config)
     table = rundir.run_table(run_dir, config)
     with session(config.train) as (procs, device):
