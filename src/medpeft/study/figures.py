@@ -1,27 +1,26 @@
 """The figures of a study report, each written as PNG (150 dpi) and SVG (without a date, so that the
 same study gives the same file). AUROC is in points (x100), trainable parameters in % of the backbone's.
+Every text is drawn as written: a '$' in a name is a dollar sign, not matplotlib's mathtext.
 """
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib import rc_context
 from matplotlib.figure import Figure
 
-from medpeft.files import write_bytes_atomic
 from medpeft.study.tables import TASK, order, seed_stats
 
 
 def _save(fig: Figure, figures: Path, name: str) -> Path:
     """Write `fig` as NAME.png and NAME.svg; return the PNG's path."""
     for fmt in ("svg", "png"):
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format=fmt, dpi=150, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else None)
-        write_bytes_atomic(figures / f"{name}.{fmt}", buffer.getvalue())
+        fig.savefig(figures / f"{name}.{fmt}", dpi=150, bbox_inches="tight",
+                    metadata={"Date": None} if fmt == "svg" else None)
     return figures / f"{name}.png"
 
 
@@ -100,11 +99,12 @@ def write_figures(done: pd.DataFrame, methods: list[str], labels: dict[str, list
     """Every figure as PNG and SVG in the folder `figures`: auroc_vs_fraction, auroc_vs_trainable and
     heatmap_I for the I-th dataset. Returns (alt text, PNG path) of each, in that order."""
     stats = seed_stats(done)
-    written = [("Test mean AUROC vs label fraction per method, mean and sd over seeds",
-                _save(_fraction_figure(done, stats, methods), figures, "auroc_vs_fraction")),
-               ("Test mean AUROC averaged over tasks vs trainable parameters, with the Pareto front",
-                _save(_pareto_figure(done, stats), figures, "auroc_vs_trainable"))]
-    for i, dataset in enumerate(order(done["dataset"])):
-        written.append((f"Per-label test AUROC on {dataset} per method, mean over seeds",
-                        _save(_heatmap_figure(done, dataset, labels[dataset], methods), figures, f"heatmap_{i}")))
+    with rc_context({"text.parse_math": False, "text.usetex": False}):  # read by each text when it is made
+        written = [("Test mean AUROC vs label fraction per method, mean and sd over seeds",
+                    _save(_fraction_figure(done, stats, methods), figures, "auroc_vs_fraction")),
+                   ("Test mean AUROC averaged over tasks vs trainable parameters, with the Pareto front",
+                    _save(_pareto_figure(done, stats), figures, "auroc_vs_trainable"))]
+        for i, dataset in enumerate(order(done["dataset"])):
+            written.append((f"Per-label test AUROC on {dataset} per method, mean over seeds",
+                            _save(_heatmap_figure(done, dataset, labels[dataset], methods), figures, f"heatmap_{i}")))
     return written

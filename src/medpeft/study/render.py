@@ -2,13 +2,16 @@
 Markdown or as one self-contained HTML page.
 
 A document is a list of blocks (kind, payload): 'h1' / 'h2' / 'h3' / 'p' with a text, 'list' with a
-list of texts, 'table' with a `Table`, 'figure' with (alt text, path of a PNG).
+list of texts, 'table' with a `Table`, 'figure' with (alt text, path of a PNG). Every text is plain: each
+format escapes what would be markup in it (HTML tags, Markdown emphasis and tables, LaTeX commands), and
+a line break in a text is a space.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +30,35 @@ class Table:
     bold: set[tuple[int, int]] = field(default_factory=set)
 
 
+def _one_line(text: str) -> str:
+    """`text` with its line breaks as spaces."""
+    return " ".join(str(text).splitlines())
+
+
+def _escape_html(text: str) -> str:
+    return html.escape(_one_line(text))
+
+
+# Markdown's inline markup: emphasis (an underscore inside a word is none), code, tables, links,
+# strikethrough, math, headings' closing marks, HTML tags and entities.
+_MARKDOWN_INLINE = re.compile(r"[\\`*|\[\]~$#]|(?<![^\W_])_|_(?![^\W_])|<(?=[A-Za-z/!?])|&(?=[A-Za-z#])")
+# Where a block's first characters would make it a list, a quote or a thematic break: before the '-',
+# '+' or '>', or after the digits of '12. ' / '12) '.
+_MARKDOWN_START = re.compile(r"^(\d{1,9}(?=[.)](?:\s|$))|(?=[-+>]))")
+
+
+def _escape_markdown(text: str, block_start: bool = False) -> str:
+    """Markdown that shows `text` as written; `block_start`: the text begins a block (a paragraph, a list
+    item, a heading), where a leading list or quote marker would be markup too."""
+    text = _MARKDOWN_INLINE.sub(lambda m: "\\" + m[0], _one_line(text))
+    return _MARKDOWN_START.sub(r"\1\\", text.lstrip(), count=1) if block_start else text
+
+
 def _escape_latex(text: str) -> str:
     special = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-    return "".join(special.get(c, c) for c in text).replace("±", r"$\pm$").replace("–", "--")
+               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+               "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}"}
+    return "".join(special.get(c, c) for c in _one_line(text)).replace("±", r"$\pm$").replace("–", "--")
 
 
 def latex(table: Table) -> str:
@@ -47,20 +75,20 @@ def latex(table: Table) -> str:
 
 def _markdown_table(table: Table) -> str:
     def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.replace("|", r"\|") for c in cells) + " |"
+        return "| " + " | ".join(cells) + " |"
 
     rule = ["---"] * table.row_levels + ["---:"] * (len(table.header) - table.row_levels)
-    rows = [[f"**{c}**" if (i, j) in table.bold else c for j, c in enumerate(cells)]
-            for i, cells in enumerate(table.rows)]
-    return "\n".join([line(table.header), line(rule), *map(line, rows)])
+    rows = [[f"**{_escape_markdown(c)}**" if (i, j) in table.bold else _escape_markdown(c)
+             for j, c in enumerate(cells)] for i, cells in enumerate(table.rows)]
+    return "\n".join([line([_escape_markdown(c) for c in table.header]), line(rule), *map(line, rows)])
 
 
 def _html_table(table: Table) -> str:
     def cell(i: int, j: int, text: str) -> str:
-        text = f"<strong>{html.escape(text)}</strong>" if (i, j) in table.bold else html.escape(text)
+        text = f"<strong>{_escape_html(text)}</strong>" if (i, j) in table.bold else _escape_html(text)
         return f'<th scope="row">{text}</th>' if j < table.row_levels else f"<td>{text}</td>"
 
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.header)
+    head = "".join(f"<th>{_escape_html(c)}</th>" for c in table.header)
     body = "".join("<tr>" + "".join(cell(i, j, c) for j, c in enumerate(cells)) + "</tr>"
                    for i, cells in enumerate(table.rows))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -72,15 +100,15 @@ def markdown(blocks: list[tuple], base: Path) -> str:
     for kind, payload in blocks:
         match kind:
             case "h1" | "h2" | "h3":
-                parts.append("#" * int(kind[1]) + " " + payload)
+                parts.append("#" * int(kind[1]) + " " + _escape_markdown(payload, block_start=True))
             case "p":
-                parts.append(payload)
+                parts.append(_escape_markdown(payload, block_start=True))
             case "list":
-                parts.append("\n".join(f"- {item}" for item in payload))
+                parts.append("\n".join(f"- {_escape_markdown(item, block_start=True)}" for item in payload))
             case "table":
                 parts.append(_markdown_table(payload))
             case "figure":
-                parts.append(f"![{payload[0]}]({payload[1].relative_to(base).as_posix()})")
+                parts.append(f"![{_escape_markdown(payload[0])}]({payload[1].relative_to(base).as_posix()})")
     return "\n\n".join(parts) + "\n"
 
 
@@ -90,16 +118,16 @@ def html_page(title: str, blocks: list[tuple]) -> str:
     for kind, payload in blocks:
         match kind:
             case "h1" | "h2" | "h3":
-                parts.append(f"<{kind}>{html.escape(payload)}</{kind}>")
+                parts.append(f"<{kind}>{_escape_html(payload)}</{kind}>")
             case "p":
-                parts.append(f"<p>{html.escape(payload)}</p>")
+                parts.append(f"<p>{_escape_html(payload)}</p>")
             case "list":
-                parts.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in payload) + "</ul>")
+                parts.append("<ul>" + "".join(f"<li>{_escape_html(item)}</li>" for item in payload) + "</ul>")
             case "table":
                 parts.append(_html_table(payload))
             case "figure":
                 data = base64.b64encode(payload[1].read_bytes()).decode()
-                parts.append(f'<figure><img alt="{html.escape(payload[0])}" src="data:image/png;base64,{data}">'
-                             f"<figcaption>{html.escape(payload[0])}</figcaption></figure>")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+                parts.append(f'<figure><img alt="{_escape_html(payload[0])}" src="data:image/png;base64,{data}">'
+                             f"<figcaption>{_escape_html(payload[0])}</figcaption></figure>")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_escape_html(title)}</title>'
             f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")

@@ -14,7 +14,10 @@ and writes ``study_dir/report/``::
     figures/         PNG and SVG: AUROC vs label fraction, AUROC vs trainable % with the Pareto front,
                      per-label AUROC heatmaps
     report.md        all of the above with the verdicts ("lora beats full in k of n tasks ...")
-    report.html      the same, self-contained (figures embedded), written last
+    report.html      the same, self-contained (figures embedded)
+
+The folder is written whole beside the old one and then takes its place: a report that fails leaves the
+previous report as it was. Names and messages are plain text in every document (``medpeft.study.render``).
 
 The bootstrap pairs everything: the two runs of a seed are aligned by test image, every seed uses the
 same resamples of the same images, the per-resample differences are averaged over seeds, and the
@@ -34,7 +37,7 @@ import yaml
 
 from medpeft.engine import rundir
 from medpeft.errors import DataError, RunDirError
-from medpeft.files import write_text_atomic
+from medpeft.files import atomic_directory
 from medpeft.metrics.compare import bootstrap_auroc_difference_over_seeds, delong_test
 from medpeft.study.figures import write_figures
 from medpeft.study.render import Table, html_page, latex, markdown
@@ -205,22 +208,20 @@ def write_report(study_dir: str | Path) -> Path:
     done = results[(results["status"] == "done") & results["test_mean_auroc"].notna()]
     if done.empty:
         raise RunDirError(f"{study_dir / STORE}: no done cell has a test AUROC; nothing to compare")
-    out = study_dir / REPORT
-    (out / "figures").mkdir(parents=True, exist_ok=True)
     methods, labels = order(frame["method"]), dataset_labels(frame)
     reference = "full" if "full" in methods else methods[0]
-
-    write_text_atomic(out / "results.csv", results.to_csv(index=False))
     comparison = comparison_frame(done, methods)
-    write_text_atomic(out / "comparison.csv", comparison.to_csv(index=False))
     table = comparison_table(comparison)
-    write_text_atomic(out / "comparison.tex", latex(table))
     pairwise = pairwise_frame(done, methods, reference, labels)
-    write_text_atomic(out / "pairwise.csv", pairwise.to_csv(index=False))
-    figures = write_figures(done, methods, labels, out / "figures")
-
     name = _study_name(study_dir)
-    blocks = _document(name, results, table, pairwise, methods, reference, figures)
-    write_text_atomic(out / "report.md", markdown(blocks, out))
-    write_text_atomic(out / "report.html", html_page(f"Study report: {name}", blocks))
-    return out / "report.html"
+    with atomic_directory(study_dir / REPORT) as out:
+        for file, text in (("results.csv", results.to_csv(index=False)),
+                           ("comparison.csv", comparison.to_csv(index=False)), ("comparison.tex", latex(table)),
+                           ("pairwise.csv", pairwise.to_csv(index=False))):
+            (out / file).write_text(text, encoding="utf-8")
+        (out / "figures").mkdir()
+        figures = write_figures(done, methods, labels, out / "figures")
+        blocks = _document(name, results, table, pairwise, methods, reference, figures)
+        (out / "report.md").write_text(markdown(blocks, out), encoding="utf-8")
+        (out / "report.html").write_text(html_page(f"Study report: {name}", blocks), encoding="utf-8")
+    return study_dir / REPORT / "report.html"
