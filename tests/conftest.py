@@ -57,6 +57,12 @@ def accel_flag() -> bool:
     return os.environ.get("MEDPEFT_TEST_ACCEL") != "off"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_user_cache(tmp_path_factory):
+    """medpeft's user cache folder (remembered image checks) is one of this session, for its subprocesses too."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -48,7 +50,7 @@ def test_multiclass_names_need_exactly_one_label_per_row(tmp_path):
     ("img,A\n1.png,1\n", {"labels": ["A"]}, "column 'path' not found"),
     ("path,A\n1.png,1\n", {"labels": ["A", "B"]}, "column 'B' not found"),
     ("path,A\n1.png,1\n2.png,yes\n", {"labels": ["A"]}, "row 3: column 'A' has 'yes', expected 0 or 1"),
-    ("path,A\n1.png,1\n1.png,0\n", {"labels": ["A"]}, "row 3: duplicate image '1.png'"),
+    ("path,A\n1.png,1\n1.png,0\n", {"labels": ["A"]}, "row 3: image '1.png' is listed again, first at row 2"),
     ("path,f\n1.png,A|Zebra\n", {"labels": ["A"], "label_column": "f"}, "row 2: unknown label 'Zebra'"),
 ])
 def test_bad_csv_names_file_row_and_expectation(tmp_path, text, config, message):
@@ -97,14 +99,14 @@ def test_images_of_any_mode_decode_to_8_bit_gray(tmp_path):
 def test_missing_and_unreadable_images_are_named_or_skipped(tmp_path):
     Image.new("L", (8, 8)).save(tmp_path / "ok.png")
     (tmp_path / "bad.png").write_bytes(b"\x89PNG garbage")
-    table = pd.DataFrame({"image_id": ["ok.png", "gone.png", "bad.png"],
+    table = pd.DataFrame({"image_id": ["ok.png", "gone.png", "bad.png"], "split": ["train", "val", "train"],
                           "path": [str(tmp_path / n) for n in ("ok.png", "gone.png", "bad.png")]})
-    with pytest.raises(DataError, match=r"labels.csv: image gone.png: .*gone.png not found"):
-        check_images(table, "error", "labels.csv")
-    with pytest.raises(DataError, match=r"labels.csv: image bad.png: .*bad.png not a readable image"):
-        check_images(table.iloc[[0, 2]], "error", "labels.csv")
-    with pytest.warns(UserWarning, match="skipped 2 missing or unreadable images"):
-        kept = check_images(table, "skip", "labels.csv")
+    data = CSVData(csv="labels.csv", labels=["A"], cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"labels.csv: 2 of 3 images cannot be used \(data.on_missing=skip leaves "
+                                        r"them out\): .*gone.png: image file not found; .*bad.png: unreadable"):
+        check_images(table, data)
+    with pytest.warns(UserWarning, match=r"skipped 2 of 3 images \(train 1, val 1\)"):
+        kept = check_images(table, replace(data, on_missing="skip"))
     assert kept["image_id"].tolist() == ["ok.png"]
     with pytest.raises(DataError, match="bad.png: unreadable image"):
         load_grayscale(str(tmp_path / "bad.png"))

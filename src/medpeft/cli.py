@@ -189,29 +189,47 @@ def _on_missing(value: Optional[str]) -> list[str]:
     return [f"data.on_missing={value}"] if value else []
 
 
-def _prepared(config: Path, set_: Optional[List[str]], on_missing: Optional[str] = None):
-    from medpeft import load_config
+def _data_table(config: Path, set_: Optional[List[str]], on_missing: Optional[str] = None):
+    """The data section of CONFIG (its other sections are not read) and its table with the split."""
+    from medpeft.config import load_data_config
     from medpeft.data import read_split_dataset
 
-    run_config = load_config(config, list(set_ or []) + _on_missing(on_missing), base={"output_dir": "-"})
-    return run_config, read_split_dataset(run_config.data)
+    data = load_data_config(config, list(set_ or []) + _on_missing(on_missing))
+    return data, read_split_dataset(data)
 
 
 @data_app.command("inspect")
-def data_inspect(config: Path = typer.Argument(..., help="YAML run config (its data section is used)."),
-                 set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key (repeatable).")):
+def data_inspect(config: Path = typer.Argument(..., help="YAML config: only its data section is read."),
+                 set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key (repeatable)."),
+                 check: bool = typer.Option(False, "--check-images", help="Also decode every image as a run "
+                                            "would (unusable ones: an error listing them, or skipped with "
+                                            "--on-missing skip)."),
+                 on_missing: Optional[str] = typer.Option(None, "--on-missing", help="error or skip unusable images."),
+                 as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON.")):
     """Images, patients, views and label prevalence per split, as a run of CONFIG would see them."""
-    from medpeft.data.summary import summarize
+    import json
 
-    run_config, table = _prepared(config, set_)
-    summary = summarize(table, run_config.data.labels)
-    view = Table(title=f"{run_config.data.format}: {run_config.data.csv}")
-    for column in summary.columns:
-        view.add_column(str(column), justify="left" if column in ("split", "views") else "right")
-    for row in summary.itertuples(index=False):
-        view.add_row(*map(str, row))
+    from rich import box
+
+    from medpeft.data.images import check_images
+    from medpeft.data.summary import summarize, summary_rows
+
+    data, table = _data_table(config, set_, on_missing)
+    if check:
+        table = check_images(table, data, progress=console.is_terminal)
+    summary = summarize(table, data.labels)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    view = Table(title=f"{data.format}: {data.csv}", box=box.SIMPLE_HEAD, title_justify="left")
+    view.add_column("", no_wrap=True)
+    for name in summary["splits"]:
+        view.add_column(name, justify="right", no_wrap=True)
+    for name, cells in summary_rows(summary):
+        view.add_row(name, *cells)
     console.print(view)
 
+    console.print("[dim]labels: positive images and their share of the images whose label is known[/dim]")
 
 @data_app.command("split")
 def data_split(config: Path = typer.Argument(..., help="YAML run config (its data section is used)."),
@@ -227,11 +245,11 @@ def data_split(config: Path = typer.Argument(..., help="YAML run config (its dat
         wanted = [SplitConfig(label_fraction=f).label_fraction for f in fractions.split(",")]
     except ConfigError as e:
         raise ConfigError(f"--fractions {fractions}: {e}") from None
-    run_config, table = _prepared(config, set_)
+    data, table = _data_table(config, set_)
     train = table[table["split"] == "train"]
-    subsets = label_fraction_subsets(train, list(run_config.data.labels), wanted, run_config.data.split.seed)
+    subsets = label_fraction_subsets(train, list(data.labels), wanted, data.split.seed)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"config": str(config), "seed": run_config.data.split.seed}
+    meta = {"config": str(config), "seed": data.split.seed}
     for fraction, ids in subsets.items():
         digest = write_split_file(ids, out / f"train_{fraction:g}.txt", {**meta, "label_fraction": fraction})
         console.print(f"train {fraction:g}: {len(ids)} images  sha256 {digest[:16]}  -> {out / f'train_{fraction:g}.txt'}")
@@ -253,12 +271,17 @@ def data_cache(config: Path = typer.Argument(..., help="YAML run config (data.ca
     from medpeft.data.images import check_images
     from medpeft.errors import ConfigError
 
-    run_config, table = _prepared(config, set_, on_missing)
+    from medpeft import load_config
+    from medpeft.data import read_split_dataset
+
+    run_config = load_config(config, list(set_ or []) + _on_missing(on_missing), base={"output_dir": "-"})
+    table = read_split_dataset(run_config.data)
     if not run_config.data.cache_dir:
         raise ConfigError("data.cache_dir is not set: name the folder for the cache (--set data.cache_dir=DIR)")
-    table = check_images(table, run_config.data.on_missing, run_config.data.csv)
+    table = check_images(table, run_config.data, progress=console.is_terminal)
     cache = build_cache(table["image_id"].tolist(), table["path"].tolist(), run_config.model.img_size,
-                        run_config.data.cache_dir, workers=workers, progress=console.is_terminal)
+                        run_config.data.cache_dir, workers=workers, progress=console.is_terminal,
+                        alpha=run_config.data.alpha)
     size_mb = len(cache) * cache.size * cache.size / 2**20
     console.print(f"{len(cache)} images at {cache.size}x{cache.size} ({size_mb:.1f} MB) in {cache.path}")
 

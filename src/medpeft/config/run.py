@@ -128,7 +128,8 @@ PRETRAIN_DEFAULTS = {
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """Turn ``['train.lr=1e-3', 'method.r=4']`` into a nested dict; values are parsed as YAML."""
+    """Turn ``['train.lr=1e-3', 'method.r=4']`` into a nested dict; values are parsed as YAML, except
+    text YAML cannot read as one value (``, `` or ``|``, a block-scalar mark), which is taken as written."""
     nested: dict = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -138,8 +139,19 @@ def parse_overrides(overrides: list[str]) -> dict:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        node[parts[-1]] = _override_value(raw)
     return nested
+
+
+def _override_value(raw: str):
+    if not raw.strip():
+        return None
+    if raw.strip()[0] in "|>":  # a block scalar's mark, which YAML reads as an empty string
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def merge_dicts(base: dict, update: dict) -> dict:
@@ -186,6 +198,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     return config_from_dict(_layered({}, path, overrides, base))
 
 
+def load_data_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> DataConfig:
+    """The data section alone of a config file (its other sections are not read), with ``data.*`` overrides."""
+    data = _layered({}, path, overrides, base)
+    if "data" not in data:
+        raise ConfigError(f"{path}: config section 'data' is required")
+    return build(DataConfig, data["data"])
+
+
 def load_pretrain_config(path: str | Path | None = None, overrides: list[str] = (),
                          base: dict | None = None) -> PretrainConfig:
     """A pretraining config: PRETRAIN_DEFAULTS, then `base`, the YAML file and ``key=value`` overrides."""
@@ -200,12 +220,15 @@ _V0_DATA_KEYS = ("image_root", "path_column", "patient_column", "label_column", 
 
 def upgrade_saved(data: dict) -> dict:
     """A config as a run directory saved it, made loadable by this medpeft: a 0.1 run's data section
-    loses the keys of other formats (they had no effect on its run)."""
+    loses the keys of other formats (they had no effect on its run); a config saved before
+    data.split.stratify existed drew its split unstratified."""
     section = dict(data.get("data") or {})
     known = {f.name for f in DataConfig.registry.get(section.get("format", "csv")).fields()}
     for key in _V0_DATA_KEYS:
         if key not in known:
             section.pop(key, None)
+    if isinstance(section.get("split"), dict) and "stratify" not in section["split"]:
+        section["split"] = {**section["split"], "stratify": False}
     return {**data, "data": section}
 
 

@@ -76,6 +76,9 @@ class SplitConfig(Section):
     test_fraction: float = option(0.1, "With neither files nor column: the share of images (whole patients) "
                                   "drawn for test.", ge=0, lt=1)
     seed: int = option(0, "Seed of the patient draw and of the label-fraction subset.", ge=0)
+    stratify: bool = option(True, "Draw val and test (and carve val from files.train_val) by iterative "
+                            "stratification over the labels, so each split has its share of every label's "
+                            "positives; false: a plain patient shuffle (medpeft 0.1).")
     label_fraction: float = option(1.0, "Train on this share of the training images: a patient-level, "
                                    "label-stratified subset, nested across fractions for a seed (the 1% subset "
                                    "lies inside the 10% one).", gt=0, le=1)
@@ -110,8 +113,12 @@ class DataConfig(Section):
     task: Literal["multilabel", "multiclass"] = option(
         "multilabel", "'multilabel' (sigmoid + BCE per label; binary = one label) or 'multiclass' (softmax + "
         "cross-entropy).")
-    on_missing: Literal["error", "skip"] = option("error", "A listed image that is missing or unreadable: "
-                                                  "'error', or 'skip' it (the count is reported).")
+    on_missing: Literal["error", "skip"] = option("error", "A listed image that is missing or does not decode "
+                                                  "by the rules below (checked for every image before a run): "
+                                                  "'error' (listing them all), or 'skip' them (each listed with "
+                                                  "its reason, counts per split).")
+    alpha: Literal["error", "flatten"] = option("error", "An image with transparent pixels: 'error' (an image "
+                                                "problem), or 'flatten' it onto black.")
     split: SplitConfig = option(factory=SplitConfig, help="Which image goes to train, val and test (data.split.*).")
     cache_dir: str | None = option(None, "Decode every used image once into a uint8 memmap at model.img_size "
                                    "under this folder, reused by later runs and processes; None decodes each "

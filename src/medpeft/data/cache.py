@@ -95,16 +95,19 @@ def cache_key(image_ids, paths, size: int) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _decode(paths, size: int) -> np.ndarray:
+def _decode(paths, size: int, alpha: str) -> np.ndarray:
     """Paths -> (len(paths), size, size) uint8; module-level so worker processes can run it."""
     out = np.empty((len(paths), size, size), np.uint8)
     for j, path in enumerate(paths):
-        out[j] = np.asarray(load_grayscale(path).resize((size, size), _RESAMPLE, reducing_gap=None))
+        out[j] = np.asarray(load_grayscale(path, alpha).resize((size, size), _RESAMPLE, reducing_gap=None))
     return out
 
 
-def build_cache(image_ids, paths, size: int, cache_dir, workers: int = 1, progress: bool = False) -> ImageCache:
-    """Open ``cache_dir/<key>`` if it exists, else decode every image once and write it atomically."""
+def build_cache(image_ids, paths, size: int, cache_dir, workers: int = 1, progress: bool = False,
+                alpha: str = "error") -> ImageCache:
+    """Open ``cache_dir/<key>`` if it exists, else decode every image once (load_grayscale with `alpha`) and
+    write it atomically. `alpha` is not part of the key: it changes only images that medpeft.data.images.
+    check_images refuses under the other policy."""
     image_ids, paths = [str(i) for i in image_ids], [str(p) for p in paths]
     key = cache_key(image_ids, paths, size)
     final = Path(cache_dir) / key
@@ -115,7 +118,7 @@ def build_cache(image_ids, paths, size: int, cache_dir, workers: int = 1, progre
         n = len(paths)
         if n:
             images = np.memmap(tmp / "images.u8", np.uint8, "w+", shape=(n, size, size))
-            _fill(images, paths, size, workers, progress)
+            _fill(images, paths, size, workers, progress, alpha)
             images.flush()
             del images
         else:
@@ -126,17 +129,18 @@ def build_cache(image_ids, paths, size: int, cache_dir, workers: int = 1, progre
     return ImageCache(final)
 
 
-def _fill(images: np.memmap, paths, size: int, workers: int, progress: bool) -> None:
+def _fill(images: np.memmap, paths, size: int, workers: int, progress: bool, alpha: str) -> None:
     """Decode paths into images (N, size, size); chunks come back in order and the parent writes them."""
     n = len(paths)
     chunk = max(1, min(64, n // (max(workers, 1) * 4)))
     starts = range(0, n, chunk)
     if workers <= 1:
-        results = (_decode(paths[s:s + chunk], size) for s in starts)
+        results = (_decode(paths[s:s + chunk], size, alpha) for s in starts)
         pool = None
     else:
         pool = ProcessPoolExecutor(workers)
-        results = pool.map(_decode, [paths[s:s + chunk] for s in starts], [size] * len(starts))
+        results = pool.map(_decode, [paths[s:s + chunk] for s in starts], [size] * len(starts),
+                           [alpha] * len(starts))
     try:
         with progress_bar(Console(quiet=not progress)) as bar:
             task = bar.add_task("image cache", total=n)

@@ -40,8 +40,9 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, paths: list[str], targets: np.ndarray, transform, seed: int = 0, random: bool = False,
-                 cache: ImageCache | None = None, image_ids: list[str] | None = None):
+                 cache: ImageCache | None = None, image_ids: list[str] | None = None, alpha: str = "error"):
         self.paths = list(paths)
+        self.alpha = alpha  # load_grayscale's policy for transparent pixels
         # With a cache, pixels come from its memmap (already at the training size) instead of the files.
         self.cache = cache
         self.cache_rows = [cache.index_of(i) for i in image_ids] if cache is not None else None
@@ -58,7 +59,7 @@ class ImageDataset(Dataset):
         if self.cache is not None:
             image = Image.fromarray(np.asarray(self.cache[self.cache_rows[index]]))
         else:
-            image = load_grayscale(self.paths[index])
+            image = load_grayscale(self.paths[index], self.alpha)
         if self.random:
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)

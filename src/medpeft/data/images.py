@@ -1,26 +1,38 @@
-"""Decode an image file to an 8-bit grayscale PIL image, the same way every time."""
+"""Decode an image file to an 8-bit grayscale PIL image, the same way every time, and check before a run
+that every image it will use decodes by those rules."""
 
 from __future__ import annotations
 
+import os
+import sqlite3
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
+from rich.console import Console
 
+from medpeft.config import DataConfig
+from medpeft.console import progress_bar
 from medpeft.data.medmnist import SEPARATOR as MEDMNIST_SEPARATOR, load_array_image
+from medpeft.data.splits import SPLITS
 from medpeft.errors import DataError
+from medpeft.version import __version__
 
 MIN_SIDE = 8
 """Smaller images are refused: a radiograph, even a MedMNIST thumbnail (28 px), is larger."""
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
-def load_grayscale(path: str) -> Image.Image:
-    """PNG/JPEG/TIFF (8 or 16 bit, gray, RGB, or RGBA without transparency) or DICOM (.dcm) -> mode 'L'.
+def load_grayscale(path: str, alpha: str = "error") -> Image.Image:
+    """PNG/JPEG/TIFF (8 or 16 bit, gray, RGB or with an alpha channel) or DICOM (.dcm) -> mode 'L'.
 
     16-bit PNG data are scaled by their bit depth; DICOM goes through medpeft.data.dicom.read_dicom.
-    Stacks of frames (a CT volume), images under MIN_SIDE pixels and transparent pixels raise DataError."""
+    Transparent pixels: `alpha` 'error' raises DataError, 'flatten' composites the image onto black.
+    Stacks of frames (a CT volume), images under MIN_SIDE pixels and images over PIL's decompression-bomb
+    limit (Image.MAX_IMAGE_PIXELS) raise DataError, as does any file that does not decode whole."""
     if is_dicom(path):
         from medpeft.data.dicom import read_dicom
 
@@ -38,13 +50,18 @@ def load_grayscale(path: str) -> Image.Image:
                 pixels = np.asarray(image, dtype=np.float64)
                 top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
                 return Image.fromarray(np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+            if image.mode == "P":
+                image = image.convert("RGBA" if "transparency" in image.info else "RGB")
             if "A" in image.getbands() and image.getchannel("A").getextrema()[0] < 255:
-                raise DataError(f"{path}: has transparent pixels ({image.mode}); expected an opaque "
-                                f"grayscale or RGB image")
+                if alpha == "flatten":
+                    black = Image.new("RGBA", image.size, (0, 0, 0, 255))
+                    return Image.alpha_composite(black, image.convert("RGBA")).convert("L")
+                raise DataError(f"{path}: has transparent pixels ({image.mode}); expected an opaque grayscale "
+                                f"or RGB image (data.alpha=flatten puts them on black)")
             return image.convert("L")
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: unreadable image ({str(e).splitlines()[0]})") from None
 
 
@@ -68,37 +85,125 @@ def _checked_size(image: Image.Image, path) -> Image.Image:
     return image
 
 
-def check_images(table: pd.DataFrame, on_missing: str, source) -> pd.DataFrame:
-    """Open each image's header (no decoding) so a missing or unreadable file fails before training.
-
-    on_missing 'error': raise naming the image; 'skip': drop those rows and warn with the count."""
-    bad = []
-    for index, image_id, path in zip(table.index, table["image_id"], table["path"]):
-        if MEDMNIST_SEPARATOR in str(path):
-            continue  # pixels inside the .npz file, read when the file was
-        try:
-            if is_dicom(path):
-                _check_dicom_header(path)
-            else:
-                with Image.open(path):
-                    pass
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-            problem = "not found" if isinstance(e, FileNotFoundError) else f"not a readable image ({e})"
-            if on_missing == "error":
-                raise DataError(f"{source}: image {image_id}: {path} {problem} "
-                                f"(data.on_missing=skip leaves such images out)") from None
-            bad.append(index)
-    if bad:
-        warnings.warn(f"{source}: skipped {len(bad)} missing or unreadable images (data.on_missing=skip)",
-                      stacklevel=2)
-    return table.drop(index=bad).reset_index(drop=True)
-
-
-def _check_dicom_header(path) -> None:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
+def image_problem(path: str, alpha: str = "error") -> str:
+    """'' if `path` decodes by load_grayscale's rules, else why not (one line, without the path)."""
     try:
-        pydicom.dcmread(path, stop_before_pixels=True)
-    except InvalidDicomError as e:
-        raise OSError(f"not a DICOM file ({e})") from None
+        load_grayscale(path, alpha)
+    except DataError as e:
+        return str(e).removeprefix(f"{path}: ")
+    return ""
+
+
+def check_images(table: pd.DataFrame, data: DataConfig, progress: bool = False) -> pd.DataFrame:
+    """Decode every image of the table by the rules training uses, so that no image fails mid-run.
+
+    data.on_missing 'error': one DataError listing every image that cannot be used, with its reason;
+    'skip': the table without them, and one warning listing them with the count per split.
+    Results are remembered per file (path, size, modification time, data.alpha) in
+    ``image-checks.sqlite`` under data.cache_dir (default: the user's cache folder), so a second check of
+    unchanged files decodes nothing."""
+    paths = table["path"].astype(str).tolist()
+    problems = _CheckStore(data.cache_dir).problems(paths, data.alpha, progress)
+    bad = np.array([bool(p) for p in problems], dtype=bool)
+    if not bad.any():
+        return table
+    listed = "; ".join(f"{path}: {problem}" for path, problem in zip(np.array(paths)[bad], np.array(problems)[bad]))
+    if data.on_missing == "error":
+        raise DataError(f"{data.csv}: {int(bad.sum())} of {len(table)} images cannot be used "
+                        f"(data.on_missing=skip leaves them out): {listed}")
+    counts = ""
+    if "split" in table.columns:
+        per_split = table.loc[bad, "split"].value_counts()
+        counts = " (" + ", ".join(f"{name} {per_split[name]}" for name in SPLITS if name in per_split) + ")"
+    warnings.warn(f"{data.csv}: skipped {int(bad.sum())} of {len(table)} images{counts} that cannot be used "
+                  f"(data.on_missing=skip): {listed}", stacklevel=2)
+    return table[~bad].reset_index(drop=True)
+
+
+class _CheckStore:
+    """Remembered check results: (path, size, mtime_ns, rules) -> problem ('' = fine)."""
+
+    def __init__(self, cache_dir: str | None):
+        root = Path(cache_dir) if cache_dir else \
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medpeft"
+        self.file = root / "image-checks.sqlite"
+
+    def problems(self, paths: list[str], alpha: str, progress: bool) -> list[str]:
+        rules = f"{__version__},alpha={alpha}"
+        stamps = [_stamp(p) for p in paths]
+        known = self._read(rules)
+        todo = [i for i, (p, s) in enumerate(zip(paths, stamps)) if s is not None and (p, *s) not in known]
+        found = dict(zip(todo, _decode_all([paths[i] for i in todo], alpha, progress)))
+        if found:
+            self._write(rules, [(paths[i], *stamps[i], found[i]) for i in todo])
+        return [found[i] if i in found else known[(p, *s)] if s is not None else _unstamped_problem(p, alpha)
+                for i, (p, s) in enumerate(zip(paths, stamps))]
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.file, timeout=60)
+        db.execute("CREATE TABLE IF NOT EXISTS checks (path TEXT, size INTEGER, mtime_ns INTEGER, rules TEXT, "
+                   "problem TEXT, PRIMARY KEY (path, size, mtime_ns, rules))")
+        return db
+
+    def _read(self, rules: str) -> dict:
+        if not self.file.is_file():
+            return {}
+        try:
+            with self._connect() as db:
+                rows = db.execute("SELECT path, size, mtime_ns, problem FROM checks WHERE rules = ?", (rules,))
+                return {(p, size, mtime): problem for p, size, mtime, problem in rows}
+        except sqlite3.Error as e:
+            raise DataError(f"{self.file}: not a readable image-check store ({e}); delete it to start "
+                            f"afresh") from None
+
+    def _write(self, rules: str, rows: list[tuple]) -> None:
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            with self._connect() as db:
+                db.executemany("INSERT OR REPLACE INTO checks VALUES (?, ?, ?, ?, ?)",
+                               [(p, size, mtime, rules, problem) for p, size, mtime, problem in rows])
+        except (OSError, sqlite3.Error) as e:
+            warnings.warn(f"{self.file}: image checks not remembered ({e}); the next run checks again",
+                          stacklevel=3)
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a file (None: no file to remember, e.g. a missing file or a MedMNIST array)."""
+    if MEDMNIST_SEPARATOR in path:
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _unstamped_problem(path: str, alpha: str) -> str:
+    # A MedMNIST image's pixels were checked when its .npz file was read.
+    return "" if MEDMNIST_SEPARATOR in path else image_problem(path, alpha)
+
+
+def _problems(paths: list[str], alpha: str) -> list[str]:
+    """image_problem of each path; module-level so worker processes can run it."""
+    return [image_problem(p, alpha) for p in paths]
+
+
+def _decode_all(paths: list[str], alpha: str, progress: bool) -> list[str]:
+    """image_problem of every path, in parallel over this process's CPUs when there are many."""
+    workers = min(len(os.sched_getaffinity(0)), max(1, len(paths) // 64))
+    chunk = max(1, min(64, len(paths) // (workers * 4) or 1))
+    blocks = [paths[s:s + chunk] for s in range(0, len(paths), chunk)]
+    out: list[str] = []
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        results = pool.map(_problems, blocks, [alpha] * len(blocks)) if pool else \
+            (_problems(block, alpha) for block in blocks)
+        with progress_bar(Console(stderr=True, quiet=not progress)) as bar:
+            task = bar.add_task("checking images", total=len(paths))
+            for block in results:
+                out.extend(block)
+                bar.advance(task, len(block))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return out

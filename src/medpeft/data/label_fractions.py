@@ -40,10 +40,7 @@ def label_fraction_subsets(table: pd.DataFrame, labels: list[str], fractions: li
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad:
         raise ValueError(f"fractions must lie in (0, 1], got {bad}")
-    patients, inverse = np.unique(table["patient_id"].astype(str).to_numpy(), return_inverse=True)
-    positives = np.zeros((len(patients), len(labels)))
-    np.add.at(positives, inverse, table[list(labels)].to_numpy(dtype=float) == 1.0)
-    sizes = np.bincount(inverse, minlength=len(patients))
+    inverse, positives, sizes = patient_positives(table, labels)
     order = _stratified_order(positives, sizes, np.random.default_rng(seed))
     order = _ensure_rare_labels(order, positives, sizes)
     cumulative = np.cumsum(sizes[order])
@@ -51,7 +48,7 @@ def label_fraction_subsets(table: pd.DataFrame, labels: list[str], fractions: li
     subsets = {}
     for fraction in fractions:
         count = int(np.searchsorted(cumulative, _target(fraction, len(ids)))) + 1
-        chosen = np.zeros(len(patients), dtype=bool)
+        chosen = np.zeros(len(sizes), dtype=bool)
         chosen[order[:count]] = True
         subsets[fraction] = sorted(ids[chosen[inverse]])
     return subsets
@@ -77,14 +74,19 @@ def _stratified_order(positives: np.ndarray, sizes: np.ndarray, rng: np.random.G
     return np.concatenate(parts)
 
 
-def _stratified_folds(positives: np.ndarray, sizes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The fold (0 to N_FOLDS - 1) of each patient, by iterative stratification (Sechidis et al. 2011).
+def _stratified_folds(positives: np.ndarray, sizes: np.ndarray, rng: np.random.Generator,
+                      proportions=None) -> np.ndarray:
+    """The fold (0 to len(proportions) - 1) of each patient, by iterative stratification (Sechidis et al.
+    2011); `proportions` (default: N_FOLDS equal folds) are each fold's share, summing to 1.
 
     Demands are in images, so folds match the pool's image-level prevalences, not just patient counts.
+    A fold of share 0 gets no patient.
     """
-    n_patients, n_folds = len(sizes), N_FOLDS
-    label_demand = np.tile(positives.sum(0) / n_folds, (n_folds, 1))
-    size_demand = np.full(n_folds, sizes.sum() / n_folds)
+    proportions = np.full(N_FOLDS, 1.0 / N_FOLDS) if proportions is None else np.asarray(proportions, float)
+    n_patients, n_folds = len(sizes), len(proportions)
+    label_demand = np.outer(proportions, positives.sum(0))
+    size_demand = proportions * sizes.sum()
+    open_folds = np.flatnonzero(proportions > 0)
     fold = np.full(n_patients, -1)
     has = positives > 0
     shuffled = rng.permutation(n_patients)
@@ -103,10 +105,10 @@ def _stratified_folds(positives: np.ndarray, sizes: np.ndarray, rng: np.random.G
         # Heaviest patients first (ties in seeded order): late heavy patients would overshoot a fold's demand.
         group = group[np.argsort(-weight, kind="stable")]
         for p in group:
-            candidates = np.arange(n_folds)
+            candidates = open_folds
             if label is not None:
-                demand = label_demand[:, label]
-                candidates = np.flatnonzero(demand == demand.max())
+                demand = label_demand[candidates, label]
+                candidates = candidates[demand == demand.max()]
             sizes_left = size_demand[candidates]
             candidates = candidates[sizes_left == sizes_left.max()]
             j = candidates[rng.integers(len(candidates))] if len(candidates) > 1 else candidates[0]
@@ -114,6 +116,22 @@ def _stratified_folds(positives: np.ndarray, sizes: np.ndarray, rng: np.random.G
             label_demand[j] -= positives[p]
             size_demand[j] -= sizes[p]
     return fold
+
+
+def patient_positives(table: pd.DataFrame, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(patient of each row (N,), positive images per patient and label (P, K), images per patient (P,)),
+    patients in sorted order of ``patient_id``; a NaN label counts as negative."""
+    patients, inverse = np.unique(table["patient_id"].astype(str).to_numpy(), return_inverse=True)
+    positives = np.zeros((len(patients), len(labels)))
+    np.add.at(positives, inverse, table[list(labels)].to_numpy(dtype=float) == 1.0)
+    return inverse, positives, np.bincount(inverse, minlength=len(patients))
+
+
+def stratified_patient_folds(table: pd.DataFrame, labels, proportions, seed: int) -> np.ndarray:
+    """The fold of each row: whole patients drawn into folds of the given image shares by iterative
+    stratification over `labels`, with `seed`."""
+    inverse, positives, sizes = patient_positives(table, labels)
+    return _stratified_folds(positives, sizes, np.random.default_rng(seed), proportions)[inverse]
 
 
 def _ensure_rare_labels(order: np.ndarray, positives: np.ndarray, sizes: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ import pandas as pd
 
 from medpeft.config import DataConfig
 from medpeft.data.splits import assign_splits
-from medpeft.data.table import check_unique_ids
+from medpeft.data.table import META_PREFIX, check_unique_ids
 from medpeft.errors import DataError
 
 TABLE_COLUMNS = ["image_id", "path", "patient_id", "view"]
@@ -24,7 +24,8 @@ def read_dataset(config: DataConfig) -> pd.DataFrame:
     if missing:
         raise DataError(f"{Path(files[0])}: {config.format} data has no label {missing[0]!r}")
     extra = ["split"] if "split" in table.columns else []
-    return table[TABLE_COLUMNS + extra + list(config.labels)]
+    metadata = [c for c in table.columns if c.startswith(META_PREFIX)]
+    return table[TABLE_COLUMNS + extra + list(config.labels) + metadata]
 
 
 def read_split_dataset(config: DataConfig) -> pd.DataFrame:

@@ -1,19 +1,36 @@
 """Which image goes to train, val and test: published split files, a split column, or a seeded
-patient-level draw; then an optional label-fraction subset of train. No patient is on two sides."""
+patient-level draw (label-stratified); then an optional label-fraction subset of train. No patient is on
+two sides; labels left with few positives in a split are named in a warning."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from medpeft.config import SplitConfig
-from medpeft.data.label_fractions import label_fraction_subsets, read_split_file
+from medpeft.data.label_fractions import label_fraction_subsets, read_split_file, stratified_patient_folds
 from medpeft.data.split_list import label_mismatches, read_split_list
 from medpeft.errors import DataError
 
 SPLITS = ("train", "val", "test")
+FEW_POSITIVES = 5
+"""A label with fewer positive images in a split is named in a warning after the split is drawn."""
+
+
+def draw_split(table: pd.DataFrame, labels, val_fraction: float, test_fraction: float, seed: int,
+               stratify: bool = True) -> np.ndarray:
+    """Assign each row 'train', 'val' or 'test', whole patients, about the given shares of the images.
+
+    `stratify`: by iterative stratification over `labels` (each split's prevalences close to the
+    dataset's, rare labels spread first); else the patient shuffle of `patient_split` (medpeft 0.1).
+    Returns an array of split names, one per row."""
+    if not stratify or not len(labels):
+        return patient_split(table["patient_id"], val_fraction, test_fraction, seed)
+    shares = [test_fraction, val_fraction, 1.0 - test_fraction - val_fraction]
+    return np.array(["test", "val", "train"], dtype=object)[stratified_patient_folds(table, labels, shares, seed)]
 
 
 def patient_split(patient_ids: pd.Series, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
@@ -74,7 +91,7 @@ def assign_splits(table: pd.DataFrame, config: SplitConfig, source, labels=()) -
         _check_patients(table, source)
         pool = table["split"] == "train_val"
         if pool.any():
-            carved = patient_split(table.loc[pool, "patient_id"], config.val_fraction, 0.0, config.seed)
+            carved = draw_split(table[pool], labels, config.val_fraction, 0.0, config.seed, config.stratify)
             table.loc[pool, "split"] = np.where(carved == "val", "val", "train")
     elif "split" in table.columns:  # the CSV's split column, or a dataset with its own split (MedMNIST)
         bad = ~table["split"].isin(SPLITS)
@@ -84,7 +101,8 @@ def assign_splits(table: pd.DataFrame, config: SplitConfig, source, labels=()) -
                             f"{table['split'].iloc[index]!r}, expected one of {list(SPLITS)}")
         _check_patients(table, source)
     else:
-        table["split"] = patient_split(table["patient_id"], config.val_fraction, config.test_fraction, config.seed)
+        table["split"] = draw_split(table, labels, config.val_fraction, config.test_fraction, config.seed,
+                                    config.stratify)
     if config.label_fraction < 1.0:
         train = table["split"] == "train"
         kept = label_fraction_subsets(table[train], list(labels), [config.label_fraction], config.seed)
@@ -92,7 +110,29 @@ def assign_splits(table: pd.DataFrame, config: SplitConfig, source, labels=()) -
     for name in ("train", "val"):
         if not (table["split"] == name).any():
             raise DataError(f"{source}: the '{name}' split is empty (too few patients for the fractions?)")
+    warn_rare_labels(table, labels, source)
     return table
+
+
+def rare_labels(table: pd.DataFrame, labels, minimum: int = FEW_POSITIVES) -> list[tuple[str, str, int]]:
+    """(label, split, positives) for every label with fewer than `minimum` positive images in a split
+    that the table has (train, val, test order)."""
+    found = []
+    for split in SPLITS:
+        rows = table[table["split"] == split]
+        if len(rows):
+            found += [(label, split, int((rows[label] == 1).sum())) for label in labels
+                      if (rows[label] == 1).sum() < minimum]
+    return found
+
+
+def warn_rare_labels(table: pd.DataFrame, labels, source) -> None:
+    """Warn, naming label, split and count, when a label has too few positives to learn or score on."""
+    rare = rare_labels(table, labels)
+    if rare:
+        listed = ", ".join(f"{label} {count} in {split}" for label, split, count in rare)
+        warnings.warn(f"{source}: labels with fewer than {FEW_POSITIVES} positive images in a split (their "
+                      f"AUROC is unreliable or undefined): {listed}", stacklevel=3)
 
 
 def _check_patients(table: pd.DataFrame, source) -> None:

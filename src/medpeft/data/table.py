@@ -2,26 +2,51 @@
 
 Columns: ``image_id`` (the image's name as the dataset writes it; split files list these),
 ``path`` (where the image is read from), ``patient_id``, ``view`` (PA/AP/LL/... or empty),
-optionally ``split``, then one float column per label (1, 0, or NaN = unknown, masked).
+optionally ``split``, then one float column per label (1, 0, or NaN = unknown, masked), then
+optionally metadata columns ``meta:NAME`` (strings, carried to split.csv and predictions.csv).
 No reader opens an image file.
 """
 
 from __future__ import annotations
+
+import codecs
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from medpeft.errors import DataError
 
+META_PREFIX = "meta:"
 
-def read_table_file(path, source_name: str = "CSV", **kwargs) -> pd.DataFrame:
-    """Read a CSV as strings (blank cells stay ''), with a clear error if missing or unreadable."""
+
+def read_table_file(path, source_name: str = "CSV", encoding: str = "utf-8", **kwargs) -> pd.DataFrame:
+    """Read a CSV as strings (blank cells stay ''), with a clear error if missing or unreadable.
+
+    `encoding` is a Python codec name; UTF-8 files may start with a byte-order mark (Excel writes one)."""
+    if codecs.lookup(encoding).name == "utf-8":
+        encoding = "utf-8-sig"
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, **kwargs)
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding=encoding, **kwargs)
     except FileNotFoundError:
         raise DataError(f"{path}: {source_name} not found") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: {_decode_problem(Path(path), encoding)}") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise DataError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from None
+
+
+def _decode_problem(path: Path, encoding: str) -> str:
+    """Where the file stops being `encoding`: line and byte offset in the whole file (pandas reports an
+    offset inside its read buffer)."""
+    raw = path.read_bytes()
+    try:
+        raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        return (f"line {line}: byte {e.start} (0x{raw[e.start]:02x}) is not valid {encoding.removesuffix('-sig')} "
+                f"(set data.encoding to the file's encoding, e.g. latin-1 or cp1252)")
+    return f"not valid {encoding}"
 
 
 def require_columns(frame: pd.DataFrame, columns, source) -> None:
@@ -46,20 +71,27 @@ def keep_views(table: pd.DataFrame, views: list[str] | None, source) -> pd.DataF
 
 
 def check_unique_ids(image_ids: pd.Series, source) -> None:
+    """DataError at the first image listed twice."""
     duplicated = image_ids.duplicated()
     if duplicated.any():
         row = first_row(duplicated)
         raise DataError(f"{source}: row {row}: duplicate image '{image_ids.iloc[row - 2]}'")
 
 
-def names_to_targets(cells: pd.Series, labels, negatives, delimiter: str, source, column: str) -> np.ndarray:
-    """Rows of delimited label names ('A|B') -> (N, K) 0/1; a name neither a label nor a negative is an error."""
+def names_to_targets(cells: pd.Series, labels, negatives, delimiter: str, source, column: str,
+                     rows=None) -> np.ndarray:
+    """Rows of delimited label names ('A|B') -> (N, K) 0/1; names are stripped of surrounding spaces.
+
+    `negatives`: names meaning 'none of the labels' (a name neither a label nor a negative is an error),
+    or None: every name that is not a label is negative. `rows`: the file line of each cell (default:
+    the cell's position + 2)."""
     exploded = cells.str.split(delimiter, regex=False).explode().str.strip()
-    known = set(labels) | set(negatives) | {""}
+    known = set(labels) | set(negatives or ()) | {""}
     unknown = ~exploded.isin(known)
-    if unknown.any():
-        row = int(exploded.index[np.argmax(unknown.to_numpy())])
-        raise DataError(f"{source}: row {row + 2}: unknown label {exploded[unknown].iloc[0]!r} in column "
+    if negatives is not None and unknown.any():
+        position = int(exploded.index[np.argmax(unknown.to_numpy())])
+        row = rows[position] if rows is not None else position + 2
+        raise DataError(f"{source}: row {row}: unknown label {exploded[unknown].iloc[0]!r} in column "
                         f"'{column}' (expected one of {list(labels)} or negatives {sorted(negatives)})")
     targets = np.zeros((len(cells), len(labels)), dtype=np.float32)
     for k, name in enumerate(labels):

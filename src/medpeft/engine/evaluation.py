@@ -64,6 +64,6 @@ def evaluate_split(model: nn.Module, table: pd.DataFrame, split: str, config: Ru
         raise TrainingError(f"{config.output_dir}: the model gives non-finite outputs on the {split} split: "
                             f"training diverged (lower train.lr; on GPU prefer bf16 to fp16)")
     if predictions is not None:
-        ids = table.loc[table["split"] == split, "image_id"].to_numpy()
-        predictions.append(rundir.prediction_frame(ids, split, list(config.data.labels), probs, targets))
+        predictions.append(rundir.prediction_frame(table[table["split"] == split], split, list(config.data.labels),
+                                                   probs, targets))
     return classification_metrics(targets, probs, config.data.labels, config.data.task)

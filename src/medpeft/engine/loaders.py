@@ -18,7 +18,8 @@ def image_cache(table: pd.DataFrame, config: RunConfig | PretrainConfig, progres
     if not config.data.cache_dir:
         return None
     return build_cache(table["image_id"].tolist(), table["path"].tolist(), config.model.img_size,
-                       config.data.cache_dir, workers=max(1, config.data.num_workers), progress=progress)
+                       config.data.cache_dir, workers=max(1, config.data.num_workers), progress=progress,
+                       alpha=config.data.alpha)
 
 
 def make_loader(table: pd.DataFrame, split: str, config: RunConfig | PretrainConfig, train: bool,
@@ -36,7 +37,7 @@ def make_loader(table: pd.DataFrame, split: str, config: RunConfig | PretrainCon
                                     config.augment if train else None)
         dataset = ImageDataset(rows["path"].tolist(), targets, transform, seed=config.train.seed,
                                random=train and config.augment.enabled, cache=cache,
-                               image_ids=rows["image_id"].tolist())
+                               image_ids=rows["image_id"].tolist(), alpha=config.data.alpha)
     generator = torch.Generator()
     plan = BatchPlan(len(dataset), config.train.batch_size if train else config.train.eval_batch_size,
                      shuffle=train, generator=generator, procs=procs, split=train)

@@ -30,6 +30,7 @@ from medpeft.data import read_dataset
 from medpeft.engine.distributed import SINGLE, Processes
 from medpeft.errors import ConfigError, DataError, RunDirError
 from medpeft.files import read_json, write_bytes_atomic, write_text_atomic
+from medpeft.data.table import META_PREFIX
 from medpeft.version import __version__
 
 CONFIG = "config.yaml"
@@ -89,7 +90,12 @@ def check_run_dir(run_dir: Path, config: RunConfig | PretrainConfig) -> dict | N
 
 
 def _split_frame(table: pd.DataFrame) -> pd.DataFrame:
-    return table[["image_id", "patient_id", "split"]].reset_index(drop=True)
+    return table[["image_id", "patient_id", "split", *metadata_columns(table)]].reset_index(drop=True)
+
+
+def metadata_columns(table: pd.DataFrame) -> list[str]:
+    """The table's metadata columns (meta:NAME, e.g. data.metadata_columns of the csv reader)."""
+    return [c for c in table.columns if c.startswith(META_PREFIX)]
 
 
 def start_run_dir(run_dir: Path, config_text: str, table: pd.DataFrame, resuming: bool) -> None:
@@ -154,11 +160,14 @@ def run_table(run_dir: Path, config: RunConfig) -> pd.DataFrame:
     return table
 
 
-def prediction_frame(image_ids, split: str, labels: list[str], probs: np.ndarray, targets: np.ndarray) -> pd.DataFrame:
-    """Rows of predictions.csv: image_id, split, prob:LABEL..., target:LABEL... ((N, K) arrays)."""
-    return pd.concat([pd.DataFrame({"image_id": np.asarray(image_ids), "split": split}),
+def prediction_frame(rows: pd.DataFrame, split: str, labels: list[str], probs: np.ndarray,
+                     targets: np.ndarray) -> pd.DataFrame:
+    """Rows of predictions.csv: image_id, split, prob:LABEL..., target:LABEL... ((N, K) arrays), then the
+    metadata columns of `rows` (the split's rows of the run's table, in order)."""
+    return pd.concat([pd.DataFrame({"image_id": rows["image_id"].to_numpy(), "split": split}),
                       pd.DataFrame(probs, columns=[f"prob:{label}" for label in labels]),
-                      pd.DataFrame(targets, columns=[f"target:{label}" for label in labels])], axis=1)
+                      pd.DataFrame(targets, columns=[f"target:{label}" for label in labels]),
+                      rows[metadata_columns(rows)].reset_index(drop=True)], axis=1)
 
 
 def read_predictions(run_dir: Path, split: str, labels: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

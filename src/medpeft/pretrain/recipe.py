@@ -93,7 +93,7 @@ def write_preview(model: MaskedAutoencoder, images: torch.Tensor, config: Pretra
 
 
 def prepare_table(config: PretrainConfig) -> pd.DataFrame:
-    table = check_images(read_split_dataset(config.data), config.data.on_missing, config.data.csv)
+    table = check_images(read_split_dataset(config.data), config.data)
     table = table[table["split"] != "test"].reset_index(drop=True)
     if not (table["split"] == "train").any():
         raise DataError(f"{config.data.csv}: no training images to pretrain on")

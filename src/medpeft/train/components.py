@@ -29,7 +29,7 @@ from medpeft.train.prefix import prefix
 
 def prepare_table(config: RunConfig) -> pd.DataFrame:
     """Read the dataset and its split, check every used image can be opened, check val can select a model."""
-    table = check_images(read_split_dataset(config.data), config.data.on_missing, config.data.csv)
+    table = check_images(read_split_dataset(config.data), config.data)
     val = table.loc[table["split"] == "val", config.data.labels].to_numpy()
     if not any(0 < np.nansum(column) < np.isfinite(column).sum() for column in val.T):
         raise DataError(f"{config.data.csv}: the validation split has no label with both classes; "
