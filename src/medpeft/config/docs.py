@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from medpeft.config.run import MAEConfig
-from medpeft.config.schema import Section, field_types, type_name
+from medpeft.config.schema import Section, _number, field_types, type_name
 from medpeft.config.sections import (DATA_FORMATS, METHODS, AugmentConfig, DataConfig, ModelConfig, SplitConfig,
                                      TrainConfig)
 
@@ -23,7 +23,7 @@ def _default(field: dataclasses.Field) -> str:
 
 
 def _rule(field: dataclasses.Field) -> str:
-    rules = [f"{_SYMBOLS[name]} {bound:g}" for name, bound in field.metadata.get("bounds", {}).items()]
+    rules = [f"{_SYMBOLS[name]} {_number(bound)}" for name, bound in field.metadata.get("bounds", {}).items()]
     if field.metadata.get("length") is not None:
         rules.append(f"{field.metadata['length']} values")
     return f" ({', '.join(rules)})" if rules else ""
