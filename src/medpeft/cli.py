@@ -1,4 +1,5 @@
-"""Command-line interface, thin over the Python API. Errors become one line on stderr and exit code 2."""
+"""Command-line interface, thin over the Python API. Errors become one line on stderr and exit code 2;
+Ctrl-C exits 130; a study with failed cells exits 1."""
 
 from __future__ import annotations
 
@@ -302,7 +303,11 @@ def study_run(study: Path = typer.Argument(..., help="YAML study file."),
 
     if executor not in ("local", "ray"):
         raise ConfigError(f"--executor must be local or ray, got {executor!r}")
-    run_study(study, out or Path("studies-out") / study.stem, jobs=jobs, executor=executor, retry_failed=retry_failed)
+    out = out or Path("studies-out") / study.stem
+    counts = run_study(study, out, jobs=jobs, executor=executor, retry_failed=retry_failed)
+    if counts.get("failed"):
+        _exit(1, f"{counts['failed']} of {sum(counts.values())} cells failed: see {out / 'logs'} "
+                 f"(--retry-failed runs them again)")
 
 
 @study_app.command("report")
@@ -335,24 +340,34 @@ def _one_line(error: BaseException) -> str:
     return rest if sep and prefix.startswith("medpeft.errors.") else last
 
 
-def main() -> None:
-    try:
-        app(standalone_mode=False)
-    except MedpeftError as e:
-        Console(stderr=True).print(f"[red]error:[/red] {_one_line(e)}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted: run the same command again to resume")
-        sys.exit(130)
-    except (typer.Abort, typer.Exit) as e:
-        sys.exit(getattr(e, "exit_code", 1))
-    except Exception as e:
-        import click
+def _exit(code: int, message: str, prefix: str = "[red]error:[/red] ") -> None:
+    """One line on stderr, then exit with `code`."""
+    from rich.markup import escape
 
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+    Console(stderr=True).print(prefix + escape(message), highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def main() -> None:
+    """Every non-zero exit says why on stderr, in one line but for click's usage errors."""
+    import click
+
+    try:
+        code = app(standalone_mode=False)  # typer returns the exit code here: 130 for Ctrl-C
+    except MedpeftError as e:
+        _exit(2, _one_line(e))
+    except OSError as e:  # a full or read-only disk, no permission, a missing file: named by Python
+        if e.filename is None:
+            raise
+        _exit(2, f"{e.filename}: {e.strerror}")
+    except typer.Abort as e:  # typer's for an EOFError
+        _exit(1, f"unexpected end of input ({_one_line(e.__cause__ or e)})")
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    if code == 130:
+        _exit(130, "interrupted: run the same command again to resume", prefix="")
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     config.yaml      the resolved config
     split.csv        image_id, patient_id, split of every image used
-    log.jsonl        training log (steps, epochs, resumes)
+    log.jsonl        training log (steps, epochs, resumes): one record per step, those after the
+                     checkpoint dropped when the run resumes
     weights/         the best trainable weights (the method's save format)
     checkpoint.pt    the last epoch's trainable weights + optimiser / scheduler / RNG state, for resume
     predictions.csv  the best weights' val and test probabilities and targets per image
@@ -11,13 +12,15 @@
     metrics.json     validation and test metrics, parameter counts, time; written last
 
 Fine-tuning (medpeft.train), MAE pretraining (medpeft.pretrain), studies, inference and the CLI all read
-and write run directories through this module.
+and write run directories through this module. A process training a run holds the folder's lock
+(medpeft.files.locked) from start to end; a file of the folder that cannot be read is one error naming it.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +30,10 @@ from packaging.version import Version
 
 from medpeft.config import PretrainConfig, RunConfig, build, read_yaml_mapping, upgrade_saved
 from medpeft.data import read_dataset
-from medpeft.engine.distributed import SINGLE, Processes
-from medpeft.errors import ConfigError, DataError, RunDirError
-from medpeft.files import read_json, write_bytes_atomic, write_text_atomic
 from medpeft.data.table import META_PREFIX
+from medpeft.engine.distributed import SINGLE, Processes
+from medpeft.errors import CheckpointError, ConfigError, DataError, RunDirError
+from medpeft.files import LOCK, read_json, remove_temporaries, write_bytes_atomic, write_text_atomic
 from medpeft.version import __version__
 
 CONFIG = "config.yaml"
@@ -41,6 +44,7 @@ CHECKPOINT = "checkpoint.pt"
 PREDICTIONS = "predictions.csv"
 THRESHOLDS = "thresholds.json"
 METRICS = "metrics.json"
+LOG_SIZE = "log_size"
 
 
 def is_complete(run_dir: Path) -> bool:
@@ -53,10 +57,46 @@ def append_log(run_dir: Path, record: dict) -> None:
 
 
 def save_checkpoint(state: dict, run_dir: Path) -> None:
-    """checkpoint.pt, atomically (a run killed while writing keeps the previous epoch's)."""
+    """checkpoint.pt, atomically (a run killed while writing keeps the previous epoch's), with the size of
+    log.jsonl at this point (LOG_SIZE: a resumed run drops the records written after it)."""
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save({**state, LOG_SIZE: (Path(run_dir) / LOG).stat().st_size}, buffer)
     write_bytes_atomic(Path(run_dir) / CHECKPOINT, buffer.getvalue())
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """A run's checkpoint.pt (``torch.load(weights_only=True)``: a pickle that would run code is refused)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(checkpoint, dict) and "state" in checkpoint:
+            return checkpoint
+        reason = "no training state in it"
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = type(e).__name__
+    raise CheckpointError(f"{path}: not a readable checkpoint ({reason}): damaged, or not one that medpeft wrote; "
+                          f"delete it to start the run again from its first epoch")
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file of a run directory (metrics.json, thresholds.json): an object, or one error naming it."""
+    try:
+        data = read_json(path)
+    except ValueError as e:  # not JSON, not UTF-8
+        raise RunDirError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_split(path: Path) -> pd.DataFrame:
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except ValueError as e:  # pandas' parser and empty-data errors, not UTF-8
+        raise RunDirError(f"{path}: not a readable CSV file ({str(e).strip().splitlines()[0]})") from None
+    missing = [c for c in ("image_id", "patient_id", "split") if c not in table]
+    if missing:
+        raise RunDirError(f"{path}: lacks the columns {', '.join(missing)}")
+    return table
 
 
 def saved_config(run_dir: Path) -> dict:
@@ -83,8 +123,8 @@ def check_run_dir(run_dir: Path, config: RunConfig | PretrainConfig) -> dict | N
             raise RunDirError(f"{run_dir}: holds an unfinished run of another config; choose another output_dir "
                               f"or delete it")
         checkpoint = run_dir / CHECKPOINT
-        return torch.load(checkpoint, map_location="cpu", weights_only=True) if checkpoint.is_file() else None
-    if run_dir.exists() and any(run_dir.iterdir()):
+        return _read_checkpoint(checkpoint) if checkpoint.is_file() else None
+    if run_dir.exists() and any(path.name != LOCK for path in run_dir.iterdir()):
         raise RunDirError(f"{run_dir}: exists and is not a medpeft run directory")
     return None
 
@@ -98,15 +138,21 @@ def metadata_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c.startswith(META_PREFIX)]
 
 
-def start_run_dir(run_dir: Path, config_text: str, table: pd.DataFrame, resuming: bool) -> None:
-    """Write config.yaml and split.csv; a resumed run must see the split it started with."""
+def start_run_dir(run_dir: Path, config_text: str, table: pd.DataFrame, checkpoint: dict | None) -> None:
+    """Write config.yaml and split.csv, remove what killed writers left, and cut log.jsonl back to where
+    `checkpoint` (the one to resume, None for a new run) was saved: the steps that run again log again.
+    A resumed run must see the split it started with."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(run_dir)
     split_path = run_dir / SPLIT
-    if resuming and not _split_frame(table).equals(pd.read_csv(split_path, dtype=str, keep_default_na=False)):
+    if checkpoint is not None and not _split_frame(table).equals(_read_split(split_path)):
         raise RunDirError(f"{split_path}: the data no longer give the split this run started with")
     write_text_atomic(run_dir / CONFIG, config_text)
     write_text_atomic(split_path, _split_frame(table).to_csv(index=False))
+    log, size = run_dir / LOG, 0 if checkpoint is None else checkpoint.get(LOG_SIZE)
+    if log.is_file() and size is not None:  # None: a checkpoint saved before its log size was
+        write_bytes_atomic(log, log.read_bytes()[:size])
 
 
 def rng_state(device: torch.device, procs: Processes = SINGLE) -> dict:
@@ -137,22 +183,22 @@ def finished_config(run_dir: Path) -> RunConfig:
         raise RunDirError(f"{run_dir}: not a medpeft run directory (no {CONFIG})")
     if not is_complete(run_dir):
         raise RunDirError(f"{run_dir}: the run is incomplete (no {METRICS}); resume it with medpeft train")
-    metrics = read_json(run_dir / METRICS)
+    metrics = read_json_object(run_dir / METRICS)
     written_by = metrics.get("medpeft_version", "0")
     if Version(written_by) > Version(__version__):
         raise RunDirError(f"{run_dir}: written by medpeft {written_by}, newer than this medpeft {__version__}; "
                           f"upgrade medpeft to use it")
     config = build(RunConfig, saved_config(run_dir))
-    if list(config.data.labels) != metrics["labels"]:
+    if list(config.data.labels) != metrics.get("labels"):
         raise RunDirError(f"{run_dir}: {CONFIG} names the labels {config.data.labels}, but the run was trained for "
-                          f"{metrics['labels']} ({METRICS})")
+                          f"{metrics.get('labels')} ({METRICS})")
     return config
 
 
 def run_table(run_dir: Path, config: RunConfig) -> pd.DataFrame:
     """The run's dataset with the run's own split (split.csv)."""
     table = read_dataset(config.data).drop(columns="split", errors="ignore")
-    saved = pd.read_csv(Path(run_dir) / SPLIT, dtype=str, keep_default_na=False)
+    saved = _read_split(Path(run_dir) / SPLIT)
     table = table.merge(saved[["image_id", "split"]], on="image_id", how="inner")
     if len(table) != len(saved):
         raise DataError(f"{config.data.csv}: lacks {len(saved) - len(table)} images of the run's split "

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import peft
-from safetensors.torch import load_file
 from torch import nn
 
 from medpeft.backbones import classifier_name, fuse_qkv, split_qkv
 from medpeft.config import MethodConfig, ModelConfig, option
 from medpeft.errors import CheckpointError, ConfigError
+from medpeft.methods.registry import read_safetensors
 
 # Target name -> module-name patterns below ``blocks.N.``.
 TARGETS = {
@@ -98,6 +98,8 @@ def apply(model: nn.Module, config: PeftConfig) -> peft.PeftModel:
 
 
 def save(model: peft.PeftModel, directory: Path) -> None:
+    """peft's own format; a run writes it in a medpeft.files.atomic_directory, which makes the file that
+    safetensors writes private (0600) an ordinary one (0644)."""
     model.save_pretrained(str(directory))
 
 
@@ -105,7 +107,7 @@ def load(model: peft.PeftModel, directory: Path) -> None:
     path = Path(directory) / PEFT_WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"{path}: adapter weights not found")
-    state = load_file(str(path))
+    state = read_safetensors(path)
     expected = set(peft.get_peft_model_state_dict(model))  # what this model would save
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

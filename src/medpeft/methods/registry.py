@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 from torch import nn
 
 from medpeft.config import METHODS, MethodConfig, build
 from medpeft.errors import CheckpointError
+from medpeft.files import write_bytes_atomic
 
 ADAPTER_FILE = "adapter.safetensors"
 RUNNING_STATS_FILE = "running_stats.safetensors"
@@ -49,16 +51,28 @@ def load_trainable_state_dict(model: nn.Module, state: dict, source: str) -> Non
     model.load_state_dict(state, strict=False)
 
 
+def _write_safetensors(tensors: dict, path: Path) -> None:
+    write_bytes_atomic(path, save(tensors))
+
+
+def read_safetensors(path: Path) -> dict:
+    """The tensors of a safetensors file of a run, or one CheckpointError naming it."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def save_trainable(model: nn.Module, directory: Path) -> None:
     """Default save: the trainable parameters as safetensors (names as in the applied model)."""
-    save_file(trainable_state_dict(model), str(Path(directory) / ADAPTER_FILE))
+    _write_safetensors(trainable_state_dict(model), Path(directory) / ADAPTER_FILE)
 
 
 def load_trainable(model: nn.Module, directory: Path) -> None:
     path = Path(directory) / ADAPTER_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: adapter weights not found")
-    load_trainable_state_dict(model, load_file(str(path)), str(path))
+    load_trainable_state_dict(model, read_safetensors(path), str(path))
 
 
 def running_stats(model: nn.Module) -> dict:
@@ -85,7 +99,7 @@ def save_weights(spec: "MethodSpec", model: nn.Module, directory: Path) -> None:
     spec.save(model, directory)
     stats = running_stats(model)
     if stats:
-        save_file(stats, str(Path(directory) / RUNNING_STATS_FILE))
+        _write_safetensors(stats, Path(directory) / RUNNING_STATS_FILE)
 
 
 def load_weights(spec: "MethodSpec", model: nn.Module, directory: Path) -> None:
@@ -96,7 +110,7 @@ def load_weights(spec: "MethodSpec", model: nn.Module, directory: Path) -> None:
         if not path.is_file():
             raise CheckpointError(f"{path}: BatchNorm statistics not found (runs of medpeft 0.1 before they were "
                                   f"saved lose them: train the run again)")
-        load_running_stats(model, load_file(str(path)), str(path))
+        load_running_stats(model, read_safetensors(path), str(path))
 
 
 def own_weights(model: nn.Module) -> nn.Module:

@@ -37,8 +37,8 @@ from medpeft.engine import rundir
 from medpeft.engine.loaders import image_cache, make_loader
 from medpeft.engine.loop import Stepper, begin_epoch, build_scheduler, run_epoch
 from medpeft.engine.runtime import autocast, resolve_device
-from medpeft.errors import DataError, TrainingError
-from medpeft.files import write_bytes_atomic, write_json_atomic
+from medpeft.errors import DataError, RunDirError, TrainingError
+from medpeft.files import locked, write_bytes_atomic, write_json_atomic
 from medpeft.pretrain.mae import MaskedAutoencoder
 
 MAE_CHECKPOINT = "mae.pth"
@@ -101,11 +101,13 @@ def prepare_table(config: PretrainConfig) -> pd.DataFrame:
 
 
 def pretrain(config: PretrainConfig, quiet: bool = False) -> dict:
-    """Pretrain as `config` says, write the run directory, return its metrics (also in metrics.json)."""
-    recipe = PreTrain(config, Console(quiet=quiet))
-    recipe.setup()
-    recipe.train()
-    return recipe.finish()
+    """Pretrain as `config` says, write the run directory (holding its lock throughout), return its metrics
+    (also in metrics.json)."""
+    with locked(config.output_dir, RunDirError):
+        recipe = PreTrain(config, Console(quiet=quiet))
+        recipe.setup()
+        recipe.train()
+        return recipe.finish()
 
 
 class PreTrain:
@@ -125,7 +127,7 @@ class PreTrain:
         self.console.print(f"MAE pretraining of {config.model.name} ({self.encoder_parameters:,} encoder "
                            f"parameters), mask ratio {config.mae.mask_ratio}, "
                            f"{int((table['split'] == 'train').sum()):,} images")
-        rundir.start_run_dir(self.run_dir, dump_config(config), table, resuming=checkpoint is not None)
+        rundir.start_run_dir(self.run_dir, dump_config(config), table, checkpoint)
         model.to(device)
         self._setup_loaders(image_cache(table, config, progress=self.console.is_terminal))
         optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay,

@@ -1,14 +1,14 @@
 """Run one study cell as an ordinary training run, in its own process:
 
-    python -m medpeft.study.cell CONFIG.yaml THREADS
+    python -m medpeft.study.cell CONFIG.yaml THREADS RESULT.json
 
-Trains (or resumes) the run the config describes, then prints one JSON line with its peak memory
-(the GPU's peak allocation when it trained on a GPU, else the process's maximum resident set). A medpeft error is one line on stderr and exit 2, like the CLI.
+Trains (or resumes) the run the config describes, then writes its peak memory to RESULT.json,
+``{"peak_memory_mb": ...}`` (the GPU's peak allocation when it trained on a GPU, else the process's
+maximum resident set). A medpeft error is one line on stderr and exit 2, like the CLI.
 """
 
 from __future__ import annotations
 
-import json
 import resource
 import sys
 
@@ -16,10 +16,11 @@ import torch
 
 from medpeft.config import load_config
 from medpeft.errors import MedpeftError
+from medpeft.files import write_json_atomic
 from medpeft.train import train
 
 
-def main(config_path: str, threads: int) -> None:
+def main(config_path: str, threads: int, result_path: str) -> None:
     torch.set_num_threads(threads)
     try:
         train(load_config(config_path), quiet=True)
@@ -30,8 +31,8 @@ def main(config_path: str, threads: int) -> None:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    print(json.dumps({"peak_memory_mb": round(peak, 1)}))
+    write_json_atomic(result_path, {"peak_memory_mb": round(peak, 1)})
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])

@@ -7,21 +7,22 @@ Layout of a study directory::
     configs/KEY.yaml each cell's run config (with its output_dir)
     runs/KEY/        each cell's run directory
     logs/KEY.log     each cell's process output
+    logs/KEY.json    each cell's peak memory, written by its process when its run is complete
 
 Each cell trains in its own process (``python -m medpeft.study.cell``), so cells are isolated (memory
 is measured per cell, a crash fails one cell) and run side by side: ``jobs`` processes at once, each
 given ``cores / jobs`` threads and, on a GPU machine, one GPU in turn (``CUDA_VISIBLE_DEVICES``). A
 cell process is killed with its runner (Linux ``PR_SET_PDEATHSIG``), so a killed runner never leaves a
 cell training behind; started again, it resumes that cell from its checkpoint. The runner alone writes
-the store. ``executor="ray"`` sends the same cell processes to the workers of a Ray cluster
-(``ray.init(address="auto")`` when one is running, else a local instance); the study directory must
-then be on storage every worker sees.
+the store, holding the study directory's lock (a second runner there is refused); each cell's process
+holds its run directory's lock. ``executor="ray"`` sends the same cell processes to the workers of a
+Ray cluster (``ray.init(address="auto")`` when one is running, else a local instance); the study
+directory must then be on storage every worker sees.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import queue
 import signal
@@ -37,8 +38,8 @@ from rich.console import Console
 from medpeft.config import config_from_dict
 from medpeft.engine import rundir
 from medpeft.engine.assemble import check_buildable
-from medpeft.errors import ConfigError
-from medpeft.files import read_json, write_text_atomic
+from medpeft.errors import ConfigError, RunDirError
+from medpeft.files import locked, write_text_atomic
 from medpeft.study.spec import Cell, load_study
 from medpeft.study.store import Store
 
@@ -57,19 +58,28 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def _result_path(log_path: str | Path) -> Path:
+    return Path(log_path).with_suffix(".json")
+
+
+def peak_memory(log_path: str | Path) -> float | None:
+    """The peak memory of the cell process that completed the cell's run (None: killed before it said)."""
+    path = _result_path(log_path)
+    return rundir.read_json_object(path)["peak_memory_mb"] if path.is_file() else None
+
+
 def run_cell(key: str, config_path: str, log_path: str, threads: int, gpu: int | None = None) -> CellResult:
-    """Train one cell in a child process; its output goes to `log_path`."""
+    """Train one cell in a child process; its output goes to `log_path`, its peak memory next to it."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     with open(log_path, "a") as log:
-        proc = subprocess.run([sys.executable, "-m", "medpeft.study.cell", config_path, str(threads)],
-                              stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+        proc = subprocess.run([sys.executable, "-m", "medpeft.study.cell", config_path, str(threads),
+                               str(_result_path(log_path))],
+                              stdout=log, stderr=log, env=env,
                               preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-        log.write(proc.stdout)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode == 0 and lines:
-        return CellResult(key, True, peak_memory_mb=json.loads(lines[-1])["peak_memory_mb"])
+    if proc.returncode == 0:
+        return CellResult(key, True, peak_memory_mb=peak_memory(log_path))
     errors = [line for line in Path(log_path).read_text().splitlines() if line.strip()]
     return CellResult(key, False, error=(errors[-1] if errors else f"exit code {proc.returncode}")[:2000])
 
@@ -136,23 +146,24 @@ def run_study(study_path: str | Path, out: str | Path, jobs: int = 1, executor: 
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     check_models(study.cells, study.path)
     out = Path(out)
-    for sub in ("configs", "runs", "logs"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    store = Store(out / STORE)
-    try:
-        store.sync(study.cells, (out / "runs").resolve())
-        write_text_atomic(out / "study.yaml", Path(study_path).read_text())
-        todo = [c for c in study.cells
-                if store.status(c.key) in ("pending", "running") or (retry_failed and store.status(c.key) == "failed")]
-        done = len(study.cells) - len(todo)
-        console.print(f"study {study.name}: {len(study.cells)} cells, {done} done or failed before, {len(todo)} to run "
-                      f"({jobs} at a time, {executor})")
-        pending = [c for c in todo if not _recover(store, c, out)]
-        if pending:
-            _execute(store, pending, out, jobs, executor, console)
-        counts = store.frame()["status"].value_counts().to_dict()
-    finally:
-        store.close()
+    with locked(out, RunDirError):
+        for sub in ("configs", "runs", "logs"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        store = Store(out / STORE)
+        try:
+            store.sync(study.cells, (out / "runs").resolve())
+            write_text_atomic(out / "study.yaml", Path(study_path).read_text())
+            todo = [c for c in study.cells if store.status(c.key) in ("pending", "running")
+                    or (retry_failed and store.status(c.key) == "failed")]
+            done = len(study.cells) - len(todo)
+            console.print(f"study {study.name}: {len(study.cells)} cells, {done} done or failed before, {len(todo)} "
+                          f"to run ({jobs} at a time, {executor})")
+            pending = [c for c in todo if not _recover(store, c, out)]
+            if pending:
+                _execute(store, pending, out, jobs, executor, console)
+            counts = store.frame()["status"].value_counts().to_dict()
+        finally:
+            store.close()
     console.print("  ".join(f"{status}: {n}" for status, n in sorted(counts.items())))
     return counts
 
@@ -172,7 +183,8 @@ def _recover(store: Store, cell: Cell, out: Path) -> bool:
     run_dir = out / "runs" / cell.key
     if not rundir.is_complete(run_dir):
         return False
-    store.mark_done(cell.key, read_json(run_dir / rundir.METRICS), None)
+    store.mark_done(cell.key, rundir.read_json_object(run_dir / rundir.METRICS),
+                    peak_memory(out / "logs" / f"{cell.key}.log"))
     return True
 
 
@@ -207,7 +219,7 @@ def _record(store: Store, cell: Cell, result: CellResult, out: Path, counter: st
         store.mark_failed(cell.key, result.error)
         console.print(f"{counter} {cell.key}: [red]failed[/red]: {result.error}")
         return
-    metrics = read_json(out / "runs" / cell.key / rundir.METRICS)
+    metrics = rundir.read_json_object(out / "runs" / cell.key / rundir.METRICS)
     store.mark_done(cell.key, metrics, result.peak_memory_mb)
     test = (metrics["test"] or {}).get("mean_auroc")
     console.print(f"{counter} {cell.key}: test AUROC {'n/a' if test is None else f'{test:.4f}'} "

@@ -41,6 +41,8 @@ from medpeft.errors import ConfigError
 
 AXES = ("backbone", "dataset", "method", "fraction", "seed")
 NAMED_AXES = ("backbone", "dataset", "method")
+MAX_LEVEL_NAME_BYTES = 64
+"""A level name is part of a cell's key, which names files and folders (at most 255 bytes each)."""
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,12 @@ def _levels(path: Path, axes: dict, axis: str) -> dict:
         if not isinstance(levels, dict) or not levels:
             raise ConfigError(f"{path}: axes.{axis} must be a non-empty mapping of level name -> config")
         for name, overrides in levels.items():
-            if not isinstance(name, str) or "__" in name or "/" in name:
-                raise ConfigError(f"{path}: axes.{axis} level {name!r} must be a name without '__' or '/'")
+            if not (isinstance(name, str) and name.isprintable() and "__" not in name and "/" not in name
+                    and 0 < len(name.encode()) <= MAX_LEVEL_NAME_BYTES):
+                text = str(name)
+                shown = f"{text[:MAX_LEVEL_NAME_BYTES]!r}..." if len(text) > MAX_LEVEL_NAME_BYTES else repr(name)
+                raise ConfigError(f"{path}: axes.{axis} level {shown} must be a name of 1 to {MAX_LEVEL_NAME_BYTES} "
+                                  f"bytes of printable characters without '__' or '/'")
             if not isinstance(overrides, dict | type(None)):
                 raise ConfigError(f"{path}: axes.{axis}.{name} must be a mapping (a partial run config)")
         return {name: overrides or {} for name, overrides in levels.items()}

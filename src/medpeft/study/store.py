@@ -4,6 +4,7 @@ A row is written when the study is read (``pending``), when its run starts (``ru
 and when it ends (``done`` with its metrics, or ``failed`` with the error). A runner killed at any
 moment leaves rows that are ``done`` (finished and recorded) or not; a ``running`` row is picked up
 again and its run resumes from its checkpoint. The cell key is the primary key: no cell is counted twice.
+An SQLite error (a damaged file, a full or read-only disk) is one RunDirError naming the store.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 
-from medpeft.errors import ConfigError
+from medpeft.errors import ConfigError, RunDirError
 from medpeft.study.spec import Cell
 
 SCHEMA = """
@@ -42,12 +44,24 @@ class Store:
         self.path = Path(path)
         self.db = sqlite3.connect(self.path, timeout=60)
         self.db.row_factory = sqlite3.Row
-        with self.db:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute(SCHEMA)
+        try:
+            with self._transaction():
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute(SCHEMA)
+        except RunDirError:
+            self.db.close()
+            raise
 
     def close(self) -> None:
         self.db.close()
+
+    @contextmanager
+    def _transaction(self):
+        try:
+            with self.db:
+                yield
+        except sqlite3.DatabaseError as e:
+            raise RunDirError(f"{self.path}: not a usable study store ({e})") from None
 
     def sync(self, cells: list[Cell], run_root: Path) -> None:
         """Add the study's new cells as pending; refuse cells whose config changed since they were added."""
@@ -56,7 +70,7 @@ class Store:
         if changed:
             raise ConfigError(f"{self.path}: the config of {len(changed)} cell(s) changed since they were added "
                               f"(e.g. {changed[0]}); write the study to a new directory")
-        with self.db:
+        with self._transaction():
             self.db.executemany(
                 "INSERT INTO cells (key, backbone, dataset, method, fraction, seed, config_hash, run_dir, status) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
@@ -67,12 +81,12 @@ class Store:
         return self.db.execute("SELECT status FROM cells WHERE key = ?", (key,)).fetchone()["status"]
 
     def mark_running(self, key: str) -> None:
-        with self.db:
+        with self._transaction():
             self.db.execute("UPDATE cells SET status = 'running', attempts = attempts + 1, error = NULL, "
                             "started_at = ? WHERE key = ?", (time.time(), key))
 
     def mark_done(self, key: str, metrics: dict, peak_memory_mb: float | None) -> None:
-        with self.db:
+        with self._transaction():
             self.db.execute(
                 "UPDATE cells SET status = 'done', error = NULL, val_mean_auroc = ?, test_mean_auroc = ?, "
                 "trainable = ?, trainable_percent = ?, wall_time_s = ?, peak_memory_mb = ?, metrics = ?, "
@@ -82,7 +96,7 @@ class Store:
                  metrics["wall_time_s"], peak_memory_mb, json.dumps(metrics), time.time(), key))
 
     def mark_failed(self, key: str, error: str) -> None:
-        with self.db:
+        with self._transaction():
             self.db.execute("UPDATE cells SET status = 'failed', error = ?, finished_at = ? WHERE key = ?",
                             (error, time.time(), key))
 

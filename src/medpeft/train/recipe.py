@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -30,8 +31,8 @@ from medpeft.engine.evaluation import evaluate_split
 from medpeft.engine.loaders import image_cache, make_loader, to_device
 from medpeft.engine.loop import Stepper, begin_epoch, build_scheduler, run_epoch
 from medpeft.engine.runtime import autocast, session
-from medpeft.errors import ConfigError
-from medpeft.files import atomic_directory, write_json_atomic, write_text_atomic
+from medpeft.errors import ConfigError, RunDirError
+from medpeft.files import atomic_directory, locked, write_json_atomic, write_text_atomic
 from medpeft.methods.registry import (load_running_stats, load_trainable_state_dict, load_weights, running_stats,
                                      save_weights, trainable_state_dict)
 from medpeft.metrics.display import format_score
@@ -46,9 +47,11 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
     """Fine-tune as `config` says, write the run directory, return its metrics (also in metrics.json).
 
     Started by a launcher (torchrun, accelerate launch, ``medpeft train --devices N``), every process
-    runs this with torch DDP (see ``medpeft.engine.distributed``); rank 0 alone writes and prints.
+    runs this with torch DDP (see ``medpeft.engine.distributed``); rank 0 alone writes and prints, and
+    holds the run directory's lock throughout (another process training there is refused).
     """
-    with session(config.train) as (procs, device):
+    with (session(config.train) as (procs, device),
+          locked(config.output_dir, RunDirError) if procs.main else nullcontext()):
         recipe = FineTune(config, procs, device, Console(quiet=quiet or not procs.main))
         recipe.setup()
         recipe.train()
@@ -78,7 +81,7 @@ class FineTune:
         apply_recompute(model, config.train.recompute)
         prefix_end = frozen_prefix(model) if config.train.frozen_prefix_cache else None
         if procs.main:
-            rundir.start_run_dir(self.run_dir, dump_config(config), self.table, resuming=checkpoint is not None)
+            rundir.start_run_dir(self.run_dir, dump_config(config), self.table, checkpoint)
         if procs.world > 1:
             torch.manual_seed(config.train.seed * 1009 + procs.rank)  # each process draws its own dropout
             if self.device.type == "cuda":  # batch statistics over the global batch, as in one process
