@@ -16,6 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
+import medpeft
 from conftest import TINY_VIT, accel_flag
 from medpeft.config import load_config, load_data_config
 from medpeft.data import read_dataset, read_split_dataset
@@ -100,6 +101,11 @@ def test_the_hospital_csv_trains_with_documented_keys_only(hospital_csv, tmp_pat
     predictions = pd.read_csv(tmp_path / "run" / "predictions.csv", dtype=str)
     sexes = dict(zip(source["filename"], source["sex"]))
     assert (predictions["meta:sex"] == predictions["image_id"].map(sexes)).all()
+    assert (split["meta:sex"] == split["image_id"].map(sexes)).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluated = medpeft.evaluate(tmp_path / "run", "test")  # the run's split, metadata and all, read back
+    assert evaluated["n"] == (split["split"] == "test").sum()
 
 
 def test_each_policy_gives_its_documented_table(hospital_csv, tmp_path):

@@ -261,3 +261,23 @@ def test_over_long_or_nul_level_names_are_refused_at_load(tmp_path, squares_csv,
     study = write_study(tmp_path / "study.yaml", squares_csv, axes={"method": {name: {"method": {"name": "lora"}}}})
     with pytest.raises(ConfigError, match=re.escape(f"study.yaml: axes.method level {shown} must be a name")):
         load_study(study)
+
+
+@pytest.mark.parametrize("content, shown", [("{", "not valid JSON"), ('{"rule": "vote"}', "expected a decision rule")])
+def test_a_broken_thresholds_file_is_one_line_naming_it(finished_runs, tmp_path, content, shown):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_runs["lora"], run_dir)
+    (run_dir / "thresholds.json").write_text(content)
+    with pytest.raises(RunDirError, match=rf"^{run_dir / 'thresholds.json'}: {shown}"):
+        medpeft.load_run(run_dir)
+
+
+def test_a_broken_adalora_adapter_config_is_one_line_naming_it(tmp_path):
+    from medpeft.methods import adalora
+
+    (tmp_path / "adapter_config.json").write_text("[1]")
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'adapter_config.json'}: expected a JSON object"):
+        adalora.load(None, tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{")
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'adapter_config.json'}: not a readable adapter config"):
+        adalora.load(None, tmp_path)

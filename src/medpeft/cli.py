@@ -229,8 +229,8 @@ def data_inspect(config: Path = typer.Argument(..., help="YAML config: only its 
     for name, cells in summary_rows(summary):
         view.add_row(name, *cells)
     console.print(view)
-
     console.print("[dim]labels: positive images and their share of the images whose label is known[/dim]")
+
 
 @data_app.command("split")
 def data_split(config: Path = typer.Argument(..., help="YAML run config (its data section is used)."),

@@ -1,13 +1,13 @@
 """The run directory: what a run writes, written atomically, and complete only when metrics.json exists.
 
     config.yaml      the resolved config
-    split.csv        image_id, patient_id, split of every image used
+    split.csv        image_id, patient_id, split (and metadata meta:NAME) of every image used
     log.jsonl        training log (steps, epochs, resumes): one record per step, those after the
                      checkpoint dropped when the run resumes
     weights/         the best trainable weights (the method's save format)
     checkpoint.pt    the last epoch's trainable weights + optimiser / scheduler / RNG state, for resume
     predictions.csv  the best weights' val and test probabilities and targets per image
-                     (image_id, split, prob:LABEL..., target:LABEL...)
+                     (image_id, split, prob:LABEL..., target:LABEL..., meta:NAME...)
     thresholds.json  the decision rule chosen on val: per-label thresholds (Youden's J) or arg-max
     metrics.json     validation and test metrics, parameter counts, time; written last
 
@@ -18,6 +18,7 @@ and write run directories through this module. A process training a run holds th
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import pickle
@@ -177,7 +178,8 @@ def restore_rng(checkpoint: dict, device: torch.device, run_dir: Path, procs: Pr
 
 
 def finished_config(run_dir: Path) -> RunConfig:
-    """The config of a complete fine-tuning run of this medpeft (or an older one); refuse any other folder."""
+    """The config of a complete fine-tuning run of this medpeft (or an older one), with `run_dir` as its
+    output_dir (a run that was moved is named where it is now); refuse any other folder."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).is_file():
         raise RunDirError(f"{run_dir}: not a medpeft run directory (no {CONFIG})")
@@ -192,7 +194,7 @@ def finished_config(run_dir: Path) -> RunConfig:
     if list(config.data.labels) != metrics.get("labels"):
         raise RunDirError(f"{run_dir}: {CONFIG} names the labels {config.data.labels}, but the run was trained for "
                           f"{metrics.get('labels')} ({METRICS})")
-    return config
+    return dataclasses.replace(config, output_dir=str(run_dir))
 
 
 def run_table(run_dir: Path, config: RunConfig) -> pd.DataFrame:

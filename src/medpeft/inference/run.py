@@ -9,7 +9,7 @@ several task runs on one shared backbone, saliency maps and a standalone export.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,6 @@ from medpeft.engine.evaluation import evaluate_split
 from medpeft.engine.loaders import image_cache
 from medpeft.engine.runtime import autocast, resolve_device, session
 from medpeft.errors import ConfigError, DataError, RunDirError, TrainingError
-from medpeft.files import read_json
 from medpeft.inference.inputs import collect_inputs, input_name, read_batches, report_unreadable
 from medpeft.methods import MethodSpec
 from medpeft.metrics.thresholds import YOUDEN, parse_rule, select_thresholds
@@ -97,18 +96,15 @@ def preprocessing(config: RunConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- loading
-def _finished_config(run_dir: Path) -> RunConfig:
-    """The run's config with `run_dir` as its output_dir: a run that was moved is named where it is now."""
-    return replace(rundir.finished_config(run_dir), output_dir=str(run_dir))
-
-
 def _decision_rule(run_dir: Path, config: RunConfig, rule: str) -> tuple[str, dict | None]:
     """The stored rule (thresholds.json), or another threshold rule chosen on the run's val predictions."""
     path = run_dir / rundir.THRESHOLDS
     if not path.is_file():
         raise RunDirError(f"{run_dir}: no {rundir.THRESHOLDS} (written by medpeft 0.1 before decision thresholds "
                           f"were stored); train the run again to predict with it")
-    stored = read_json(path)
+    stored = rundir.read_json_object(path)
+    if stored.get("rule") not in ("argmax", YOUDEN) or "thresholds" not in stored:
+        raise RunDirError(f"{path}: expected a decision rule ('rule': argmax or {YOUDEN}, 'thresholds')")
     if stored["rule"] == "argmax" or rule == stored["rule"]:
         return stored["rule"], stored["thresholds"]
     parse_rule(rule)
@@ -123,7 +119,7 @@ def load_run(path, threshold: str = YOUDEN) -> Run:
     threshold: 'youden' (the rule stored with the run) or 'sensitivity:X', chosen on the run's
     validation predictions. Multiclass runs decide by arg-max."""
     run_dir = Path(path)
-    config = _finished_config(run_dir)
+    config = rundir.finished_config(run_dir)
     built = load_model(run_dir, config)
     rule, thresholds = _decision_rule(run_dir, config, threshold)
     return Run(run_dir, config, built.model, built.spec, rule, thresholds)
@@ -141,7 +137,7 @@ def load_runs(paths, threshold: str = YOUDEN) -> list[Run]:
     if len(set(names)) < len(names):
         raise ConfigError(f"--runs: two runs have the same folder name ({', '.join(names)}); the output's column "
                           f"groups are named by it")
-    configs = [_finished_config(run_dir) for run_dir in run_dirs]
+    configs = [rundir.finished_config(run_dir) for run_dir in run_dirs]
     first = run_dirs[0]
     for run_dir, config in zip(run_dirs[1:], configs[1:]):
         if preprocessing(config) != preprocessing(configs[0]):
@@ -209,7 +205,7 @@ def evaluate(run_dir: str | Path, split: str = "test") -> dict:
     """Metrics of a finished run's best weights on one split of its own data split (on every process of a
     launcher, each computing its share of the images)."""
     run_dir = Path(run_dir)
-    config = _finished_config(run_dir)
+    config = rundir.finished_config(run_dir)
     built = load_model(run_dir, config)
     table = rundir.run_table(run_dir, config)
     with session(config.train) as (procs, device):

@@ -20,7 +20,7 @@ import peft
 import torch
 
 from medpeft.config import option
-from medpeft.errors import ConfigError
+from medpeft.errors import CheckpointError, ConfigError
 from medpeft.methods import _peft
 from medpeft.methods.registry import MethodSpec, TrainingHooks, register_method
 
@@ -71,7 +71,13 @@ class AdaLoraConfig(_peft.PeftConfig):
 
 def load(model: peft.PeftModel, directory: Path) -> None:
     """Resize to the saved rank pattern (if allocation had finished), then load like any peft adapter."""
-    saved = json.loads((Path(directory) / "adapter_config.json").read_text())
+    path = Path(directory) / "adapter_config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # missing, not UTF-8, not JSON
+        raise CheckpointError(f"{path}: not a readable adapter config ({e})") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: expected a JSON object (peft's adapter config)")
     model.peft_config["default"].rank_pattern = saved.get("rank_pattern")
     _peft.load(model, directory)
 
