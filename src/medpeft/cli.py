@@ -112,8 +112,6 @@ def predict(
                                                                     "called positive."),
 ):
     """Probabilities and decisions per label for new images; unreadable inputs are listed with the reason."""
-    import warnings
-
     from medpeft.files import write_text_atomic
     from medpeft.inference import load_runs, predict as run_prediction
 
@@ -122,11 +120,7 @@ def predict(
     if not images:
         raise typer.BadParameter("give images or folders to predict on")
     loaded = load_runs(run_dirs, threshold)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        table = run_prediction(loaded, images, batch_size=batch_size, strict=strict, workers=workers, progress=True)
-    for warning in caught:
-        Console(stderr=True).print(f"[yellow]warning:[/yellow] {warning.message}", highlight=False, soft_wrap=True)
+    table = run_prediction(loaded, images, batch_size=batch_size, strict=strict, workers=workers, progress=True)
     write_text_atomic(out, table.to_csv(index=False))
     read = int((table["error"] == "").sum())
     console.print(f"{read} of {len(table)} images predicted by {', '.join(r.name for r in loaded)} -> {out}")
@@ -348,10 +342,22 @@ def _exit(code: int, message: str, prefix: str = "[red]error:[/red] ") -> None:
     sys.exit(code)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one 'warning: ...' line on stderr (Python's format adds the source line)."""
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False,
+                               soft_wrap=True)
+
+
 def main() -> None:
-    """Every non-zero exit says why on stderr, in one line but for click's usage errors."""
+    """Every non-zero exit says why on stderr, in one line but for click's usage errors; warnings are
+    'warning: ...' lines."""
+    import warnings
+
     import click
 
+    warnings.showwarning = _show_warning
     try:
         code = app(standalone_mode=False)  # typer returns the exit code here: 130 for Ctrl-C
     except MedpeftError as e:

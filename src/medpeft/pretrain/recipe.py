@@ -92,8 +92,8 @@ def write_preview(model: MaskedAutoencoder, images: torch.Tensor, config: Pretra
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def prepare_table(config: PretrainConfig) -> pd.DataFrame:
-    table = check_images(read_split_dataset(config.data), config.data)
+def prepare_table(config: PretrainConfig, progress: bool = False) -> pd.DataFrame:
+    table = check_images(read_split_dataset(config.data), config.data, progress=progress)
     table = table[table["split"] != "test"].reset_index(drop=True)
     if not (table["split"] == "train").any():
         raise DataError(f"{config.data.csv}: no training images to pretrain on")
@@ -118,7 +118,7 @@ class PreTrain:
 
     def setup(self) -> None:
         config, cfg = self.config, self.config.train
-        self.table = table = prepare_table(config)
+        self.table = table = prepare_table(config, progress=self.console.is_terminal)
         checkpoint = rundir.check_run_dir(self.run_dir, config)
         accel.prepare_process(cfg)
         self.device = device = resolve_device(cfg.device)

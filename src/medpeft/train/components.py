@@ -17,7 +17,7 @@ from medpeft.config import RunConfig, TrainConfig
 from medpeft.data import read_split_dataset
 from medpeft.data.cache import ImageCache
 from medpeft.data.images import check_images
-from medpeft.engine.distributed import Processes
+from medpeft.engine.distributed import SINGLE, Processes
 from medpeft.engine.evaluation import gathered
 from medpeft.engine.loaders import make_loader
 from medpeft.engine.rundir import prediction_arrays
@@ -27,9 +27,15 @@ from medpeft.metrics.thresholds import YOUDEN, select_thresholds
 from medpeft.train.prefix import prefix
 
 
-def prepare_table(config: RunConfig) -> pd.DataFrame:
-    """Read the dataset and its split, check every used image can be opened, check val can select a model."""
-    table = check_images(read_split_dataset(config.data), config.data)
+def prepare_table(config: RunConfig, procs: Processes = SINGLE, progress: bool = False) -> pd.DataFrame:
+    """Read the dataset and its split, check that every used image decodes, check val can select a model.
+
+    Under DDP the main process checks the images first; the others then find its remembered results."""
+    if not procs.main:
+        procs.barrier()
+    table = check_images(read_split_dataset(config.data), config.data, progress=progress and procs.main)
+    if procs.main:
+        procs.barrier()
     val = table.loc[table["split"] == "val", config.data.labels].to_numpy()
     if not any(0 < np.nansum(column) < np.isfinite(column).sum() for column in val.T):
         raise DataError(f"{config.data.csv}: the validation split has no label with both classes; "

@@ -68,7 +68,7 @@ class FineTune:
     # ------------------------------------------------------------------------- setup
     def setup(self) -> None:
         config, procs = self.config, self.procs
-        self.table = prepare_table(config)
+        self.table = prepare_table(config, procs, progress=self.console.is_terminal)
         self.config = config = resolve_method(config, self.table)
         checkpoint = rundir.check_run_dir(self.run_dir, config)
         procs.barrier()  # every process has checked the folder before rank 0 writes into it
