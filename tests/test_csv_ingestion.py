@@ -319,3 +319,16 @@ def test_the_patient_draw_spreads_a_rare_label_over_the_splits():
             assert abs(table["Common"][split == name].mean() - table["Common"].mean()) < 0.03
         patients = pd.Series(split).groupby(table["patient_id"]).nunique()
         assert (patients == 1).all()
+
+
+def test_a_wrong_image_root_is_one_short_line_with_a_hint(tmp_path):
+    rows = [{"path": f"{i}.png", "A": i % 2} for i in range(300)]
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    data = load_data_config(base={"data": {"csv": str(tmp_path / "labels.csv"), "labels": ["A"],
+                                           "image_root": str(tmp_path / "elsewhere")}})
+    table = pd.read_csv(tmp_path / "labels.csv", dtype=str)
+    table["path"] = [str(tmp_path / "elsewhere" / name) for name in table["path"]]
+    with pytest.raises(DataError, match=r"300 of 300 images cannot be used .*; and 250 more \(no image was found: "
+                                        r"do the paths start where data.image_root says\?\)$") as error:
+        check_images(table, data)
+    assert str(error.value).count("image file not found") == images_module.MAX_LISTED

@@ -23,6 +23,8 @@ from medpeft.version import __version__
 
 MIN_SIDE = 8
 """Smaller images are refused: a radiograph, even a MedMNIST thumbnail (28 px), is larger."""
+MAX_LISTED = 50
+"""Unusable images named in one message; more are counted."""
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
@@ -98,7 +100,8 @@ def check_images(table: pd.DataFrame, data: DataConfig, progress: bool = False) 
     """Decode every image of the table by the rules training uses, so that no image fails mid-run.
 
     data.on_missing 'error': one DataError listing every image that cannot be used, with its reason;
-    'skip': the table without them, and one warning listing them with the count per split.
+    'skip': the table without them, and one warning listing them with the count per split (each list
+    stops after MAX_LISTED images, giving the number of the others).
     Results are remembered per file (path, size, modification time, data.alpha) in
     ``image-checks.sqlite`` under data.cache_dir (default: the user's cache folder), so a second check of
     unchanged files decodes nothing."""
@@ -107,7 +110,10 @@ def check_images(table: pd.DataFrame, data: DataConfig, progress: bool = False) 
     bad = np.array([bool(p) for p in problems], dtype=bool)
     if not bad.any():
         return table
-    listed = "; ".join(f"{path}: {problem}" for path, problem in zip(np.array(paths)[bad], np.array(problems)[bad]))
+    found = [f"{path}: {problem}" for path, problem in zip(np.array(paths)[bad], np.array(problems)[bad])]
+    listed = "; ".join(found[:MAX_LISTED]) + (f"; and {len(found) - MAX_LISTED} more" if len(found) > MAX_LISTED else "")
+    if bad.all() and all(problem == "image file not found" for problem in problems):
+        listed += " (no image was found: do the paths start where data.image_root says?)"
     if data.on_missing == "error":
         raise DataError(f"{data.csv}: {int(bad.sum())} of {len(table)} images cannot be used "
                         f"(data.on_missing=skip leaves them out): {listed}")
