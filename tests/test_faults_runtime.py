@@ -281,3 +281,19 @@ def test_a_broken_adalora_adapter_config_is_one_line_naming_it(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{")
     with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'adapter_config.json'}: not a readable adapter config"):
         adalora.load(None, tmp_path)
+
+
+def test_a_failed_adapter_write_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError, not an OSError."""
+    import safetensors
+
+    from medpeft.methods import _peft
+
+    class Model:
+        def save_pretrained(self, directory):
+            raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                              'message: "No space left on device" })')
+
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'adapter_model.safetensors'}: not written \(Error "
+                                              r"while serializing: .*No space left on device"):
+        _peft.save(Model(), tmp_path)

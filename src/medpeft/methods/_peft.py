@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import peft
+from safetensors import SafetensorError
 from torch import nn
 
 from medpeft.backbones import classifier_name, fuse_qkv, split_qkv
@@ -99,8 +100,12 @@ def apply(model: nn.Module, config: PeftConfig) -> peft.PeftModel:
 
 def save(model: peft.PeftModel, directory: Path) -> None:
     """peft's own format; a run writes it in a medpeft.files.atomic_directory, which makes the file that
-    safetensors writes private (0600) an ordinary one (0644)."""
-    model.save_pretrained(str(directory))
+    safetensors writes private (0600) an ordinary one (0644). A failed write (e.g. a full disk) is one
+    CheckpointError naming the file."""
+    try:
+        model.save_pretrained(str(directory))
+    except SafetensorError as e:  # safetensors' Rust writer reports I/O errors as its own error
+        raise CheckpointError(f"{Path(directory) / PEFT_WEIGHTS}: not written ({str(e).splitlines()[0]})") from None
 
 
 def load(model: peft.PeftModel, directory: Path) -> None:
