@@ -99,7 +99,7 @@ def assign_splits(table: pd.DataFrame, config: SplitConfig, source, labels=()) -
             index = int(np.argmax(bad.values))
             raise DataError(f"{source}: row {index + 2}: split column '{config.column}' has "
                             f"{table['split'].iloc[index]!r}, expected one of {list(SPLITS)}")
-        _check_patients(table, source)
+        _check_patients(table, source, config.column)
     else:
         table["split"] = draw_split(table, labels, config.val_fraction, config.test_fraction, config.seed,
                                     config.stratify)
@@ -135,9 +135,17 @@ def warn_rare_labels(table: pd.DataFrame, labels, source) -> None:
                       f"AUROC is unreliable or undefined): {listed}", stacklevel=3)
 
 
-def _check_patients(table: pd.DataFrame, source) -> None:
+def _check_patients(table: pd.DataFrame, source, column: str | None = None) -> None:
+    """DataError naming the first patient in two splits; given the split `column` the rows were read from
+    (the table's positions: file row - 2), the column and the first two of its rows that disagree too."""
     sides = table.groupby("patient_id")["split"].nunique()
     if (sides > 1).any():
         patient = sides[sides > 1].index[0]
-        names = sorted(table.loc[table["patient_id"] == patient, "split"].unique())
-        raise DataError(f"{source}: patient {patient!r} is in more than one split ({', '.join(names)})")
+        rows = table.loc[table["patient_id"] == patient, "split"]
+        where = ""
+        if column:
+            other = int(np.argmax((rows != rows.iloc[0]).to_numpy()))
+            where = (f": split column '{column}' has {rows.iloc[0]!r} at row {rows.index[0] + 2} and "
+                     f"{rows.iloc[other]!r} at row {rows.index[other] + 2}")
+        raise DataError(f"{source}: patient {patient!r} is in more than one split "
+                        f"({', '.join(sorted(rows.unique()))}){where}")
