@@ -1041,7 +1041,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     order = {c.id: i for i, c in enumerate(CASES)}
     rows.sort(key=lambda r: order[r.case])
-    record = {"command": "python benchmarks/faults.py " + " ".join(sys.argv[1:]), "jobs": args.jobs,
+    record = {"command": " ".join(["python benchmarks/faults.py", *sys.argv[1:]]), "jobs": args.jobs,
               "wall_s": time.perf_counter() - started, "summary": summary(rows),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "uid": os.getuid()}}
     if prefixes:
