@@ -58,8 +58,9 @@ def test_study_expands_every_combination_with_levels_and_overrides(tmp_path, squ
 
 @pytest.mark.parametrize("changes, message", [
     ({"axes": {"model": {}}}, "axes must be a mapping with keys among"),
-    ({"axes": {"fraction": [0, 0.5]}},
+    ({"axes": {"fraction": [0, 0.5], "method": {"lora": {}}}},
      r"cell \(.*fraction=0.*\): data.split.label_fraction must be in \(0, 1\], got 0"),
+    ({"axes": {"fraction": [0.5]}}, r"cell \(.*method=default.*\): config section 'method' is required"),
     ({"overrides": [{"where": {"method": "dora"}, "set": {"method.r": 2}}]}, r"overrides\[0\].where.method: 'dora'"),
     ({"axes": {"method": {"lora": {"method": {"rank": 4}}}}}, r"cell \(backbone=default.*method=lora.*'method.rank'"),
     ({"epochs": 3}, "study key 'epochs' does not exist"),

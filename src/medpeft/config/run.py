@@ -172,6 +172,8 @@ def read_yaml_mapping(path: str | Path, what: str, expected: str) -> dict:
         loaded = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: {what} not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(loaded, dict):
@@ -222,7 +224,10 @@ def upgrade_saved(data: dict) -> dict:
     """A config as a run directory saved it, made loadable by this medpeft: a 0.1 run's data section
     loses the keys of other formats (they had no effect on its run); a config saved before
     data.split.stratify existed drew its split unstratified."""
-    section = dict(data.get("data") or {})
+    section = data.get("data") or {}
+    if not isinstance(section, dict):
+        return data  # not a config this medpeft wrote; loading it says why
+    section = dict(section)
     known = {f.name for f in DataConfig.registry.get(section.get("format", "csv")).fields()}
     for key in _V0_DATA_KEYS:
         if key not in known:

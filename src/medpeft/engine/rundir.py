@@ -106,9 +106,12 @@ def saved_config(run_dir: Path) -> dict:
 
 
 def _same_config(run_dir: Path, config: RunConfig | PretrainConfig) -> bool:
-    """Whether the run directory's config.yaml is `config` (as this medpeft reads it: defaults filled in)."""
+    """Whether the run directory's config.yaml is `config` (as this medpeft reads it: defaults filled in),
+    but for output_dir: a run folder that was moved or copied resumes where it is now. A config.yaml that
+    is not a readable mapping is an error naming it."""
+    saved = {**saved_config(run_dir), "output_dir": config.output_dir}
     try:
-        return build(type(config), saved_config(run_dir)) == config
+        return build(type(config), saved) == config
     except ConfigError:
         return False
 

@@ -20,7 +20,8 @@
       - where: {method: lora, fraction: 0.01}
         set: {method.r: 4, train.epochs: 100}
 
-Every axis is optional (one level, ``default``, when absent). String values may use environment
+Every axis is optional (one level, ``default``, when absent; without a method axis, base's method is
+the one level, named after it). String values may use environment
 variables (``${NIH_ROOT}/Data_Entry_2017.csv``). Every cell is validated as a run config when the
 study is read, and ``medpeft study run`` builds each cell's model on the meta device before the first
 cell trains, so a typo or a method that does not fit its backbone fails before any training.
@@ -152,6 +153,9 @@ def load_study(path: str | Path) -> Study:
             raise ConfigError(f"{path}: overrides[{i}] must be {{where: {{axis: level, ...}}, set: {{key: value}}}} "
                               f"with axes among {', '.join(AXES)}")
     levels = {axis: _levels(path, axes, axis) for axis in AXES}
+    method_axis = "method" in axes
+    if not method_axis and isinstance(base.get("method"), dict) and isinstance(base["method"].get("name"), str):
+        levels["method"] = {base["method"]["name"]: {}}  # base's method, named as itself in the report
     for i, rule in enumerate(overrides):
         for axis, value in rule["where"].items():
             if (float(value) if axis == "fraction" else value) not in levels[axis]:
@@ -162,7 +166,7 @@ def load_study(path: str | Path) -> Study:
         coordinates = {axis: level for axis, (level, _) in zip(AXES, combination)}
         config = base
         for axis, (level, partial) in zip(AXES, combination):
-            if axis == "method":  # the level's method replaces the base's; its name defaults to the level's
+            if axis == "method" and method_axis:  # the level's method replaces base's; named as the level
                 config = {**config, "method": {"name": level, **(partial.get("method") or {})}}
                 partial = {k: v for k, v in partial.items() if k != "method"}
             config = merge_dicts(config, partial)
