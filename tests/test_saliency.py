@@ -40,7 +40,9 @@ def nodules(tmp_path_factory):
     medpeft.train(config_from_dict({
         "model": CNN,
         "data": {"csv": str(csv), "patient_column": "patient_id", "labels": ["nodule"],
-                 "split": {"val_fraction": 0.15, "test_fraction": 0.25, "seed": 0}},
+                 # The figures below were measured on the plain patient shuffle; on the stratified draw's
+                 # split the maps peak on target less often (26%), another sign of how much they vary.
+                 "split": {"val_fraction": 0.15, "test_fraction": 0.25, "seed": 0, "stratify": False}},
         "method": {"name": "full"}, "augment": {"enabled": False},
         "train": {"epochs": 18, "batch_size": 32, "lr": 6e-3, "warmup_epochs": 1},
         "output_dir": str(root / "run")}), quiet=True)
