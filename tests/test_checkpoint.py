@@ -122,3 +122,23 @@ def test_random_weights_only_when_asked_for(tmp_path):
         ModelConfig(name="vit_tiny_patch16_224")
     model, report = create_backbone(ModelConfig(**TINY_VIT), num_classes=2)
     assert report is None and isinstance(model, timm.models.VisionTransformer)
+
+
+def test_dinov2_with_registers_in_metas_layout_loads_and_gives_the_same_features(tmp_path):
+    """Meta's DINOv2-with-registers files (dinov2_vits14_reg4_pretrain.pth): register_tokens, mask_token and a
+    position embedding with the class token's position first; timm keeps reg_token and no class position."""
+    config = ModelConfig(name="vit_small_patch14_reg4_dinov2", weights="random", img_size=28, drop_path_rate=0.0,
+                         kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2})
+    source = create_backbone(config, num_classes=0)[0].eval()
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    class_position = torch.randn(1, 1, 32)
+    meta = {**state, "register_tokens": state.pop("reg_token"), "mask_token": torch.zeros(1, 32),
+            "cls_token": state["cls_token"] - class_position,
+            "pos_embed": torch.cat([class_position, state["pos_embed"]], dim=1)}
+    torch.save(meta, tmp_path / "dinov2_reg4.pth")
+    target = create_backbone(config, num_classes=0)[0].eval()
+    report = load_checkpoint(target, tmp_path / "dinov2_reg4.pth")
+    assert report.ignored == ["mask_token"] and report.unexpected == []
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(target.forward_features(x), source.forward_features(x), rtol=0, atol=1e-4)

@@ -136,10 +136,11 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> LoadReport:
     Raises CheckpointError when a backbone weight is missing or has the wrong shape.
     """
     report = LoadReport(path=str(path))
-    state_dict = _strip_prefixes(read_state_dict(path), report.ignored)
-    report.ignored.extend(k for k in state_dict if k.startswith(_PRETRAINING_ONLY))
+    published = _strip_prefixes(read_state_dict(path), report.ignored)
+    # timm's filter sees the keys as published first: it tells layouts apart by them (DINOv2's mask_token).
+    state_dict = _timm_filter(dict(published), model)
+    report.ignored.extend(k for k in published if k.startswith(_PRETRAINING_ONLY))
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(_PRETRAINING_ONLY)}
-    state_dict = _timm_filter(state_dict, model)
 
     model_state = model.state_dict()
     # What a fine-tuning model may initialise itself: the classifier ('head', 'fc', 'classifier',
