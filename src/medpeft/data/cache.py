@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from rich.console import Console
 
-from medpeft.console import progress_bar
-from medpeft.data.images import load_grayscale
+from medpeft.data.images import in_blocks, load_grayscale
 from medpeft.errors import DataError
 from medpeft.files import atomic_directory
 
@@ -130,23 +127,6 @@ def build_cache(image_ids, paths, size: int, cache_dir, workers: int = 1, progre
 
 
 def _fill(images: np.memmap, paths, size: int, workers: int, progress: bool, alpha: str) -> None:
-    """Decode paths into images (N, size, size); chunks come back in order and the parent writes them."""
-    n = len(paths)
-    chunk = max(1, min(64, n // (max(workers, 1) * 4)))
-    starts = range(0, n, chunk)
-    if workers <= 1:
-        results = (_decode(paths[s:s + chunk], size, alpha) for s in starts)
-        pool = None
-    else:
-        pool = ProcessPoolExecutor(workers)
-        results = pool.map(_decode, [paths[s:s + chunk] for s in starts], [size] * len(starts),
-                           [alpha] * len(starts))
-    try:
-        with progress_bar(Console(quiet=not progress)) as bar:
-            task = bar.add_task("image cache", total=n)
-            for s, block in zip(starts, results):
-                images[s:s + len(block)] = block
-                bar.advance(task, len(block))
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+    """Decode paths into images (N, size, size); blocks come back in order and the parent writes them."""
+    for start, block in in_blocks(_decode, paths, (size, alpha), workers, "image cache", progress):
+        images[start:start + len(block)] = block

@@ -111,7 +111,9 @@ def check_images(table: pd.DataFrame, data: DataConfig, progress: bool = False) 
     if not bad.any():
         return table
     found = [f"{path}: {problem}" for path, problem in zip(np.array(paths)[bad], np.array(problems)[bad])]
-    listed = "; ".join(found[:MAX_LISTED]) + (f"; and {len(found) - MAX_LISTED} more" if len(found) > MAX_LISTED else "")
+    listed = "; ".join(found[:MAX_LISTED])
+    if len(found) > MAX_LISTED:
+        listed += f"; and {len(found) - MAX_LISTED} more"
     if bad.all() and all(problem == "image file not found" for problem in problems):
         listed += " (no image was found: do the paths start where data.image_root says?)"
     if data.on_missing == "error":
@@ -175,8 +177,6 @@ class _CheckStore:
 
 def _stamp(path: str) -> tuple[int, int] | None:
     """(size, mtime_ns) of a file (None: no file to remember, e.g. a missing file or a MedMNIST array)."""
-    if MEDMNIST_SEPARATOR in path:
-        return None
     try:
         stat = os.stat(path)
     except OSError:
@@ -197,19 +197,25 @@ def _problems(paths: list[str], alpha: str) -> list[str]:
 def _decode_all(paths: list[str], alpha: str, progress: bool) -> list[str]:
     """image_problem of every path, in parallel over this process's CPUs when there are many."""
     workers = min(len(os.sched_getaffinity(0)), max(1, len(paths) // 64))
-    chunk = max(1, min(64, len(paths) // (workers * 4) or 1))
-    blocks = [paths[s:s + chunk] for s in range(0, len(paths), chunk)]
-    out: list[str] = []
+    return [problem for _, block in in_blocks(_problems, paths, (alpha,), workers, "checking images", progress)
+            for problem in block]
+
+
+def in_blocks(function, paths: list[str], args: tuple, workers: int, description: str, progress: bool):
+    """Yield (start, function(block, *args)) for consecutive blocks of `paths`, in order: computed in
+    `workers` processes (`function` must be module-level), or here for one; a progress bar counts paths."""
+    chunk = max(1, min(64, len(paths) // (max(workers, 1) * 4)))
+    starts = range(0, len(paths), chunk)
+    blocks = [paths[s:s + chunk] for s in starts]
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
-        results = pool.map(_problems, blocks, [alpha] * len(blocks)) if pool else \
-            (_problems(block, alpha) for block in blocks)
+        results = pool.map(function, blocks, *([a] * len(blocks) for a in args)) if pool else \
+            (function(block, *args) for block in blocks)
         with progress_bar(Console(stderr=True, quiet=not progress)) as bar:
-            task = bar.add_task("checking images", total=len(paths))
-            for block in results:
-                out.extend(block)
-                bar.advance(task, len(block))
+            task = bar.add_task(description, total=len(paths))
+            for start, result in zip(starts, results):
+                yield start, result
+                bar.advance(task, len(result))
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    return out

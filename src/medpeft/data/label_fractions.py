@@ -83,7 +83,7 @@ def _stratified_folds(positives: np.ndarray, sizes: np.ndarray, rng: np.random.G
     A fold of share 0 gets no patient.
     """
     proportions = np.full(N_FOLDS, 1.0 / N_FOLDS) if proportions is None else np.asarray(proportions, float)
-    n_patients, n_folds = len(sizes), len(proportions)
+    n_patients = len(sizes)
     label_demand = np.outer(proportions, positives.sum(0))
     size_demand = proportions * sizes.sum()
     open_folds = np.flatnonzero(proportions > 0)
