@@ -48,7 +48,7 @@ INVALID = [  # (changes to a valid run config, the message)
     ({"train.recompute": "selective", "model.name": "resnet10t", "method": {"name": "full"}},
      r"train.recompute 'selective' needs a ViT"),
     ({"train.device": "gpu"}, r"train.device must be 'auto', 'cpu' or 'cuda\[:N\]'"),
-    ({"model.name": "vit_nonexistent"}, r"model.name 'vit_nonexistent' is not a timm model"),
+    ({"model.name": "vit_nonexistent"}, r"model.name 'vit_nonexistent' is neither a catalogue model"),
     ({"augment.scale": [0.9, 0.5]}, r"augment.scale must be \[low, high\]"),
 ]
 TYPOS = ["model.nmae", "data.patient_colum", "data.split.seeds", "method.rank", "train.lerning_rate",

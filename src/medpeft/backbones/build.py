@@ -12,11 +12,12 @@ from medpeft.errors import CheckpointError, ConfigError
 
 
 def create_backbone(config: ModelConfig, num_classes: int) -> tuple[nn.Module, LoadReport | None]:
-    """Create ``config.name`` with a fresh `num_classes` head and load its weights.
+    """Create ``config.architecture`` with a fresh `num_classes` head and load its weights.
 
     ``weights='random'`` keeps timm's init (asked for explicitly), ``'timm'`` fetches timm /
-    Hugging Face hub weights for the name (``hf-hub:org/repo`` names work), anything else is a
-    local checkpoint file. Returns the model and, for a file, the load report.
+    Hugging Face hub weights for the name (``hf-hub:org/repo`` names work), ``'hub'`` a catalogue
+    model's published folder by its hub id; anything else is a local checkpoint file or folder, read in
+    the catalogue model's layouts. Returns the model and, for a file, the load report.
     """
     pretrained = config.weights == "timm"
     kwargs = dict(num_classes=num_classes, **config.kwargs)
@@ -27,7 +28,7 @@ def create_backbone(config: ModelConfig, num_classes: int) -> tuple[nn.Module, L
     if config.global_pool is not None:
         kwargs["global_pool"] = config.global_pool
     try:
-        model = timm.create_model(config.name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(config.architecture, pretrained=pretrained, **kwargs)
     except TypeError as e:
         if "drop_path_rate" in str(e):
             raise ConfigError(f"{config.name} has no drop path: set model.drop_path_rate: 0") from None
@@ -41,8 +42,22 @@ def create_backbone(config: ModelConfig, num_classes: int) -> tuple[nn.Module, L
     _check_whole_patches(model, config)
     report = None
     if config.weights not in ("random", "timm"):
-        report = load_checkpoint(model, config.weights)
+        entry = config.entry
+        path = _hub_folder(entry.hub) if config.weights == "hub" else config.weights
+        report = load_checkpoint(model, path, entry.layouts if entry is not None else None)
     return model, report
+
+
+def _hub_folder(repo_id: str) -> str:
+    """The local folder of a Hugging Face hub repository: downloaded, or from the cache when offline."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id)
+    except Exception as e:  # network, authentication (gated models), or an offline miss
+        first = next(iter(str(e).splitlines()), type(e).__name__)
+        raise CheckpointError(f"could not get {repo_id} from the Hugging Face hub ({type(e).__name__}: {first}); "
+                              f"without a network, download it elsewhere and give model.weights its folder") from None
 
 
 def _check_whole_patches(model: nn.Module, config: ModelConfig) -> None:

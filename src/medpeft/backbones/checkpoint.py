@@ -1,8 +1,10 @@
-"""Load foreign checkpoints (MAE / MRM / medical MAE, DINOv2, timm, plain state_dicts) into a timm model.
+"""Load foreign checkpoints (the published layouts of medpeft.backbones.layouts: Hugging Face, Meta,
+open_clip, OpenAI CLIP, MAE / MRM, timm, plain state_dicts) into a timm model.
 
-All adaptation happens here, in one place: unwrap the container, strip wrapper prefixes, drop
-pretraining-only keys (MAE decoder, mask token), let timm's own filter convert layouts and
-resample position / patch embeddings, then load and check what is missing. Backbone weights that
+All adaptation happens here, in one place: read the file (or the published folder), unwrap the
+container, recognise the layout and map its keys onto timm's, let timm's own filter convert the layouts
+it knows and resample position / patch embeddings, drop pretraining-only keys (MAE decoder, mask token),
+then load and check what is missing. Backbone weights that
 the checkpoint lacks are an error, never a silent random init. Files are read with safetensors or
 ``torch.load(weights_only=True)``: a pickle that would run code is refused.
 """
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from medpeft.backbones.layers import classifier_name
+from medpeft.backbones.layouts import LAYOUTS, Layout
 from medpeft.errors import CheckpointError
 
 # Containers that training scripts wrap a state_dict in ({'model': ...} is MAE, MRM and medical MAE).
@@ -53,33 +56,67 @@ class LoadReport:
         return "; ".join(parts)
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file safely and unwrap it to a flat ``{name: tensor}`` dict."""
+def read_state_dict(path: str | Path, layouts: Iterable[Layout] = ()) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file, or the published folder of one of `layouts`, safely, and unwrap it to a
+    flat ``{name: tensor}`` dict."""
     path = Path(path)
+    layouts = list(layouts)
+    if path.is_dir():
+        return _read_folder(path, layouts)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    reader = next((layout.read for layout in layouts if layout.read is not None), None)
+    obj = reader(path) if reader is not None else _read_file(path)
+    state_dict = _unwrap(obj, path)
+    check_finite(state_dict.items(), path)
+    return state_dict
+
+
+def _read_file(path: Path):
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
-            obj = load_file(str(path))
+            return load_file(str(path))
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    else:
-        try:
-            # MAE-style trainers save their argparse options beside the weights: plain data.
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0]
-            raise CheckpointError(
-                f"{path}: refused to unpickle: the file holds Python objects beyond tensors and plain "
-                f"containers, which could run code ({first}); save it as a plain state_dict or safetensors"
-            ) from None
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
-    state_dict = _unwrap(obj, path)
-    check_finite(state_dict.items(), path)
+    try:
+        # MAE-style trainers save their argparse options beside the weights: plain data.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(
+            f"{path}: refused to unpickle: the file holds Python objects beyond tensors and plain "
+            f"containers, which could run code ({first}); save it as a plain state_dict or safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def _read_folder(folder: Path, layouts: list[Layout]) -> dict[str, torch.Tensor]:
+    """The weights file of a published folder: the first of the layouts' file names that is there, or
+    every shard a Hugging Face ``*.index.json`` names."""
+    names = list(dict.fromkeys(name for layout in (layouts or LAYOUTS.values()) for name in layout.files))
+    for name in names:
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            return _read_shards(index, layouts)
+        if (folder / name).is_file():
+            return read_state_dict(folder / name, layouts)
+    raise CheckpointError(f"{folder}: a folder without a weights file; expected one of {names}")
+
+
+def _read_shards(index: Path, layouts: list[Layout]) -> dict[str, torch.Tensor]:
+    import json
+
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a Hugging Face shard index with a weight_map ({e})") from None
+    state_dict = {}
+    for shard in shards:
+        state_dict.update(read_state_dict(index.parent / shard, layouts))
     return state_dict
 
 
@@ -121,6 +158,21 @@ def _strip_prefixes(state_dict: dict, ignored: list) -> dict:
     return state_dict
 
 
+def _recognise(state_dict: dict, expected: list[Layout], path) -> tuple[Layout | None, str]:
+    """The layout (and the prefix before its keys) of `state_dict`: one of `expected`, or else (when no
+    layout is expected) any converting layout; (None, '') for a timm state_dict."""
+    for layout in expected or [layout for layout in LAYOUTS.values() if layout.convert is not None]:
+        prefix = layout.prefix_in(state_dict)
+        if prefix is not None:
+            return layout, prefix
+    if expected:
+        lacking = next(key for key in expected[0].signature if key not in state_dict)
+        names = " or ".join(f"{layout.name} ({layout.description})" for layout in expected)
+        raise CheckpointError(f"{path}: not in the expected layout {names}: it has no key {lacking!r} (its first "
+                              f"key is {next(iter(state_dict))!r})")
+    return None, ""
+
+
 def _timm_filter(state_dict: dict, model: nn.Module) -> dict:
     """timm's own key conversion and position/patch-embedding resampling for the model's family."""
     from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
@@ -130,13 +182,25 @@ def _timm_filter(state_dict: dict, model: nn.Module) -> dict:
     return state_dict
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> LoadReport:
-    """Load a checkpoint file into `model` in place and report what was loaded, ignored and kept fresh.
+def load_checkpoint(model: nn.Module, path: str | Path, layouts: Iterable[str] | None = None) -> LoadReport:
+    """Load a checkpoint file or published folder into `model` in place and report what was loaded,
+    ignored and kept fresh.
 
-    Raises CheckpointError when a backbone weight is missing or has the wrong shape.
+    `layouts` (names in medpeft.backbones.layouts) are the ones a catalogue model is published in: a
+    checkpoint in none of them is refused, naming the first key it lacks. None: any layout is recognised,
+    and one that is none of them is taken as a timm state_dict. Raises CheckpointError when a backbone
+    weight is missing or has the wrong shape.
     """
     report = LoadReport(path=str(path))
-    published = _strip_prefixes(read_state_dict(path), report.ignored)
+    expected = [LAYOUTS[name] for name in layouts] if layouts is not None else []
+    published = read_state_dict(path, expected)
+    layout, prefix = _recognise(published, expected, path)
+    if layout is not None and layout.convert is not None:
+        report.ignored.extend(k for k in published if not k.startswith(prefix))
+        published, dropped = layout.convert({k[len(prefix):]: v for k, v in published.items() if k.startswith(prefix)})
+        report.ignored.extend(dropped)
+    else:
+        published = _strip_prefixes(published, report.ignored)
     # timm's filter sees the keys as published first: it tells layouts apart by them (DINOv2's mask_token).
     state_dict = _timm_filter(dict(published), model)
     report.ignored.extend(k for k in published if k.startswith(_PRETRAINING_ONLY))

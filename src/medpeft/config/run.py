@@ -185,7 +185,7 @@ def config_from_dict(data) -> RunConfig:
     """Validate a plain mapping (as read from YAML) into a RunConfig."""
     if not isinstance(data, dict):
         raise ConfigError("a config must be a mapping of sections (model, data, method, train, ...)")
-    return build(RunConfig, data)
+    return build(RunConfig, with_catalogue_defaults(data))
 
 
 def _layered(defaults: dict, path, overrides, base) -> dict:
@@ -193,6 +193,15 @@ def _layered(defaults: dict, path, overrides, base) -> dict:
     if path is not None:
         data = merge_dicts(data, read_yaml_mapping(path, "config file", "a mapping of sections"))
     return merge_dicts(data, parse_overrides(list(overrides)))
+
+
+def with_catalogue_defaults(data: dict) -> dict:
+    """`data` over the defaults of its catalogue model (model.img_size, data.mean, ...), if it names one."""
+    from medpeft.config.catalogue import entry_of
+
+    model = data.get("model")
+    entry = entry_of(model.get("name")) if isinstance(model, dict) and isinstance(model.get("name"), str) else None
+    return merge_dicts(entry.config_defaults(), data) if entry is not None else data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
@@ -211,7 +220,7 @@ def load_data_config(path: str | Path | None = None, overrides: list[str] = (), 
 def load_pretrain_config(path: str | Path | None = None, overrides: list[str] = (),
                          base: dict | None = None) -> PretrainConfig:
     """A pretraining config: PRETRAIN_DEFAULTS, then `base`, the YAML file and ``key=value`` overrides."""
-    return build(PretrainConfig, _layered(PRETRAIN_DEFAULTS, path, overrides, base))
+    return build(PretrainConfig, with_catalogue_defaults(_layered(PRETRAIN_DEFAULTS, path, overrides, base)))
 
 
 # Keys that medpeft 0.1 wrote into every run's data section, whatever its format (one class held every

@@ -31,7 +31,8 @@ def model_family(name: str) -> str:
     import timm
 
     if not timm.is_model(name):
-        raise ConfigError(f"model.name {name!r} is not a timm model (see timm.list_models())")
+        raise ConfigError(f"model.name {name!r} is neither a catalogue model (medpeft models) nor a timm model "
+                          f"(see timm.list_models())")
     module = timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
     return "vit" if module in _VIT_MODULES else "cnn"
 
@@ -39,11 +40,14 @@ def model_family(name: str) -> str:
 @dataclass
 class ModelConfig(Section):
     path = "model"
-    name: str = option("vit_base_patch16_224", "timm model name: any ViT (tiny to large, any patch and image "
-                       "size) or CNN (resnet, densenet, convnext, ...).", required=True)
-    weights: str = option("", "'random' (explicit random init), 'timm' (timm / Hugging Face hub weights of "
-                          "`name`: needs a network or a filled cache) or a local checkpoint file "
-                          "(.pth/.pt/.bin/.safetensors).", required=True)
+    name: str = option("vit_base_patch16_224", "A foundation model of the catalogue (`medpeft models`: rad-dino, "
+                       "biomedclip, ...; its preprocessing becomes the default of img_size, data.mean and "
+                       "data.std) or a timm model name: any ViT (tiny to large, any patch and image size) or "
+                       "CNN (resnet, densenet, convnext, ...).", required=True)
+    weights: str = option("", "'random' (explicit random init), 'timm' (timm / Hugging Face hub weights of a "
+                          "timm `name`: needs a network or a filled cache), 'hub' (a catalogue model's "
+                          "published weights by its hub id), or a local checkpoint file "
+                          "(.pth/.pt/.bin/.safetensors) or folder as its authors publish it.", required=True)
     img_size: int = option(224, "Input size (pixels, square); ViT position embeddings are built (and "
                            "resampled) for it.", gt=0)
     drop_path_rate: float = option(0.1, "Stochastic depth rate (0 for models without drop path).", ge=0, lt=1)
@@ -53,12 +57,32 @@ class ModelConfig(Section):
                                     "num_heads / patch_size for small models.")
 
     def validate(self) -> None:
-        model_family(self.name)
+        model_family(self.architecture)
+        entry = self.entry
+        if self.weights == "timm" and entry is not None:
+            raise ConfigError(f"model.weights 'timm' is for timm model names; {self.name!r} is a catalogue model: "
+                              f"give its published file or folder, or 'hub'")
+        if self.weights == "hub" and (entry is None or entry.hub is None):
+            what = "is not a catalogue model" if entry is None else "has no hub id (its weights are published elsewhere)"
+            raise ConfigError(f"model.weights 'hub': {self.name!r} {what}; give a local file or folder")
+
+    @property
+    def entry(self):
+        """The catalogue entry of `name` (medpeft.config.catalogue), or None for a timm name."""
+        from medpeft.config.catalogue import entry_of
+
+        return entry_of(self.name)
+
+    @property
+    def architecture(self) -> str:
+        """The timm model name that is built."""
+        entry = self.entry
+        return entry.architecture if entry is not None else self.name
 
     @property
     def family(self) -> str:
         """'vit' or 'cnn'."""
-        return model_family(self.name)
+        return model_family(self.architecture)
 
 
 @dataclass

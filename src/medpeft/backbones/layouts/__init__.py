@@ -1,0 +1,14 @@
+"""Published checkpoint layouts: how each family of foundation models is saved by its authors, and the
+pure key/shape mapping from that layout onto the timm model medpeft builds.
+
+A layout is told apart by its ``signature`` keys. Layouts that timm's own checkpoint filter already
+converts (timm, MAE, Meta's DINOv2, OpenAI CLIP, open_clip timm trunks) have no ``convert``; the others map
+their keys here and then pass through timm's filter too (position embeddings are resampled there). Each
+layout is one file in this package that calls `register`.
+"""
+
+from medpeft.backbones.layouts.base import LAYOUTS, Layout, register
+
+from medpeft.backbones.layouts import hf_dinov2, timm_native  # noqa: E402,F401  (each registers its layouts)
+
+__all__ = ["LAYOUTS", "Layout", "register"]

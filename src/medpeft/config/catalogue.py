@@ -1,0 +1,117 @@
+"""The foundation models users hold, by name (timm's ``pretrained_cfg`` idea, for medical imaging).
+
+Each entry knows the timm architecture its weights load into, the layouts its authors publish them in,
+and its preprocessing; a run names it (``model: {name: rad-dino, weights: /data/rad-dino}``) and the
+entry's preprocessing becomes the default of ``model.img_size``, ``data.mean`` and ``data.std`` (any of
+them can still be set). ``medpeft models`` prints this table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+# torchxrayvision feeds 1-channel images scaled to [-1024, 1024]: (x - 0.5) / (1 / 2048) for x in [0, 1].
+XRV_STD = (1 / 2048,) * 3
+
+
+@dataclass(frozen=True)
+class FoundationModel:
+    name: str
+    architecture: str
+    """The timm model the weights load into."""
+    layouts: tuple[str, ...]
+    """Published layouts the weights may come in (medpeft.backbones.layouts), the first the usual one."""
+    img_size: int
+    """The resolution it was trained at (pixels, square)."""
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    preprocessing: str
+    """Its own input pipeline, in words: channels, value range, resize and crop."""
+    licence: str
+    paper: str
+    hub: str | None = None
+    """Hugging Face hub id of the published weights (None: published elsewhere)."""
+    kwargs: dict = field(default_factory=dict)
+    """Extra timm.create_model arguments."""
+    global_pool: str | None = None
+    drop_path_rate: float | None = None
+    """None keeps model.drop_path_rate's default; 0 for CNNs trained without stochastic depth."""
+
+    def config_defaults(self) -> dict:
+        """The run-config values this entry supplies (under whatever the user sets)."""
+        model = {"img_size": self.img_size, "kwargs": dict(self.kwargs)}
+        if self.global_pool is not None:
+            model["global_pool"] = self.global_pool
+        if self.drop_path_rate is not None:
+            model["drop_path_rate"] = self.drop_path_rate
+        return {"model": model, "data": {"mean": list(self.mean), "std": list(self.std)}}
+
+
+_DINO_CROP = "RGB; resize the short side, centre crop"
+CATALOGUE: dict[str, FoundationModel] = {entry.name: entry for entry in (
+    FoundationModel(
+        "rad-dino", "vit_base_patch14_dinov2", ("hf-dinov2", "meta-dinov2"), 518, (0.5307,) * 3, (0.2583,) * 3,
+        f"{_DINO_CROP} to 518", "MSRLA (Microsoft Research licence)",
+        "Perez-Garcia et al. 2025, Nat. Mach. Intell. (arXiv 2401.10815)", hub="microsoft/rad-dino"),
+    FoundationModel(
+        "dinov2-vitb14", "vit_base_patch14_dinov2", ("meta-dinov2", "hf-dinov2"), 518, IMAGENET_MEAN,
+        IMAGENET_STD, f"{_DINO_CROP} to 518 (224 works: position embeddings are resampled)", "Apache-2.0",
+        "Oquab et al. 2024, TMLR (arXiv 2304.07193)", hub="facebook/dinov2-base"),
+    FoundationModel(
+        "dinov2-vitb14-reg", "vit_base_patch14_reg4_dinov2", ("meta-dinov2", "hf-dinov2"), 518,
+        IMAGENET_MEAN, IMAGENET_STD, f"{_DINO_CROP} to 518", "Apache-2.0",
+        "Darcet et al. 2024, ICLR (arXiv 2309.16588)", hub="facebook/dinov2-with-registers-base"),
+    FoundationModel(
+        "dinov3-vitb16", "vit_base_patch16_dinov3", ("timm",), 256, IMAGENET_MEAN, IMAGENET_STD,
+        "RGB; resize to 256 (RoPE: any multiple of 16)", "DINOv3 License (Meta)",
+        "Simeoni et al. 2025 (arXiv 2508.10104)", hub="timm/vit_base_patch16_dinov3.lvd1689m"),
+    FoundationModel(
+        "biomedclip", "vit_base_patch16_224", ("open-clip-timm",), 224, CLIP_MEAN, CLIP_STD,
+        "RGB; resize the short side to 224, centre crop", "MIT",
+        "Zhang et al. 2023, NEJM AI 2025 (arXiv 2303.00915)",
+        hub="microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"),
+    FoundationModel(
+        "chexzero", "vit_base_patch32_clip_quickgelu_224", ("openai-clip",), 224, CLIP_MEAN, CLIP_STD,
+        "RGB; resize to 224 with padding (CheXzero), CLIP normalisation", "MIT",
+        "Tiu et al. 2022, Nat. Biomed. Eng. (weights: github.com/rajpurkarlab/CheXzero)"),
+    FoundationModel(
+        "medsiglip-448", "vit_so400m_patch14_siglip_384", ("hf-siglip",), 448, HALF, HALF,
+        "RGB; resize to 448, scale to [-1, 1]", "Health AI Developer Foundations terms",
+        "Sellergren et al. 2025, MedGemma technical report (arXiv 2507.05201)", hub="google/medsiglip-448"),
+    FoundationModel(
+        "siglip-vitb16", "vit_base_patch16_siglip_224", ("hf-siglip",), 224, HALF, HALF,
+        "RGB; resize to 224, scale to [-1, 1]", "Apache-2.0", "Zhai et al. 2023, ICCV (arXiv 2303.15343)",
+        hub="google/siglip-base-patch16-224"),
+    FoundationModel(
+        "xrv-densenet121-all", "densenet121", ("xrv-module",), 224, HALF, XRV_STD,
+        "1 channel (gray repeated: the first conv is summed), values in [-1024, 1024]; centre crop, resize "
+        "to 224", "Apache-2.0", "Cohen et al. 2022, MIDL (arXiv 2111.00595); weights densenet121-res224-all",
+        drop_path_rate=0.0),
+    FoundationModel(
+        "xrv-resnet50-all", "resnet50", ("xrv-module",), 512, HALF, XRV_STD,
+        "1 channel (gray repeated: the first conv is summed), values in [-1024, 1024]; centre crop, resize "
+        "to 512", "Apache-2.0", "Cohen et al. 2022, MIDL (arXiv 2111.00595); weights resnet50-res512-all",
+        drop_path_rate=0.0),
+    FoundationModel(
+        "mrm", "vit_base_patch16_224", ("mae",), 224, IMAGENET_MEAN, IMAGENET_STD,
+        "RGB (gray repeated), resize to 224", "see github.com/RL4M/MRM-pytorch",
+        "Zhou et al. 2023, ICLR (arXiv 2301.13155)", global_pool="avg"),
+    FoundationModel(
+        "medical-mae-vits16", "vit_small_patch16_224", ("mae",), 224, (0.5056,) * 3, (0.252,) * 3,
+        "RGB (gray repeated), resize to 224", "see github.com/lambert-x/medical_mae",
+        "Xiao et al. 2023, WACV (arXiv 2210.12843); weights vit-s_CXR_0.3M_mae.pth", global_pool="avg"),
+    FoundationModel(
+        "medical-mae-vitb16", "vit_base_patch16_224", ("mae",), 224, (0.5056,) * 3, (0.252,) * 3,
+        "RGB (gray repeated), resize to 224", "see github.com/lambert-x/medical_mae",
+        "Xiao et al. 2023, WACV (arXiv 2210.12843); weights vit-b_CXR_0.5M_mae.pth", global_pool="avg"),
+)}
+
+
+def entry_of(name: str) -> FoundationModel | None:
+    """The catalogue entry named `name`, or None for a plain timm model name."""
+    return CATALOGUE.get(name)
