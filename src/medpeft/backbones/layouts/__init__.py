@@ -9,6 +9,8 @@ layout is one file in this package that calls `register`.
 
 from medpeft.backbones.layouts.base import LAYOUTS, Layout, register
 
-from medpeft.backbones.layouts import hf_dinov2, timm_native  # noqa: E402,F401  (each registers its layouts)
+# Each layout file registers its layouts when imported (one line each).
+from medpeft.backbones.layouts import timm_native  # noqa: F401,I001
+from medpeft.backbones.layouts import hf_dinov2  # noqa: F401
 
 __all__ = ["LAYOUTS", "Layout", "register"]
