@@ -176,6 +176,27 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON inste
     console.print(table)
 
 
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
+    """List the foundation models of the catalogue: a run names one as model.name, with model.weights its
+    published file or folder (or 'hub')."""
+    import json
+
+    from medpeft.config.catalogue import catalogue_rows
+
+    rows = catalogue_rows()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{len(rows)} foundation models")
+    for column in ("name", "architecture", "px", "normalisation", "layouts", "licence"):
+        table.add_column(column, overflow="fold", no_wrap=column in ("name", "px"))
+    for row in rows:
+        table.add_row(row["name"], row["architecture"], str(row["resolution"]), row["normalisation"],
+                      ", ".join(row["layouts"]), row["licence"])
+    console.print(table)
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets, write split files, build image caches.")
 app.add_typer(data_app, name="data")
 

@@ -56,7 +56,7 @@ _DINO_CROP = "RGB; resize the short side, centre crop"
 CATALOGUE: dict[str, FoundationModel] = {entry.name: entry for entry in (
     FoundationModel(
         "rad-dino", "vit_base_patch14_dinov2", ("hf-dinov2", "meta-dinov2"), 518, (0.5307,) * 3, (0.2583,) * 3,
-        f"{_DINO_CROP} to 518", "MSRLA (Microsoft Research licence)",
+        f"{_DINO_CROP} to 518", "MSRLA",
         "Perez-Garcia et al. 2025, Nat. Mach. Intell. (arXiv 2401.10815)", hub="microsoft/rad-dino"),
     FoundationModel(
         "dinov2-vitb14", "vit_base_patch14_dinov2", ("meta-dinov2", "hf-dinov2"), 518, IMAGENET_MEAN,
@@ -79,14 +79,20 @@ CATALOGUE: dict[str, FoundationModel] = {entry.name: entry for entry in (
         "chexzero", "vit_base_patch32_clip_quickgelu_224", ("openai-clip",), 224, CLIP_MEAN, CLIP_STD,
         "RGB; resize to 224 with padding (CheXzero), CLIP normalisation", "MIT",
         "Tiu et al. 2022, Nat. Biomed. Eng. (weights: github.com/rajpurkarlab/CheXzero)"),
+    # MedSigLIP's vision tower is SigLIP so400m at 448 px (model card: "400M parameter vision encoder",
+    # 448x448): hidden 1152, 27 layers, 16 heads, MLP 4304, patch 14, MAP head, as in the config.json of
+    # google/siglip-so400m-patch14-384 and timm's vit_so400m_patch14_siglip_384 (mlp_ratio 3.7362 -> 4304).
+    # transformers' SigLIP MLPs use gelu_pytorch_tanh (SiglipVisionConfig.hidden_act), timm's exact GELU
+    # unless told: act_layer gelu_tanh gives transformers' features.
     FoundationModel(
         "medsiglip-448", "vit_so400m_patch14_siglip_384", ("hf-siglip",), 448, HALF, HALF,
         "RGB; resize to 448, scale to [-1, 1]", "Health AI Developer Foundations terms",
-        "Sellergren et al. 2025, MedGemma technical report (arXiv 2507.05201)", hub="google/medsiglip-448"),
+        "Sellergren et al. 2025, MedGemma technical report (arXiv 2507.05201)", hub="google/medsiglip-448",
+        kwargs={"act_layer": "gelu_tanh"}),
     FoundationModel(
         "siglip-vitb16", "vit_base_patch16_siglip_224", ("hf-siglip",), 224, HALF, HALF,
         "RGB; resize to 224, scale to [-1, 1]", "Apache-2.0", "Zhai et al. 2023, ICCV (arXiv 2303.15343)",
-        hub="google/siglip-base-patch16-224"),
+        hub="google/siglip-base-patch16-224", kwargs={"act_layer": "gelu_tanh"}),
     FoundationModel(
         "xrv-densenet121-all", "densenet121", ("xrv-module",), 224, HALF, XRV_STD,
         "1 channel (gray repeated: the first conv is summed), values in [-1024, 1024]; centre crop, resize "
@@ -99,17 +105,39 @@ CATALOGUE: dict[str, FoundationModel] = {entry.name: entry for entry in (
         drop_path_rate=0.0),
     FoundationModel(
         "mrm", "vit_base_patch16_224", ("mae",), 224, IMAGENET_MEAN, IMAGENET_STD,
-        "RGB (gray repeated), resize to 224", "see github.com/RL4M/MRM-pytorch",
-        "Zhou et al. 2023, ICLR (arXiv 2301.13155)", global_pool="avg"),
+        "RGB (gray repeated), resize to 224", "see its repository",
+        "Zhou et al. 2023, ICLR (arXiv 2301.13155); weights MRM.pth from github.com/RL4M/MRM-pytorch",
+        global_pool="avg"),
     FoundationModel(
         "medical-mae-vits16", "vit_small_patch16_224", ("mae",), 224, (0.5056,) * 3, (0.252,) * 3,
-        "RGB (gray repeated), resize to 224", "see github.com/lambert-x/medical_mae",
-        "Xiao et al. 2023, WACV (arXiv 2210.12843); weights vit-s_CXR_0.3M_mae.pth", global_pool="avg"),
+        "RGB (gray repeated), resize to 224", "see its repository",
+        "Xiao et al. 2023, WACV (arXiv 2210.12843); github.com/lambert-x/medical_mae vit-s_CXR_0.3M_mae.pth",
+        global_pool="avg"),
     FoundationModel(
         "medical-mae-vitb16", "vit_base_patch16_224", ("mae",), 224, (0.5056,) * 3, (0.252,) * 3,
-        "RGB (gray repeated), resize to 224", "see github.com/lambert-x/medical_mae",
-        "Xiao et al. 2023, WACV (arXiv 2210.12843); weights vit-b_CXR_0.5M_mae.pth", global_pool="avg"),
+        "RGB (gray repeated), resize to 224", "see its repository",
+        "Xiao et al. 2023, WACV (arXiv 2210.12843); github.com/lambert-x/medical_mae vit-b_CXR_0.5M_mae.pth",
+        global_pool="avg"),
 )}
+
+
+def catalogue_rows() -> list[dict]:
+    """One plain row per entry, in catalogue order: what `medpeft models` prints and the README lists."""
+    return [{"name": e.name, "architecture": e.architecture, "resolution": e.img_size,
+             "normalisation": _normalisation(e), "layouts": list(e.layouts), "preprocessing": e.preprocessing,
+             "hub": e.hub, "licence": e.licence, "paper": e.paper} for e in CATALOGUE.values()]
+
+
+_NAMED = {(IMAGENET_MEAN, IMAGENET_STD): "ImageNet", (CLIP_MEAN, CLIP_STD): "CLIP", (HALF, HALF): "[-1, 1]",
+          (HALF, XRV_STD): "[-1024, 1024]"}
+
+
+def _normalisation(entry: FoundationModel) -> str:
+    """The input normalisation in words: a named convention, or the (gray) mean and std."""
+    if (entry.mean, entry.std) in _NAMED:
+        return _NAMED[entry.mean, entry.std]
+    mean, std = (", ".join(map(str, dict.fromkeys(values))) for values in (entry.mean, entry.std))
+    return f"mean {mean}, std {std}"
 
 
 def entry_of(name: str) -> FoundationModel | None:

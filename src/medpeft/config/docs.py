@@ -70,6 +70,17 @@ def methods_table() -> str:
     return _table(["method", "key", "type", "default", "description"], rows)
 
 
+def models_table() -> str:
+    """The foundation-model catalogue (medpeft.config.catalogue), as `medpeft models` prints it."""
+    from medpeft.config.catalogue import catalogue_rows
+
+    rows = [[f"`{r['name']}`", f"`{r['architecture']}`", str(r["resolution"]), r["normalisation"],
+             ", ".join(r["layouts"]), f"`{r['hub']}`" if r["hub"] else "–", r["licence"], r["paper"]]
+            for r in catalogue_rows()]
+    return _table(["name", "timm architecture", "px", "normalisation", "layouts", "hub id", "licence", "paper"],
+                  rows)
+
+
 def key_tables() -> dict[str, str]:
     """Every table of the README's configuration reference, by its marker name."""
     return {
@@ -81,4 +92,5 @@ def key_tables() -> dict[str, str]:
         "train": section_table(TrainConfig, "train."),
         "augment": section_table(AugmentConfig, "augment."),
         "mae": section_table(MAEConfig, "mae."),
+        "models": models_table(),
     }
