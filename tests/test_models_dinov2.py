@@ -76,3 +76,50 @@ def test_a_folder_without_weights_names_the_files_it_looked_for(run_config, tmp_
     with pytest.raises(CheckpointError, match=r"empty: a folder without a weights file; expected one of "
                                               r"\['model.safetensors'"):
         create_backbone(config.model, num_classes=2)
+
+
+FULL_SIZE = [  # (timm architecture, transformers config of the published model)
+    ("vit_base_patch14_dinov2", dict(image_size=518)),  # RAD-DINO, facebook/dinov2-base
+    ("vit_large_patch14_dinov2", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                      image_size=518)),
+    ("vit_giant_patch14_dinov2", dict(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24,
+                                      mlp_ratio=4, use_swiglu_ffn=True, image_size=518)),
+    ("vit_base_patch14_reg4_dinov2", dict(image_size=518, patch_size=14, num_register_tokens=4)),
+]
+
+
+@pytest.mark.parametrize("architecture, hf_config", FULL_SIZE, ids=[a for a, _ in FULL_SIZE])
+def test_full_size_published_configs_convert_to_exactly_the_timm_models_keys_and_shapes(architecture, hf_config):
+    import timm
+
+    from medpeft.backbones.layouts import LAYOUTS
+
+    registers = hf_config.get("num_register_tokens", 0)
+    config_cls = transformers.Dinov2WithRegistersConfig if registers else transformers.Dinov2Config
+    model_cls = transformers.Dinov2WithRegistersModel if registers else transformers.Dinov2Model
+    with torch.device("meta"):
+        published = model_cls(config_cls(**hf_config)).state_dict()
+        timm_model = timm.create_model(architecture, img_size=518, num_classes=0)
+    converted, dropped = LAYOUTS["hf-dinov2"].convert(published)
+    expected = {k: tuple(v.shape) for k, v in timm_model.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in converted.items()} == expected
+    assert dropped == ["embeddings.mask_token"]
+
+
+def test_a_swiglu_dinov2_folder_loads_into_timms_giant_layout_by_its_keys_alone(tmp_path):
+    """ViT-g's SwiGLU feed-forward (weights_in = gate and up rows) as timm packs it; a timm name with the
+    published folder: the layout is recognised from the keys."""
+    from medpeft.config import ModelConfig
+
+    torch.manual_seed(0)
+    source = transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14,
+        use_swiglu_ffn=True, layerscale_value=0.5)).eval()
+    source.save_pretrained(tmp_path / "giant")
+    config = ModelConfig(name="vit_giant_patch14_dinov2", weights=str(tmp_path / "giant"), img_size=28,
+                         drop_path_rate=0.0, kwargs={"embed_dim": 48, "depth": 2, "num_heads": 2})
+    model, _ = create_backbone(config, num_classes=2)
+    images = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        expected = source(pixel_values=images).pooler_output
+    torch.testing.assert_close(pooled_features(model, images), expected, atol=1e-4, rtol=0)

@@ -61,10 +61,11 @@ def renamed(state_dict: dict, rules: list[tuple[str, str]]) -> tuple[dict, list[
     return out, dropped
 
 
-def fused_qkv(state_dict: dict, source: str, names: tuple[str, str, str], target: str) -> dict:
-    """Separate query, key and value projections concatenated into timm's fused ``qkv`` rows, block by
-    block. `source` is a format with ``{block}``, ``{name}`` (each of `names`) and ``{param}`` (weight,
-    bias); `target` one with ``{block}`` and ``{param}``."""
+def fused_qkv(state_dict: dict, source: str, names: tuple[str, ...], target: str) -> dict:
+    """Separate projections (query, key and value; or a SwiGLU's gate and up) concatenated into the rows of
+    timm's fused one (``qkv``, ``fc1``), block by block. `source` is a format with ``{block}``, ``{name}``
+    (each of `names`, in row order) and ``{param}`` (weight, bias); `target` one with ``{block}`` and
+    ``{param}``."""
     out, block = dict(state_dict), 0
     while True:
         found = False

@@ -20,6 +20,7 @@ _RULES = [
     (_BLOCK + r"mlp\.(fc1|fc2)\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
     (_BLOCK + r"mlp\.weights_in\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),  # SwiGLU (ViT-g)
     (_BLOCK + r"mlp\.weights_out\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+    (_BLOCK + r"mlp\.down_proj\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),  # SwiGLU, transformers 5 in memory
     (r"layernorm\.(weight|bias)", r"norm.\1"),
 ]
 
@@ -35,6 +36,8 @@ def convert(state_dict: dict) -> tuple[dict, list[str]]:
                            ("query", "key", "value"), "blocks.{block}.attn.qkv.{param}")
     state_dict = fused_qkv(state_dict, "encoder.layer.{block}.attention.{name}.{param}",
                            ("q_proj", "k_proj", "v_proj"), "blocks.{block}.attn.qkv.{param}")
+    state_dict = fused_qkv(state_dict, "encoder.layer.{block}.mlp.{name}.{param}", ("gate_proj", "up_proj"),
+                           "blocks.{block}.mlp.fc1.{param}")  # SwiGLU as timm packs it: silu(gate) * up
     return renamed(state_dict, _RULES)
 
 
