@@ -158,42 +158,38 @@ def demo(out: Path = typer.Option(Path("demo-runs"), "--out", help="Folder for t
 @app.command()
 def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
     """List the registered PEFT methods."""
-    import json
-
     from medpeft.methods import list_methods
 
     rows = [{"name": m.name, "description": m.description, "reference": m.reference,
              "families": list(m.config_cls.families), "merges": m.merge is not None} for m in list_methods()]
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
-    table = Table(title=f"{len(rows)} methods")
-    for column in ("name", "families", "merges", "description", "reference"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(row["name"], ", ".join(row["families"]), "yes" if row["merges"] else "no",
-                      row["description"], row["reference"])
-    console.print(table)
+    _listing(rows, "methods", as_json, {"name": "name", "families": lambda r: ", ".join(r["families"]),
+                                        "merges": lambda r: "yes" if r["merges"] else "no",
+                                        "description": "description", "reference": "reference"})
 
 
 @app.command()
 def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
     """List the foundation models of the catalogue: a run names one as model.name, with model.weights its
     published file or folder (or 'hub')."""
-    import json
-
     from medpeft.config.catalogue import catalogue_rows
 
-    rows = catalogue_rows()
+    _listing(catalogue_rows(), "foundation models", as_json, {
+        "name": "name", "architecture": "architecture", "px": "resolution", "normalisation": "normalisation",
+        "layouts": lambda r: ", ".join(r["layouts"]), "licence": "licence"})
+
+
+def _listing(rows: list[dict], what: str, as_json: bool, columns: dict) -> None:
+    """`rows` as JSON, or as a table whose columns show a row's field (a key) or what a function makes of it."""
+    import json
+
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"{len(rows)} foundation models")
-    for column in ("name", "architecture", "px", "normalisation", "layouts", "licence"):
+    table = Table(title=f"{len(rows)} {what}")
+    for column in columns:
         table.add_column(column, overflow="fold", no_wrap=column in ("name", "px"))
     for row in rows:
-        table.add_row(row["name"], row["architecture"], str(row["resolution"]), row["normalisation"],
-                      ", ".join(row["layouts"]), row["licence"])
+        table.add_row(*(str(row[show]) if isinstance(show, str) else show(row) for show in columns.values()))
     console.print(table)
 
 
