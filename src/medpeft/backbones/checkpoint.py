@@ -166,7 +166,10 @@ def _recognise(state_dict: dict, expected: list[Layout], path) -> tuple[Layout |
         if prefix is not None:
             return layout, prefix
     if expected:
-        lacking = next(key for key in expected[0].signature if key not in state_dict)
+        # Name the missing key under the prefix that holds most of the first layout's signature.
+        first = expected[0]
+        prefix = max(first.prefixes, key=lambda p: sum(p + key in state_dict for key in first.signature))
+        lacking = next(prefix + key for key in first.signature if prefix + key not in state_dict)
         names = " or ".join(f"{layout.name} ({layout.description})" for layout in expected)
         raise CheckpointError(f"{path}: not in the expected layout {names}: it has no key {lacking!r} (its first "
                               f"key is {next(iter(state_dict))!r})")
