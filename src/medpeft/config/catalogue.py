@@ -76,8 +76,11 @@ CATALOGUE: dict[str, FoundationModel] = {entry.name: entry for entry in (
         "Zhang et al. 2023, NEJM AI 2025 (arXiv 2303.00915)",
         hub="microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"),
     FoundationModel(
-        "chexzero", "vit_base_patch32_clip_quickgelu_224", ("openai-clip",), 224, CLIP_MEAN, CLIP_STD,
-        "RGB; resize to 224 with padding (CheXzero), CLIP normalisation", "MIT",
+        # CheXzero's own Normalize((101.48761,) * 3, (83.43944,) * 3) on 0-255 pixels (its train.py and
+        # zero_shot.py), over 255 to 4 digits; not CLIP's normalisation.
+        "chexzero", "vit_base_patch32_clip_quickgelu_224", ("openai-clip",), 224, (0.398,) * 3, (0.3272,) * 3,
+        "1 channel repeated to RGB; long side resized to 320 and zero-padded square, then resized to 224 "
+        "(bicubic)", "MIT",
         "Tiu et al. 2022, Nat. Biomed. Eng. (weights: github.com/rajpurkarlab/CheXzero)"),
     # MedSigLIP's vision tower is SigLIP so400m at 448 px (model card: "400M parameter vision encoder",
     # 448x448): hidden 1152, 27 layers, 16 heads, MLP 4304, patch 14, MAP head, as in the config.json of
