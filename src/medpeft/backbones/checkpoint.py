@@ -177,11 +177,14 @@ def _recognise(state_dict: dict, expected: list[Layout], path) -> tuple[Layout |
 
 
 def _timm_filter(state_dict: dict, model: nn.Module) -> dict:
-    """timm's own key conversion and position/patch-embedding resampling for the model's family."""
-    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+    """timm's own key conversion and position/patch-embedding resampling for the model's family (ViT, and
+    Eva: EVA-02, DINOv3, whose filter converts Meta's DINOv3 keys)."""
+    from timm.models import eva, vision_transformer
 
-    if isinstance(model, VisionTransformer):
-        return checkpoint_filter_fn(state_dict, model)
+    if isinstance(model, vision_transformer.VisionTransformer):
+        return vision_transformer.checkpoint_filter_fn(state_dict, model)
+    if isinstance(model, eva.Eva):
+        return eva.checkpoint_filter_fn(state_dict, model)
     return state_dict
 
 
