@@ -12,6 +12,7 @@ from medpeft.backbones.layouts.base import LAYOUTS, Layout, register
 # Each layout file registers its layouts when imported (one line each).
 from medpeft.backbones.layouts import timm_native  # noqa: F401,I001
 from medpeft.backbones.layouts import hf_dinov2  # noqa: F401
+from medpeft.backbones.layouts import clip  # noqa: F401
 from medpeft.backbones.layouts import dinov3  # noqa: F401
 from medpeft.backbones.layouts import hf_siglip  # noqa: F401
 

@@ -23,16 +23,3 @@ register(Layout(
     signature=("patch_embed.proj.weight", "mask_token"),
     files=("backbone_compatible.safetensors",),
 ))
-register(Layout(
-    name="openai-clip",
-    description="OpenAI CLIP state_dict (ViT: visual.class_embedding, visual.transformer.resblocks.N)",
-    signature=("visual.class_embedding", "visual.conv1.weight"),
-    prefixes=("", "module."),
-))
-register(Layout(
-    name="open-clip-timm",
-    description="open_clip model with a timm vision trunk (open_clip_pytorch_model.bin: visual.trunk.*)",
-    signature=("visual.trunk.patch_embed.proj.weight",),
-    prefixes=("", "module."),
-    files=("open_clip_pytorch_model.bin", "open_clip_model.safetensors"),
-))
