@@ -99,13 +99,15 @@ CATALOGUE: dict[str, FoundationModel] = {entry.name: entry for entry in (
         hub="google/siglip-base-patch16-224", kwargs={"act_layer": "gelu_tanh"}),
     FoundationModel(
         "xrv-densenet121-all", "densenet121", ("xrv-module",), 224, HALF, XRV_STD,
-        "1 channel (gray repeated: the first conv is summed), values in [-1024, 1024]; centre crop, resize "
-        "to 224", "Apache-2.0", "Cohen et al. 2022, MIDL (arXiv 2111.00595); weights densenet121-res224-all",
+        "1 gray channel in [-1024, 1024] (repeated into RGB, the first conv's weight split over the 3 "
+        "channels); centre crop, resize to 224", "Apache-2.0",
+        "Cohen et al. 2022, MIDL (arXiv 2111.00595); weights densenet121-res224-all",
         drop_path_rate=0.0),
     FoundationModel(
-        "xrv-resnet50-all", "resnet50", ("xrv-module",), 512, HALF, XRV_STD,
-        "1 channel (gray repeated: the first conv is summed), values in [-1024, 1024]; centre crop, resize "
-        "to 512", "Apache-2.0", "Cohen et al. 2022, MIDL (arXiv 2111.00595); weights resnet50-res512-all",
+        "xrv-resnet50-all", "resnet50", ("xrv-resnet",), 512, HALF, XRV_STD,
+        "1 gray channel in [-1024, 1024] (repeated into RGB, the first conv's weight split over the 3 "
+        "channels); centre crop, resize to 512", "Apache-2.0",
+        "Cohen et al. 2022, MIDL (arXiv 2111.00595); weights resnet50-res512-all",
         drop_path_rate=0.0),
     FoundationModel(
         "mrm", "vit_base_patch16_224", ("mae",), 224, IMAGENET_MEAN, IMAGENET_STD,

@@ -15,5 +15,6 @@ from medpeft.backbones.layouts import hf_dinov2  # noqa: F401
 from medpeft.backbones.layouts import clip  # noqa: F401
 from medpeft.backbones.layouts import dinov3  # noqa: F401
 from medpeft.backbones.layouts import hf_siglip  # noqa: F401
+from medpeft.backbones.layouts import xrv  # noqa: F401
 
 __all__ = ["LAYOUTS", "Layout", "register"]
