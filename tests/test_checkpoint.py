@@ -142,3 +142,14 @@ def test_dinov2_with_registers_in_metas_layout_loads_and_gives_the_same_features
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(target.forward_features(x), source.forward_features(x), rtol=0, atol=1e-4)
+
+
+def test_weights_the_model_has_no_place_for_are_refused_unless_zero(tmp_path):
+    """A variant with attention biases loaded into one without: non-zero biases would be lost silently."""
+    state = tiny().state_dict()
+    torch.save({**state, "blocks.0.attn.q_bias": torch.zeros(32)}, tmp_path / "zero.pth")
+    assert load_checkpoint(tiny(), tmp_path / "zero.pth").unexpected == ["blocks.0.attn.q_bias"]
+    torch.save({**state, "blocks.0.attn.q_bias": torch.ones(32)}, tmp_path / "biased.pth")
+    with pytest.raises(CheckpointError, match=r"biased.pth: 'blocks.0.attn.q_bias' holds weights the model has no "
+                                              r"place for"):
+        load_checkpoint(tiny(), tmp_path / "biased.pth")

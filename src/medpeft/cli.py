@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medpeft.console import print_listing
 from medpeft.errors import MedpeftError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -80,18 +81,23 @@ def pretrain(
 
 @app.command()
 def evaluate(
-    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    run_dir: Path = typer.Argument(..., help="A finished run directory (with --zero-shot: a run config)."),
     split: str = typer.Option("test", help="train, val or test."),
     devices: int = typer.Option(1, "--devices", min=1, help="Processes to share the images between."),
+    zero_shot: bool = typer.Option(False, "--zero-shot", help="Evaluate the zero-shot classifier of the config's "
+                                   "vision-language model (model.head_init: text) before any training."),
 ):
     """Evaluate a finished run's best weights on a split of its own data split."""
-    from medpeft import evaluate as run_evaluation
     from medpeft.engine.distributed import Processes
 
     if devices > 1:
-        _launch(devices, ["evaluate", str(run_dir), f"--split={split}"])
+        _launch(devices, ["evaluate", str(run_dir), f"--split={split}"] + ["--zero-shot"] * zero_shot)
         return
-    metrics = run_evaluation(run_dir, split)
+    from medpeft.config import load_config
+    from medpeft.inference import evaluate as run_evaluation, zero_shot as run_zero_shot
+
+    metrics = (run_zero_shot(load_config(run_dir, ["model.head_init=text"]), split) if zero_shot
+               else run_evaluation(run_dir, split))
     if Processes.from_env().main:
         print_metrics(metrics, split)
 
@@ -162,7 +168,7 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON inste
 
     rows = [{"name": m.name, "description": m.description, "reference": m.reference,
              "families": list(m.config_cls.families), "merges": m.merge is not None} for m in list_methods()]
-    _listing(rows, "methods", as_json, {"name": "name", "families": lambda r: ", ".join(r["families"]),
+    print_listing(rows, "methods", as_json, {"name": "name", "families": lambda r: ", ".join(r["families"]),
                                         "merges": lambda r: "yes" if r["merges"] else "no",
                                         "description": "description", "reference": "reference"})
 
@@ -173,24 +179,9 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
     published file or folder (or 'hub')."""
     from medpeft.config.catalogue import catalogue_rows
 
-    _listing(catalogue_rows(), "foundation models", as_json, {
+    print_listing(catalogue_rows(), "foundation models", as_json, {
         "name": "name", "architecture": "architecture", "px": "resolution", "normalisation": "normalisation",
         "layouts": lambda r: ", ".join(r["layouts"]), "licence": "licence"})
-
-
-def _listing(rows: list[dict], what: str, as_json: bool, columns: dict) -> None:
-    """`rows` as JSON, or as a table whose columns show a row's field (a key) or what a function makes of it."""
-    import json
-
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
-    table = Table(title=f"{len(rows)} {what}")
-    for column in columns:
-        table.add_column(column, overflow="fold", no_wrap=column in ("name", "px"))
-    for row in rows:
-        table.add_row(*(str(row[show]) if isinstance(show, str) else show(row) for show in columns.values()))
-    console.print(table)
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets, write split files, build image caches.")

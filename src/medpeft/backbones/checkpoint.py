@@ -235,6 +235,10 @@ def load_checkpoint(model: nn.Module, path: str | Path, layouts: Iterable[str] |
             f"{path}: '{key}' has shape {tuple(state_dict[key].shape)} in the checkpoint but "
             f"{tuple(model_state[key].shape)} in the model (another architecture or size?)")
 
+    unused = next((k for k, v in state_dict.items() if k not in model_state and v.count_nonzero()), None)
+    if unused is not None:
+        raise CheckpointError(f"{path}: '{unused}' holds weights the model has no place for (another variant "
+                              f"of the architecture, e.g. with attention biases?)")
     result = model.load_state_dict(state_dict, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(fresh_ok)]
     if missing:

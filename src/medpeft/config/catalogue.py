@@ -41,6 +41,9 @@ class FoundationModel:
     global_pool: str | None = None
     drop_path_rate: float | None = None
     """None keeps model.drop_path_rate's default; 0 for CNNs trained without stochastic depth."""
+    text: bool = False
+    """A vision-language model whose text tower is published with it: model.head_init 'text' and
+    zero-shot evaluation apply."""
 
     def config_defaults(self) -> dict:
         """The run-config values this entry supplies (under whatever the user sets)."""
@@ -75,14 +78,14 @@ CATALOGUE: dict[str, FoundationModel] = {entry.name: entry for entry in (
         "biomedclip", "vit_base_patch16_224", ("open-clip-timm",), 224, CLIP_MEAN, CLIP_STD,
         "RGB; resize the short side to 224, centre crop", "MIT",
         "Zhang et al. 2023, NEJM AI 2025 (arXiv 2303.00915)",
-        hub="microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"),
+        hub="microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", text=True),
     FoundationModel(
         # CheXzero's own Normalize((101.48761,) * 3, (83.43944,) * 3) on 0-255 pixels (its train.py and
         # zero_shot.py), over 255 to 4 digits; not CLIP's normalisation.
         "chexzero", "vit_base_patch32_clip_quickgelu_224", ("openai-clip",), 224, (0.398,) * 3, (0.3272,) * 3,
         "1 channel repeated to RGB; long side resized to 320 and zero-padded square, then resized to 224 "
         "(bicubic)", "MIT",
-        "Tiu et al. 2022, Nat. Biomed. Eng. (weights: github.com/rajpurkarlab/CheXzero)"),
+        "Tiu et al. 2022, Nat. Biomed. Eng. (weights: github.com/rajpurkarlab/CheXzero)", text=True),
     # MedSigLIP's vision tower is SigLIP so400m at 448 px (model card: "400M parameter vision encoder",
     # 448x448): hidden 1152, 27 layers, 16 heads, MLP 4304, patch 14, MAP head, as in the config.json of
     # google/siglip-so400m-patch14-384 and timm's vit_so400m_patch14_siglip_384 (mlp_ratio 3.7362 -> 4304).
@@ -92,11 +95,11 @@ CATALOGUE: dict[str, FoundationModel] = {entry.name: entry for entry in (
         "medsiglip-448", "vit_so400m_patch14_siglip_384", ("hf-siglip",), 448, HALF, HALF,
         "RGB; resize to 448, scale to [-1, 1]", "Health AI Developer Foundations terms",
         "Sellergren et al. 2025, MedGemma technical report (arXiv 2507.05201)", hub="google/medsiglip-448",
-        kwargs={"act_layer": "gelu_tanh"}),
+        kwargs={"act_layer": "gelu_tanh"}, text=True),
     FoundationModel(
         "siglip-vitb16", "vit_base_patch16_siglip_224", ("hf-siglip",), 224, HALF, HALF,
         "RGB; resize to 224, scale to [-1, 1]", "Apache-2.0", "Zhai et al. 2023, ICCV (arXiv 2303.15343)",
-        hub="google/siglip-base-patch16-224", kwargs={"act_layer": "gelu_tanh"}),
+        hub="google/siglip-base-patch16-224", kwargs={"act_layer": "gelu_tanh"}, text=True),
     FoundationModel(
         "xrv-densenet121-all", "densenet121", ("xrv-module",), 224, HALF, XRV_STD,
         "1 gray channel in [-1024, 1024] (repeated into RGB, the first conv's weight split over the 3 "

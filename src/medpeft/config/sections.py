@@ -55,10 +55,29 @@ class ModelConfig(Section):
                                      "(mean of patch tokens + fc_norm, as in MAE fine-tuning); CNN: 'avg', 'max', ...")
     kwargs: dict[str, Any] = option({}, "Extra timm.create_model arguments, e.g. embed_dim / depth / "
                                     "num_heads / patch_size for small models.")
+    head_init: Literal["random", "text"] = option(
+        "random", "The classifier's start: 'random', or 'text' for a vision-language catalogue model "
+        "(biomedclip, chexzero, siglip, medsiglip): its zero-shot classifier, from its text tower's embeddings "
+        "of `prompt` (and, multi-label, minus those of `negative_prompt`) for each label.")
+    prompt: str = option("{label}", "head_init 'text': the text of a label's presence; {label} is the label "
+                         "name with '_' as spaces.")
+    negative_prompt: str = option("no {label}", "head_init 'text', multi-label: the text of its absence (the "
+                                  "CheXzero prompt pair).")
 
     def validate(self) -> None:
         model_family(self.architecture)
         entry = self.entry
+        for key in ("prompt", "negative_prompt"):
+            text = getattr(self, key)
+            try:
+                text.format(label="x")
+            except (KeyError, IndexError, ValueError):
+                text = ""
+            if "{label}" not in text:
+                raise ConfigError(f"model.{key} {getattr(self, key)!r} must hold {{label}} and no other braces")
+        if self.head_init == "text" and not (entry is not None and entry.text):
+            raise ConfigError(f"model.head_init 'text' needs a vision-language catalogue model with a text "
+                              f"tower, not {self.name!r} (see medpeft models)")
         if self.weights == "timm" and entry is not None:
             raise ConfigError(f"model.weights 'timm' is for timm model names; {self.name!r} is a catalogue model: "
                               f"give its published file or folder, or 'hub'")

@@ -15,6 +15,7 @@ from torch import nn
 from medpeft import accel
 from medpeft.backbones import LoadReport, count_parameters, create_backbone
 from medpeft.backbones.checkpoint import check_finite
+from medpeft.backbones.text import install_text_head
 from medpeft.config import RunConfig
 from medpeft.engine import rundir
 from medpeft.engine.runtime import resolve_device
@@ -46,6 +47,8 @@ def build_model(config: RunConfig, backbone: nn.Module | None = None) -> Built:
     if backbone is None:
         torch.manual_seed(config.train.seed)
         backbone, report = create_backbone(config.model, len(config.data.labels))
+        if config.model.head_init == "text":
+            install_text_head(backbone, config.model, list(config.data.labels), config.data.task == "multiclass")
     else:
         if backbone.get_classifier().out_features != len(config.data.labels):
             backbone.reset_classifier(len(config.data.labels))

@@ -214,3 +214,25 @@ def evaluate(run_dir: str | Path, split: str = "test") -> dict:
     if metrics is None:
         raise DataError(f"{run_dir}: the run's '{split}' split is empty")
     return metrics
+
+
+def zero_shot(config: RunConfig, split: str = "test") -> dict:
+    """Metrics, before any training, of a vision-language catalogue model's zero-shot classifier
+    (``model.head_init: text``, see medpeft.backbones.text) on one split of the config's data split."""
+    from medpeft.backbones import create_backbone
+    from medpeft.backbones.text import install_text_head
+    from medpeft.train.components import prepare_table
+
+    if config.model.head_init != "text":
+        raise ConfigError("zero-shot evaluation needs model.head_init: text")
+    table = prepare_table(config, progress=True)
+    torch.manual_seed(config.train.seed)
+    model, _ = create_backbone(config.model, len(config.data.labels))
+    install_text_head(model, config.model, list(config.data.labels), config.data.task == "multiclass")
+    with session(config.train) as (procs, device):
+        metrics = evaluate_split(model.to(device), table, split, config, device, image_cache(table, config),
+                                 procs=procs)
+    if metrics is None:
+        raise DataError(f"{config.data.csv}: the '{split}' split is empty")
+    return metrics
+
