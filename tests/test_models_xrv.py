@@ -208,3 +208,12 @@ def test_full_size_resnet50_converts_onto_timms_keys_and_shapes():
     converted, dropped = LAYOUTS["xrv-resnet"].convert(source.state_dict())
     assert dropped == [] and shapes(converted) == shapes(target.state_dict())
 
+
+
+def test_operating_points_that_are_not_finite_do_not_stop_the_backbone_loading(run_config, tmp_path):
+    """xrv re-saves of some weights hold NaN op_threshs (labels a dataset lacks): dropped, not loaded."""
+    state = timm.create_model("resnet50", num_classes=18, in_chans=1, **TINY["xrv-resnet50-all"]["kwargs"]).state_dict()
+    torch.save({**{f"model.{k}": v for k, v in state.items()}, "op_threshs": torch.full((18,), float("nan"))},
+               tmp_path / "resave.pt")
+    model, report = create_backbone(xrv_config(run_config, "xrv-resnet50-all", tmp_path / "resave.pt").model, 2)
+    assert "op_threshs" in report.ignored

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,9 +68,7 @@ def read_state_dict(path: str | Path, layouts: Iterable[Layout] = ()) -> dict[st
         raise CheckpointError(f"{path}: checkpoint file not found")
     reader = next((layout.read for layout in layouts if layout.read is not None), None)
     obj = reader(path) if reader is not None else _read_file(path)
-    state_dict = _unwrap(obj, path)
-    check_finite(state_dict.items(), path)
-    return state_dict
+    return _unwrap(obj, path)
 
 
 def _read_file(path: Path):
@@ -85,10 +84,12 @@ def _read_file(path: Path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
+        named = re.search(r"GLOBAL (\S+)", str(e))  # torch names the refused class or function there
+        what = named.group(1) if named else str(e).strip().splitlines()[0]
         raise CheckpointError(
             f"{path}: refused to unpickle: the file holds Python objects beyond tensors and plain "
-            f"containers, which could run code ({first}); save it as a plain state_dict or safetensors"
+            f"containers, which could run code ({what}); save it as a plain state_dict or safetensors, or "
+            f"name its catalogue model (a torchxrayvision file: xrv-densenet121-all)"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
@@ -235,6 +236,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, layouts: Iterable[str] |
             f"{path}: '{key}' has shape {tuple(state_dict[key].shape)} in the checkpoint but "
             f"{tuple(model_state[key].shape)} in the model (another architecture or size?)")
 
+    check_finite(state_dict.items(), path)  # what is loaded: dropped keys (xrv's op_threshs) may hold NaN
     unused = next((k for k, v in state_dict.items() if k not in model_state and v.count_nonzero()), None)
     if unused is not None:
         raise CheckpointError(f"{path}: '{unused}' holds weights the model has no place for (another variant "

@@ -31,10 +31,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.backends.thnn import _get_thnn_function_backend
 
 from medpeft.backbones.layouts.base import Layout, register, renamed
 from medpeft.errors import CheckpointError
+
+
+try:  # what modules saved by torch < 1.5 hold as their _backend: a no-op function, absent from some torch builds
+    from torch.nn.backends.thnn import _get_thnn_function_backend
+except ImportError:  # a file naming it is then refused, naming it
+    _get_thnn_function_backend = None
 
 
 class _Stored(nn.Module):
@@ -47,7 +52,7 @@ _ALLOWED = {
     **{f"{obj.__module__}.{obj.__qualname__}": obj for obj in (
         nn.Sequential, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Linear, OrderedDict,
         torch._utils._rebuild_tensor_v2, torch._utils._rebuild_parameter,
-        _get_thnn_function_backend,  # a no-op: what modules saved by torch < 1.5 hold as their _backend
+        *([_get_thnn_function_backend] if _get_thnn_function_backend else []),
     )},
     "__builtin__.set": set,  # Module._non_persistent_buffers_set, as pickle protocol 2 names it
 }
