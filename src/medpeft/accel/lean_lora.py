@@ -138,7 +138,7 @@ def _forward(ctx, x, gelu, weights, bias, slices, *factors):
     ctx.save_for_backward(*sources, *weights, *xas, *factors)
     ctx.source, ctx.n_sources, ctx.n_weights = kind, len(sources), len(weights)
     ctx.dtype, ctx.x_shape, ctx.x_dtype, ctx.slices = dtype, x.shape, x.dtype, slices
-    return out.view(*x.shape[:-1], out.shape[-1])
+    return out  # (tokens, out): lora_linear views it; a view made here could not be changed in place
 
 
 def _grad_as(ctx, sources, gybs) -> list[torch.Tensor]:
@@ -219,8 +219,10 @@ def lora_linear(x: torch.Tensor, weights: tuple[torch.Tensor, ...], bias: torch.
     device = x.device.type
     function = _FUNCTIONS.get(device) or _FUNCTIONS.setdefault(device, _make_function(device))
     if gelu_input is None:
-        return function.apply(x, None, weights, bias, slices, *factors)
-    return function.apply(gelu_input[0], (x, gelu_input[1]), weights, bias, slices, *factors)
+        out = function.apply(x, None, weights, bias, slices, *factors)
+    else:
+        out = function.apply(gelu_input[0], (x, gelu_input[1]), weights, bias, slices, *factors)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _frozen(layer: nn.Module) -> bool:

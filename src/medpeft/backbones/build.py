@@ -40,6 +40,9 @@ def create_backbone(config: ModelConfig, num_classes: int) -> tuple[nn.Module, L
                                   f"network, give model.weights a local checkpoint file") from None
         raise ConfigError(f"model {config.name!r} could not be built: {first}") from None
     _check_whole_patches(model, config)
+    for module in model.modules():  # Eva attention with q/v biases: call its qkv Linear (that methods wrap)
+        if getattr(module, "q_bias", None) is not None and hasattr(module, "qkv_bias_separate"):
+            module.qkv_bias_separate = True  # qkv(x) + bias, instead of F.linear on qkv.weight
     report = None
     if config.weights not in ("random", "timm"):
         entry = config.entry

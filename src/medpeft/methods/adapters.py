@@ -63,7 +63,7 @@ def apply_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
     for block in _blocks(model):
         sites = [block.attn, block.mlp] if config.placement == "houlsby" else [block.mlp]
         for site in sites:
-            site.adapter = Bottleneck(model.embed_dim, config.hidden).to(model.cls_token.device)
+            site.adapter = Bottleneck(model.embed_dim, config.hidden).to(model.patch_embed.proj.weight.device)
             site.register_forward_hook(_sequential)
     return model
 
@@ -71,7 +71,7 @@ def apply_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
 def apply_adaptformer(model: nn.Module, config: AdaptFormerConfig) -> nn.Module:
     freeze_all_but_head(model)
     for block in _blocks(model):
-        block.mlp.adapter = Bottleneck(model.embed_dim, config.hidden).to(model.cls_token.device)
+        block.mlp.adapter = Bottleneck(model.embed_dim, config.hidden).to(model.patch_embed.proj.weight.device)
         block.mlp.adapter_scale = config.scale
         block.mlp.register_forward_hook(_parallel)
     return model

@@ -44,7 +44,7 @@ def apply(model: nn.Module, config: FacTConfig) -> nn.Module:
     if blocks is None or not all(isinstance(b.attn.qkv, nn.Linear) for b in blocks):
         raise ConfigError("FacT-TT needs a timm ViT with fused attn.qkv linear layers")
     freeze_all_but_head(model)
-    dim, device = model.embed_dim, model.cls_token.device
+    dim, device = model.embed_dim, model.patch_embed.proj.weight.device
     if blocks[0].attn.qkv.out_features != 3 * dim:
         raise ConfigError("FacT-TT needs attention width == embed_dim")
     model.fact_u = nn.Parameter(nn.init.xavier_uniform_(torch.empty(config.r, dim, device=device)))

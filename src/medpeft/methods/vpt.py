@@ -35,10 +35,13 @@ def apply(model: nn.Module, config: VPTShallowConfig) -> nn.Module:
         raise ConfigError("VPT needs a transformer backbone with .blocks (a timm ViT)")
     freeze_all_but_head(model)
     layers = len(blocks) if config.deep else 1
-    prompts = torch.empty(layers, config.tokens, model.embed_dim, device=model.cls_token.device)
+    prompts = torch.empty(layers, config.tokens, model.embed_dim, device=model.patch_embed.proj.weight.device)
     bound = math.sqrt(6.0 / (config.tokens + model.embed_dim))  # Xavier uniform, as in VPT
     model.vpt_prompts = nn.Parameter(nn.init.uniform_(prompts, -bound, bound))
     prefix, count = model.num_prefix_tokens, config.tokens
+    for block in blocks:  # rotary attention (Eva: DINOv3, EVA-02) rotates the tokens after its prefix only
+        if hasattr(getattr(block, "attn", None), "num_prefix_tokens"):
+            block.attn.num_prefix_tokens = prefix + count  # the prompts sit in the prefix, unrotated
 
     def insert(block_index):
         def hook(block, args):
