@@ -101,3 +101,16 @@ def test_rad_dino_folder_with_only_the_meta_layout_file_loads(run_config, tmp_pa
     assert report.path.endswith("rad-dino") and report.ignored == ["mask_token"]
     images = torch.randn(2, 3, 28, 28)
     torch.testing.assert_close(pooled_features(model, images), pooled_features(source, images), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(CATALOGUE))
+def test_every_entry_refuses_another_models_checkpoint_in_one_line_naming_a_key(tmp_path, name):
+    """A checkpoint of another family (a ResNet's for the ViTs, a ViT's for the CNNs) is never loaded."""
+    other = "vit_tiny_patch16_224" if CATALOGUE[name].architecture.startswith(("densenet", "resnet")) else "resnet18"
+    torch.save(timm.create_model(other, num_classes=2).state_dict(), tmp_path / "other.pth")
+    size = 28 if "patch14" in CATALOGUE[name].architecture else 32
+    config = ModelConfig(name=name, weights=str(tmp_path / "other.pth"), img_size=size, drop_path_rate=0.0,
+                         kwargs={} if other.startswith("vit") else {"embed_dim": 32, "depth": 1, "num_heads": 2})
+    with pytest.raises(CheckpointError, match=r"other.pth: .*'[\w.]+'") as error:
+        create_backbone(config, num_classes=2)
+    assert "\n" not in str(error.value)

@@ -46,9 +46,10 @@ def test_hugging_face_dinov2_folder_gives_transformers_features(run_config, tmp_
 
 
 @pytest.mark.parametrize("method", ["lora", "linear_probe"])
-def test_lora_and_linear_probe_train_a_step_on_rad_dino(run_config, tmp_path, method):
-    hf_dinov2(tmp_path / "hf")
-    train_one_step(catalogue_config(run_config, "rad-dino", tmp_path / "hf", method=method, **TINY))
+@pytest.mark.parametrize("name, registers", [("rad-dino", 0), ("dinov2-vitb14", 0), ("dinov2-vitb14-reg", 4)])
+def test_lora_and_linear_probe_train_a_step_on_each_entry(run_config, tmp_path, method, name, registers):
+    hf_dinov2(tmp_path / "hf", registers)
+    train_one_step(catalogue_config(run_config, name, tmp_path / "hf", method=method, **TINY))
 
 
 def test_the_entry_supplies_the_preprocessing_and_a_user_value_wins(run_config, tmp_path):

@@ -84,10 +84,10 @@ def test_a_sharded_hub_folder_loads(run_config, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["lora", "linear_probe"])
-def test_lora_and_linear_probe_train_a_step_on_medsiglip(run_config, tmp_path, method):
-    hf_siglip(tmp_path / "hf", "medsiglip-448")
-    train_one_step(catalogue_config(run_config, "medsiglip-448", tmp_path / "hf", method=method,
-                                    **tiny("medsiglip-448")))
+@pytest.mark.parametrize("name", list(ENTRIES))
+def test_lora_and_linear_probe_train_a_step_on_each_entry(run_config, tmp_path, method, name):
+    hf_siglip(tmp_path / "hf", name)
+    train_one_step(catalogue_config(run_config, name, tmp_path / "hf", method=method, **tiny(name)))
 
 
 def test_the_entry_supplies_siglip_preprocessing_and_activation(run_config, tmp_path):
