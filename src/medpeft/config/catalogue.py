@@ -84,7 +84,7 @@ CATALOGUE: dict[str, FoundationModel] = {entry.name: entry for entry in (
         # zero_shot.py), over 255 to 4 digits; not CLIP's normalisation.
         "chexzero", "vit_base_patch32_clip_quickgelu_224", ("openai-clip",), 224, (0.398,) * 3, (0.3272,) * 3,
         "1 channel repeated to RGB; long side resized to 320 and zero-padded square, then resized to 224 "
-        "(bicubic)", "MIT",
+        "(bicubic)", "see its repository (MIT or Apache-2.0 + Commons Clause)",
         "Tiu et al. 2022, Nat. Biomed. Eng. (weights: github.com/rajpurkarlab/CheXzero)", text=True),
     # MedSigLIP's vision tower is SigLIP so400m at 448 px (model card: "400M parameter vision encoder",
     # 448x448): hidden 1152, 27 layers, 16 heads, MLP 4304, patch 14, MAP head, as in the config.json of
