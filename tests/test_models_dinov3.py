@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from medpeft.backbones import create_backbone
 from medpeft.backbones.layouts import LAYOUTS
+from medpeft.config.catalogue import CATALOGUE
 from medpeft.errors import CheckpointError
 
 from model_checks import catalogue_config, pooled_features, train_one_step
@@ -75,7 +76,7 @@ def test_hugging_face_dinov3_folder_gives_transformers_features(run_config, tmp_
         expected = source(pixel_values=images).pooler_output
     torch.testing.assert_close(pooled_features(model, images), expected, atol=1e-4, rtol=0)
     assert report.ignored == ["embeddings.mask_token"] and set(report.fresh) == {"head.weight", "head.bias"}
-    # The entry's model has no query/value bias: the published ViT-B's zero ones are left over, and named.
+    # A model built without query/value biases takes zero ones only, named as left over.
     assert len(report.unexpected) == (0 if biases else 4)
 
 
@@ -93,12 +94,16 @@ def test_meta_dinov3_file_gives_the_source_models_features(run_config, tmp_path,
     assert report.ignored == ["mask_token"] and not report.unexpected
 
 
-def test_timm_hub_folder_loads_as_saved(run_config, tmp_path):
+@pytest.mark.parametrize("biases", [False, True])
+def test_timm_hub_folder_loads_as_saved(run_config, tmp_path, biases):
+    """timm/vit_base_patch16_dinov3[_qkvb].lvd1689m: without the biases, qkv_bias: false builds the same model."""
+    kwargs = {**TINY["kwargs"], "qkv_bias": biases}
     source = noised(timm.create_model("vit_base_patch16_dinov3", num_classes=0, global_pool="token", img_size=64,
-                                      **TINY["kwargs"]))
+                                      **kwargs))
     (tmp_path / "timm").mkdir()
     save_file(source.state_dict(), tmp_path / "timm" / "model.safetensors")
-    model, _ = create_backbone(catalogue_config(run_config, "dinov3-vitb16", tmp_path / "timm", **TINY).model, 2)
+    config = catalogue_config(run_config, "dinov3-vitb16", tmp_path / "timm", **{**TINY, "kwargs": kwargs})
+    model, _ = create_backbone(config.model, 2)
     images = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(pooled_features(model, images), pooled_features(source, images), atol=1e-4, rtol=0)
 
@@ -130,15 +135,15 @@ def test_a_dinov3_of_another_width_is_refused_naming_the_key(run_config, tmp_pat
 def test_the_published_vit_b16_keys_and_shapes_are_what_timms_model_expects():
     """facebook/dinov3-vitb16-pretrain-lvd1689m's config.json numbers, built on the meta device (no
     weights): every converted key is a timm key of the same shape, and every timm backbone key is there;
-    the entry's model has no query/value bias (the published ones are 0)."""
+    the entry builds the variant with the published query/value biases."""
     config = transformers.DINOv3ViTConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                           num_attention_heads=12, patch_size=16, num_register_tokens=4,
                                           image_size=224, query_bias=True, key_bias=False, value_bias=True)
     with torch.device("meta"):
         published = transformers.DINOv3ViTModel(config).state_dict()
         with_biases = timm.create_model("vit_base_patch16_dinov3_qkvb", num_classes=0).state_dict()
-        entry_model = timm.create_model("vit_base_patch16_dinov3", num_classes=0).state_dict()
+        entry_model = timm.create_model(CATALOGUE["dinov3-vitb16"].architecture, num_classes=0).state_dict()
     converted, dropped = LAYOUTS["hf-dinov3"].convert(published)
     assert dropped == ["embeddings.mask_token"]
     assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in with_biases.items()}
-    assert set(entry_model) == {k for k in converted if not k.endswith(("attn.q_bias", "attn.v_bias"))}
+    assert {k: v.shape for k, v in entry_model.items()} == {k: v.shape for k, v in with_biases.items()}

@@ -70,10 +70,12 @@ CATALOGUE: dict[str, FoundationModel] = {entry.name: entry for entry in (
         IMAGENET_MEAN, IMAGENET_STD, f"{_DINO_CROP} to 518", "Apache-2.0",
         "Darcet et al. 2024, ICLR (arXiv 2309.16588)", hub="facebook/dinov2-with-registers-base"),
     FoundationModel(
-        "dinov3-vitb16", "vit_base_patch16_dinov3", ("hf-dinov3", "meta-dinov3", "timm"), 256, IMAGENET_MEAN,
-        IMAGENET_STD, "RGB; resize to 256 (RoPE: any multiple of 16)", "DINOv3 License (Meta)",
-        "Simeoni et al. 2025 (arXiv 2508.10104)", hub="timm/vit_base_patch16_dinov3.lvd1689m",
-        global_pool="token"),  # the class token, as DINOv3 and transformers' pooler_output (timm's default: avg)
+        # With the query and value biases Meta publishes (the _qkvb variant: the published file as it is,
+        # whatever their values); the class token, as DINOv3 and transformers' pooler_output.
+        "dinov3-vitb16", "vit_base_patch16_dinov3_qkvb", ("hf-dinov3", "meta-dinov3", "timm"), 256,
+        IMAGENET_MEAN, IMAGENET_STD, "RGB; resize to 256 (RoPE: any multiple of 16)", "DINOv3 License (Meta)",
+        "Simeoni et al. 2025 (arXiv 2508.10104)", hub="facebook/dinov3-vitb16-pretrain-lvd1689m",
+        global_pool="token"),
     FoundationModel(
         "biomedclip", "vit_base_patch16_224", ("open-clip-timm",), 224, CLIP_MEAN, CLIP_STD,
         "RGB; resize the short side to 224, centre crop", "MIT",

@@ -8,7 +8,7 @@ Meta's keys are converted by timm's own Eva filter (``storage_tokens`` -> ``reg_
 left out; the RoPE ``periods`` buffer, ``qkv.bias_mask`` and ``mask_token`` dropped: timm computes the
 RoPE frequencies). Hugging Face's keys are mapped here: separate q/k/v projections fused into
 ``attn.qkv``, the query and value biases onto Eva's ``q_bias`` / ``v_bias`` (DINOv3 has no key bias;
-Eva's is a fixed zero); a model without them reports them as unexpected keys.
+Eva's is a fixed zero); a model built without them takes them only where they are zero.
 """
 
 from __future__ import annotations
