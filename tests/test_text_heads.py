@@ -185,3 +185,21 @@ def test_zero_shot_evaluation_scores_the_untrained_text_head_on_the_test_split(r
     head = logits(loaded, images)
     expected = roc_auc_score(test["bright"], head[:, 0])
     assert metrics["n"] == len(test) and abs(metrics["per_label"]["bright"]["auroc"] - expected) < 1e-6
+
+
+def test_a_trained_text_head_run_reloads_and_exports_without_a_timm_file(run_config, tmp_path):
+    import medpeft
+    from medpeft.config import config_from_dict
+
+    tiny_openai_clip(tmp_path / "chexzero.pt")
+    run_config["train"]["epochs"] = 1
+    config = catalogue_config(run_config, "chexzero", tmp_path / "chexzero.pt", head_init="text", **CLIP_TINY)
+    medpeft.train(config_from_dict(config.to_dict()), quiet=True)
+    run = medpeft.load_run(config.output_dir)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        trained = run.model(images)
+    assert not torch.allclose(trained, logits(config, images))  # the head trained away from its start
+    manifest = run.export(tmp_path / "export")
+    assert manifest["merged"] is True and "text-initialised head" in manifest["merge_note"]
+    assert set(manifest["max_abs_diff"]) == {"torchscript", "onnx"}  # the LoRA merged; no timm file

@@ -51,8 +51,11 @@ def export(run, out_dir) -> dict:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(out_dir) as tmp:
         diffs = {}
-        if model is not None:
+        if model is not None and run.config.model.head_init != "text":
             diffs["safetensors"] = _save_timm(model, tmp, run, x, expected)
+        elif model is not None:
+            merge_note += ("; its text-initialised head (a fixed projection and normalisation before the "
+                           "classifier) is no timm model: no model.safetensors")
         network = model if model is not None else reference  # not a copy: hooks may close over it
         diffs["torchscript"] = _save_torchscript(network, tmp / TORCHSCRIPT, x, expected)
         diffs["onnx"] = _save_onnx(network, tmp / ONNX, x, expected)
