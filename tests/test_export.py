@@ -58,8 +58,8 @@ def exported(squares_csv, tmp_path_factory):
 
 
 def inputs(seed: int = 1) -> torch.Tensor:
-    """Batch 3: neither the trace's batch (1) nor export's own check (2)."""
-    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    """Batch 4: neither the trace's batch (1), ONNX's example (2) nor export's own check (3)."""
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
 def logits(run, x: torch.Tensor) -> torch.Tensor:
@@ -126,6 +126,20 @@ def test_cnn_run_exports_and_loads_with_timm_alone(exported, method, tmp_path):
     out, loaded = with_timm_alone(folder, x, tmp_path)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
     assert loaded["parameters"] == manifest["parameters"]
+    assert_torchscript_and_onnx_match(folder, x, expected)
+
+
+@pytest.mark.parametrize("name", ["siglip-vitb16", "dinov3-vitb16"])
+def test_catalogue_models_export_and_load_with_timm_alone(exported, name, tmp_path):
+    """SigLIP's MAP head (its latent expanded to the batch) and DINOv3's RoPE Eva, with their entries' kwargs."""
+    model = {"name": name, "weights": "random", "img_size": 32, "drop_path_rate": 0.0,
+             "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2}}
+    run, manifest, folder = exported(LORA, model)
+    x = inputs()
+    expected = logits(run, x)
+    assert set(manifest["max_abs_diff"]) == {"safetensors", "torchscript", "onnx"}
+    out, _ = with_timm_alone(folder, x, tmp_path)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
     assert_torchscript_and_onnx_match(folder, x, expected)
 
 
