@@ -98,7 +98,7 @@ def test_rad_dino_folder_with_only_the_meta_layout_file_loads(run_config, tmp_pa
     (tmp_path / "rad-dino").mkdir()
     save_file(meta, tmp_path / "rad-dino" / "backbone_compatible.safetensors")
     model, report = create_backbone(catalogue_config(run_config, "rad-dino", tmp_path / "rad-dino", **tiny).model, 2)
-    assert report.path.endswith("rad-dino") and report.ignored == ["mask_token"]
+    assert report.path.endswith("rad-dino") and report.ignored == ["mask_token"] and report.layout == "meta-dinov2"
     images = torch.randn(2, 3, 28, 28)
     torch.testing.assert_close(pooled_features(model, images), pooled_features(source, images), atol=1e-4, rtol=0)
 

@@ -43,6 +43,7 @@ def test_hugging_face_dinov2_folder_gives_transformers_features(run_config, tmp_
         expected = source(pixel_values=images).pooler_output
     torch.testing.assert_close(pooled_features(model, images), expected, atol=1e-4, rtol=0)
     assert report.ignored == ["embeddings.mask_token"] and set(report.fresh) == {"head.weight", "head.bias"}
+    assert report.layout == "hf-dinov2" and "(hf-dinov2 layout)" in report.summary()
 
 
 @pytest.mark.parametrize("method", ["lora", "linear_probe"])

@@ -38,6 +38,8 @@ class LoadReport:
     """What happened to each key of a checkpoint when it was loaded into a model."""
 
     path: str
+    layout: str = "timm"
+    """The published layout it was read in (medpeft.backbones.layouts); 'timm' for a timm state_dict."""
     loaded: list = field(default_factory=list)
     ignored: list = field(default_factory=list)
     """Pretraining-only keys (MAE decoder, mask token) and keys outside the backbone prefix."""
@@ -48,7 +50,7 @@ class LoadReport:
     unexpected: list = field(default_factory=list)
 
     def summary(self) -> str:
-        parts = [f"loaded {len(self.loaded)} tensors from {self.path}"]
+        parts = [f"loaded {len(self.loaded)} tensors from {self.path} ({self.layout} layout)"]
         for label, keys in (("ignored", self.ignored), ("head skipped", self.head_skipped),
                             ("initialised fresh", self.fresh), ("unexpected", self.unexpected)):
             if keys:
@@ -202,6 +204,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, layouts: Iterable[str] |
     expected = [LAYOUTS[name] for name in layouts] if layouts is not None else []
     published = read_state_dict(path, expected)
     layout, prefix = _recognise(published, expected, path)
+    report.layout = layout.name if layout is not None else "timm"
     if layout is not None and layout.convert is not None:
         report.ignored.extend(k for k in published if not k.startswith(prefix))
         published, dropped = layout.convert({k[len(prefix):]: v for k, v in published.items() if k.startswith(prefix)})
