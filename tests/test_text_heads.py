@@ -203,3 +203,11 @@ def test_a_trained_text_head_run_reloads_and_exports_without_a_timm_file(run_con
     manifest = run.export(tmp_path / "export")
     assert manifest["merged"] is True and "text-initialised head" in manifest["merge_note"]
     assert set(manifest["max_abs_diff"]) == {"torchscript", "onnx"}  # the LoRA merged; no timm file
+
+
+def test_a_study_cell_with_a_text_head_passes_the_check_before_the_grid_runs(run_config, tmp_path):
+    """medpeft study run builds every cell on the meta device first, without reading the weights."""
+    from medpeft.engine.assemble import check_buildable
+
+    tiny_openai_clip(tmp_path / "chexzero.pt")
+    check_buildable(catalogue_config(run_config, "chexzero", tmp_path / "chexzero.pt", head_init="text", **CLIP_TINY))

@@ -98,7 +98,8 @@ def check_buildable(config: RunConfig, where: str = "") -> None:
         method = replace(method, total_step=1_000_000)
     try:
         with torch.device("meta"):
-            build_model(replace(config, model=replace(config.model, weights="random"), method=method,
+            model = replace(config.model, weights="random", head_init="random")  # a text head reads the file
+            build_model(replace(config, model=model, method=method,
                                 train=replace(config.train, accel=False)))
     except ConfigError as e:
         raise ConfigError(f"{where}{e}") from None
