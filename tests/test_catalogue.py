@@ -73,7 +73,7 @@ def test_a_method_that_cannot_apply_to_the_entrys_family_is_refused_at_config_lo
 TINY_VIT_B = {"img_size": 32, "drop_path_rate": 0.0, "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2}}
 
 
-@pytest.mark.parametrize("name", ["mrm", "medical-mae-vits16", "medical-mae-vitb16"])
+@pytest.mark.parametrize("name", ["mrm", "cxr-mae", "medical-mae-vits16", "medical-mae-vitb16"])
 def test_mae_family_checkpoints_load_with_average_pooling_and_train(run_config, tmp_path, name):
     source = create_backbone(ModelConfig(name=CATALOGUE[name].architecture, weights="random", **TINY_VIT_B),
                              num_classes=0)[0]

@@ -120,6 +120,11 @@ CATALOGUE: dict[str, FoundationModel] = {entry.name: entry for entry in (
         "Zhou et al. 2023, ICLR (arXiv 2301.13155); weights MRM.pth from github.com/RL4M/MRM-pytorch",
         global_pool="avg"),
     FoundationModel(
+        "cxr-mae", "vit_base_patch16_224", ("mae",), 224, IMAGENET_MEAN, IMAGENET_STD,
+        "RGB (gray repeated), resize to 224", "see its repository",
+        "the MAE ViT-B/16 of MED-PEFT, Lian et al. 2024 (arXiv 2401.12215); weights CXR_MAE.pth from "
+        "github.com/RL4M/MED-PEFT", global_pool="avg"),
+    FoundationModel(
         "medical-mae-vits16", "vit_small_patch16_224", ("mae",), 224, (0.5056,) * 3, (0.252,) * 3,
         "RGB (gray repeated), resize to 224", "see its repository",
         "Xiao et al. 2023, WACV (arXiv 2210.12843); github.com/lambert-x/medical_mae vit-s_CXR_0.3M_mae.pth",
