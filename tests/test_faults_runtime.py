@@ -67,12 +67,14 @@ def interrupted_run(run_config, tmp_path) -> Path:
 
 def test_ctrl_c_exits_130_with_one_line_and_the_same_command_resumes(run_config, tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({**run_config, "train": {**run_config["train"], "epochs": 5}}))
+    # Enough epochs that the run is surely still training when the signal comes after its first checkpoint.
+    config.write_text(yaml.safe_dump({**run_config, "train": {**run_config["train"], "epochs": 20}}))
     run_dir = Path(run_config["output_dir"])
     train = medpeft_process("train", str(config))
     deadline = time.time() + 60
     while not (run_dir / "checkpoint.pt").is_file() and time.time() < deadline:  # the first epoch is done
         time.sleep(0.02)
+    assert train.poll() is None, "the run ended before it could be interrupted"
     train.send_signal(signal.SIGINT)
     _, stderr = train.communicate(timeout=60)
     assert train.returncode == 130
