@@ -56,6 +56,9 @@ class FoundationModel:
 
 
 _DINO_CROP = "RGB; resize the short side, centre crop"
+_XRV_INPUT = ("1 gray channel in [-1024, 1024] (repeated into RGB, the first conv's weight split over the 3 "
+              "channels); centre crop, resize")
+_XRV_PAPER = "Cohen et al. 2022, MIDL (arXiv 2111.00595)"
 CATALOGUE: dict[str, FoundationModel] = {entry.name: entry for entry in (
     FoundationModel(
         "rad-dino", "vit_base_patch14_dinov2", ("hf-dinov2", "meta-dinov2"), 518, (0.5307,) * 3, (0.2583,) * 3,
@@ -103,17 +106,11 @@ CATALOGUE: dict[str, FoundationModel] = {entry.name: entry for entry in (
         "RGB; resize to 224, scale to [-1, 1]", "Apache-2.0", "Zhai et al. 2023, ICCV (arXiv 2303.15343)",
         hub="google/siglip-base-patch16-224", kwargs={"act_layer": "gelu_tanh"}, text=True),
     FoundationModel(
-        "xrv-densenet121-all", "densenet121", ("xrv-module",), 224, HALF, XRV_STD,
-        "1 gray channel in [-1024, 1024] (repeated into RGB, the first conv's weight split over the 3 "
-        "channels); centre crop, resize to 224", "Apache-2.0",
-        "Cohen et al. 2022, MIDL (arXiv 2111.00595); weights densenet121-res224-all",
-        drop_path_rate=0.0),
+        "xrv-densenet121-all", "densenet121", ("xrv-module",), 224, HALF, XRV_STD, f"{_XRV_INPUT} to 224", "Apache-2.0",
+        f"{_XRV_PAPER}; weights densenet121-res224-all", drop_path_rate=0.0),
     FoundationModel(
-        "xrv-resnet50-all", "resnet50", ("xrv-resnet",), 512, HALF, XRV_STD,
-        "1 gray channel in [-1024, 1024] (repeated into RGB, the first conv's weight split over the 3 "
-        "channels); centre crop, resize to 512", "Apache-2.0",
-        "Cohen et al. 2022, MIDL (arXiv 2111.00595); weights resnet50-res512-all",
-        drop_path_rate=0.0),
+        "xrv-resnet50-all", "resnet50", ("xrv-resnet",), 512, HALF, XRV_STD, f"{_XRV_INPUT} to 512", "Apache-2.0",
+        f"{_XRV_PAPER}; weights resnet50-res512-all", drop_path_rate=0.0),
     FoundationModel(
         "mrm", "vit_base_patch16_224", ("mae",), 224, IMAGENET_MEAN, IMAGENET_STD,
         "RGB (gray repeated), resize to 224", "see its repository",
