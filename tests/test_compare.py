@@ -9,7 +9,9 @@ from medpeft.metrics.classification import classification_metrics
 from medpeft.metrics.compare import (
     bootstrap_auroc_difference,
     bootstrap_auroc_difference_over_seeds,
+    bootstrap_indices,
     delong_test,
+    label_strata,
     resampled_mean_aurocs,
 )
 
@@ -124,13 +126,26 @@ def test_delong_drops_unknown_targets_and_refuses_a_one_class_label():
         delong_test(np.array([0, 0, 0, 1, 0]), rng.random(5), rng.random(5))  # 1 positive: no variance
 
 
-def _reference_replicates(targets, scores_a, scores_b, n_resamples, seed):
-    """A plain loop: the same row draws, per-label sklearn AUROC on known rows, mean over defined labels."""
+def _reference_strata(targets):
+    """Each image's positive label with the fewest known positives (first such label on a tie), else K."""
+    counts = [int(np.sum(targets[:, j] == 1)) for j in range(targets.shape[1])]
+    strata = []
+    for row in targets:
+        positive = [j for j in range(len(row)) if row[j] == 1]
+        strata.append(min(positive, key=lambda j: (counts[j], j)) if positive else len(row))
+    return np.array(strata)
+
+
+def _reference_replicates(targets, scores_a, scores_b, n_resamples, seed, stratified=False):
+    """A plain loop: the same row draws (one rng.integers per resample, or per stratum in ascending
+    order when stratified), per-label sklearn AUROC on known rows, mean over defined labels."""
     rng = np.random.default_rng(seed)
     n, k = targets.shape
+    strata = _reference_strata(targets) if stratified else np.zeros(n, int)
     out = []
     for _ in range(n_resamples):
-        rows = rng.integers(0, n, size=n)
+        rows = np.concatenate([np.flatnonzero(strata == s)[rng.integers(0, np.sum(strata == s), np.sum(strata == s))]
+                               for s in sorted(set(strata.tolist()))])
         means = []
         for scores in (scores_a, scores_b):
             areas = []
@@ -146,17 +161,17 @@ def _reference_replicates(targets, scores_a, scores_b, n_resamples, seed):
 
 def test_bootstrap_replicates_equal_a_plain_loop_with_the_same_draws():
     y, a, b = _scores(seed=2, n=80, k=3)
-    ours = resampled_mean_aurocs(y, a, b, n_resamples=25, seed=7)
+    ours = resampled_mean_aurocs(y, a, b, n_resamples=25, seed=7, stratify=False)
     np.testing.assert_allclose(ours, _reference_replicates(y, a, b, 25, seed=7), rtol=0, atol=1e-12)
     # Tiny sample: a label is often one-class in a resample, and sometimes no label is defined.
     y = np.array([[1, 0], [0, np.nan], [0, 0], [0, 1], [0, 0], [0, 0]], dtype=float)
     rng = np.random.default_rng(3)
     a, b = rng.random(y.shape), rng.random(y.shape)
-    ours = resampled_mean_aurocs(y, a, b, n_resamples=60, seed=1)
+    ours = resampled_mean_aurocs(y, a, b, n_resamples=60, seed=1, stratify=False)
     reference = _reference_replicates(y, a, b, 60, seed=1)
     assert 0 < np.isnan(reference[:, 0]).sum() < 60
     np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-12)  # NaN rows in the same places
-    result = bootstrap_auroc_difference(y, a, b, n_resamples=60, seed=1)
+    result = bootstrap_auroc_difference(y, a, b, n_resamples=60, seed=1, stratify=False)
     assert result.n_skipped == np.isnan(reference[:, 0]).sum()
     assert result.n_resamples == 60 - result.n_skipped
 
@@ -221,9 +236,9 @@ def test_bootstrap_over_seeds_skips_a_resample_skipped_in_any_seed():
     rng = np.random.default_rng(3)
     tiny = (y, rng.random(y.shape), rng.random(y.shape))
     large = _scores(seed=13, n=6, k=2, nan_fraction=0.0)
-    skipped = np.isnan(resampled_mean_aurocs(*tiny, n_resamples=60, seed=1)[:, 0])
-    skipped |= np.isnan(resampled_mean_aurocs(*large, n_resamples=60, seed=1)[:, 0])
-    result = bootstrap_auroc_difference_over_seeds([tiny, large], n_resamples=60, seed=1)
+    skipped = np.isnan(resampled_mean_aurocs(*tiny, n_resamples=60, seed=1, stratify=False)[:, 0])
+    skipped |= np.isnan(resampled_mean_aurocs(*large, n_resamples=60, seed=1, stratify=False)[:, 0])
+    result = bootstrap_auroc_difference_over_seeds([tiny, large], n_resamples=60, seed=1, stratify=False)
     assert 0 < result.n_skipped == skipped.sum() and result.n_resamples == 60 - skipped.sum()
 
 
@@ -247,3 +262,59 @@ def test_bootstrap_is_vectorised_2000_resamples_of_1000_images_and_3_labels():
     result = bootstrap_auroc_difference(y, a, b, n_resamples=2000)
     assert time.perf_counter() - start < 5.0  # a few tenths of a second when vectorised; a loop takes minutes
     assert result.n_resamples == 2000 and result.ci_low > 0
+
+
+def test_label_strata_are_each_images_rarest_positive_label():
+    y = np.array([[1, 1], [0, 1], [1, 0], [0, 0], [np.nan, 1], [1, np.nan]])
+    # label 0: 3 known positives, label 1: 3 -> a tie, label 0 first; an image positive for none: stratum 2
+    np.testing.assert_array_equal(label_strata(y), [0, 1, 0, 2, 1, 0])
+    # without image 4, label 1 has 2 known positives and label 0 has 3: image 0 (positive for both) goes to 1
+    np.testing.assert_array_equal(label_strata(y[[0, 1, 2, 3, 5]]), [1, 1, 0, 2, 0])
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, (200, 4)).astype(float) * (rng.random((200, 4)) < [0.05, 0.5, 0.2, 0.2])
+    y[rng.random((200, 4)) < 0.1] = np.nan
+    np.testing.assert_array_equal(label_strata(y), _reference_strata(y))
+
+
+def test_stratified_replicates_equal_a_plain_loop_drawing_within_each_stratum():
+    y, a, b = _scores(seed=6, n=90, k=3)
+    ours = resampled_mean_aurocs(y, a, b, n_resamples=30, seed=5)
+    np.testing.assert_allclose(ours, _reference_replicates(y, a, b, 30, seed=5, stratified=True), rtol=0, atol=1e-12)
+    # One stratum (a single label, no positive: nothing to stratify) draws the same rows as no stratification.
+    rows = np.stack(list(bootstrap_indices(50, 20, 3, np.zeros(50, int))))
+    np.testing.assert_array_equal(rows, np.stack(list(bootstrap_indices(50, 20, 3))))
+
+
+def test_a_rare_label_is_lost_in_unstratified_resamples_counted_and_kept_in_every_stratified_one():
+    rng = np.random.default_rng(11)
+    y = np.zeros((60, 2))
+    y[[5, 40], 0] = 1  # 2 positives in 60 images
+    y[:, 1] = rng.integers(0, 2, 60)
+    a, b = y + rng.normal(0, 1, y.shape), y + rng.normal(0, 1.5, y.shape)
+    plain = bootstrap_auroc_difference(y, a, b, n_resamples=1000, seed=0, stratify=False)
+    # A resample loses label 0 when it draws neither positive: (58/60)^60 = 13% of resamples; counted by a loop.
+    draws = np.random.default_rng(0).integers(0, 60, (1000, 60))
+    lost = np.sum([len(np.unique(y[rows, 0])) < 2 or len(np.unique(y[rows, 1])) < 2 for rows in draws])
+    assert plain.n_label_lost == lost and 0.08 < lost / 1000 < 0.18
+    assert (plain.stratified, plain.n_skipped) == (False, 0)  # label 1 stays: no resample is skipped
+    stratified = bootstrap_auroc_difference(y, a, b, n_resamples=1000, seed=0)
+    assert (stratified.stratified, stratified.n_label_lost, stratified.n_skipped) == (True, 0, 0)
+    for rows in bootstrap_indices(60, 1000, 0, label_strata(y)):
+        assert y[rows, 0].sum() == 2
+    assert stratified.estimate == plain.estimate
+
+
+def test_bootstrap_p_value_is_one_for_identical_models_small_for_a_clearly_better_one_and_symmetric():
+    rng = np.random.default_rng(12)
+    y = rng.integers(0, 2, (300, 2)).astype(float)
+    a = y + rng.normal(0, 0.7, y.shape)
+    assert bootstrap_auroc_difference(y, a, a.copy(), n_resamples=500).p_value == 1.0
+    better = bootstrap_auroc_difference(y, a, y + rng.normal(0, 2.0, y.shape), n_resamples=500)
+    assert better.estimate > 0 and better.p_value == pytest.approx(2 / 501)  # no resampled difference <= 0
+    close = y + rng.normal(0, 0.75, y.shape)
+    forward = bootstrap_auroc_difference(y, a, close, n_resamples=500, seed=2)
+    backward = bootstrap_auroc_difference(y, close, a, n_resamples=500, seed=2)
+    differences = np.subtract(*resampled_mean_aurocs(y, a, close, n_resamples=500, seed=2).T)
+    expected = 2 * (min(np.sum(differences <= 0), np.sum(differences >= 0)) + 1) / 501
+    assert forward.p_value == backward.p_value == pytest.approx(min(1.0, expected))
+    assert 0.01 < forward.p_value  # a small difference: not significant
