@@ -14,6 +14,7 @@ from medpeft.errors import ConfigError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+AGE_BINS = [20, 40, 60, 80]
 DATA_FORMATS = Registry("data.format", "dataset format")
 """Dataset formats: each reader file registers its DataConfig subclass here."""
 METHODS = Registry("method.name", "method")
@@ -170,6 +171,8 @@ class DataConfig(Section):
                                "[0, 1]; the gray image is repeated).", length=3, ge=0, le=1)
     std: list[float] = option(IMAGENET_STD, "Per-channel normalisation standard deviation (RGB).", length=3, gt=0)
     num_workers: int = option(0, "DataLoader worker processes (and cache-building processes).", ge=0)
+    age_bins: list[int] = option(AGE_BINS, "Edges (years, strictly increasing) of the age groups of the "
+                                 "subgroup reports: [20, 40, 60, 80] gives 0-19, 20-39, 40-59, 60-79 and 80+.", gt=0)
 
     def default_labels(self) -> tuple[str, ...]:
         """The labels used when ``labels`` is not given."""
@@ -183,6 +186,10 @@ class DataConfig(Section):
         """The plain table (medpeft.data.table) of one label file `path`; each format implements it."""
         raise NotImplementedError
 
+    def subgroups(self) -> list[str]:
+        """The NAMEs of the table's ``meta:NAME`` columns that evaluations report per subgroup."""
+        return []
+
     def validate(self) -> None:
         if not self.labels:
             self.labels = list(self.default_labels())
@@ -195,6 +202,9 @@ class DataConfig(Section):
                               f"(expected some of: {', '.join(known)})")
         if self.task == "multiclass" and len(self.labels) < 2:
             raise ConfigError("data.task 'multiclass' needs at least 2 labels")
+        if not self.age_bins or any(b <= a for a, b in zip(self.age_bins, self.age_bins[1:])):
+            raise ConfigError(f"data.age_bins must be a non-empty list of strictly increasing ages, got "
+                              f"{self.age_bins}")
         if self.split.column and not self.split_column:
             raise ConfigError(f"data.split.column: the '{self.format}' format has no split column (format 'csv')")
 

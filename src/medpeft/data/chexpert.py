@@ -3,6 +3,10 @@
 Cells are 1.0 (positive), 0.0 (negative), -1.0 (uncertain) or blank (not mentioned = negative).
 What an uncertain label becomes is a policy per label: 'ones', 'zeros' or 'ignore' (NaN: masked
 out of the loss and the metric).
+
+Subgroup columns: meta:sex ('Sex': Male -> M, Female -> F, Unknown -> ''), meta:age ('Age' in years, binned
+by data.age_bins), meta:frontal_lateral (Frontal / Lateral) and meta:ap_pa (the AP/PA cell of a frontal
+view: AP, PA, or LL / RL where the CSV writes those; '' for laterals).
 """
 
 from __future__ import annotations
@@ -14,8 +18,17 @@ import numpy as np
 import pandas as pd
 
 from medpeft.config import DATA_FORMATS, DataConfig, option
+from medpeft.config.sections import AGE_BINS
 from medpeft.data.labels import CHEXPERT_COMPETITION_LABELS, CHEXPERT_LABELS
-from medpeft.data.table import check_unique_ids, first_row, keep_views, read_table_file, require_columns
+from medpeft.data.table import (
+    META_PREFIX,
+    bin_ages,
+    check_unique_ids,
+    first_row,
+    keep_views,
+    read_table_file,
+    require_columns,
+)
 from medpeft.errors import ConfigError, DataError
 
 UNCERTAINTY_POLICIES = ("ones", "zeros", "ignore")
@@ -28,6 +41,7 @@ UNCERTAINTY_PRESETS = {
     "med-peft": {"default": "zeros", "Atelectasis": "ones", "Edema": "ones", "Pleural Effusion": "ones"},
 }
 _VALUES = {"1.0": 1.0, "1": 1.0, "0.0": 0.0, "0": 0.0, "": 0.0}
+_SEXES = {"Male": "M", "Female": "F", "Unknown": ""}
 
 
 @DATA_FORMATS.register("chexpert")
@@ -54,8 +68,11 @@ class CheXpertData(DataConfig):
         super().validate()
         resolve_uncertainty(self.uncertainty, self.labels)
 
+    def subgroups(self) -> list[str]:
+        return ["sex", "age", "frontal_lateral", "ap_pa"]
+
     def read(self, path: str) -> pd.DataFrame:
-        table = read_chexpert(path, self.labels, self.uncertainty, self.frontal_only, self.image_root)
+        table = read_chexpert(path, self.labels, self.uncertainty, self.frontal_only, self.image_root, self.age_bins)
         return keep_views(table, self.views, path)
 
 
@@ -78,9 +95,11 @@ def resolve_uncertainty(uncertainty: str | dict, labels) -> dict[str, str]:
 
 
 def read_chexpert(csv: str | Path, labels=CHEXPERT_COMPETITION_LABELS, uncertainty: str | dict = "med-peft",
-                  frontal_only: bool = False, image_root: str | Path | None = None) -> pd.DataFrame:
-    """The plain table of a CheXpert CSV. ``image_id`` is the CSV's Path ('CheXpert-v1.0-small/train/...'),
-    resolved against `image_root` (default: the folder above the dataset folder, where the CSV's paths start)."""
+                  frontal_only: bool = False, image_root: str | Path | None = None,
+                  age_bins=AGE_BINS) -> pd.DataFrame:
+    """The plain table of a CheXpert CSV, with the subgroup columns (ages in groups of `age_bins`).
+    ``image_id`` is the CSV's Path ('CheXpert-v1.0-small/train/...'), resolved against `image_root`
+    (default: the folder above the dataset folder, where the CSV's paths start)."""
     csv = Path(csv)
     labels = list(labels)
     unknown = set(labels) - set(CHEXPERT_LABELS)
@@ -88,7 +107,7 @@ def read_chexpert(csv: str | Path, labels=CHEXPERT_COMPETITION_LABELS, uncertain
         raise DataError(f"CheXpert has no label {sorted(unknown)[0]!r} (labels: {list(CHEXPERT_LABELS)})")
     policies = resolve_uncertainty(uncertainty, labels)
     frame = read_table_file(csv, "CheXpert CSV")
-    require_columns(frame, ["Path", "Frontal/Lateral", "AP/PA", *labels], csv)
+    require_columns(frame, ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *labels], csv)
     image_ids = frame["Path"].str.strip()
     check_unique_ids(image_ids, csv)
     patients = image_ids.str.extract(r"(patient\d+)", expand=False)
@@ -111,8 +130,19 @@ def read_chexpert(csv: str | Path, labels=CHEXPERT_COMPETITION_LABELS, uncertain
             raise DataError(f"{csv}: row {row}: column '{name}' has {cells.iloc[row - 2]!r}, "
                             f"expected 1.0, 0.0, -1.0 or blank")
         table[name] = cells.map(_VALUES).fillna(uncertain_value[policies[name]]).astype(np.float32)
+    _add_subgroups(table, frame, frontal, csv, age_bins)
     if frontal_only:
         table = table[frontal.to_numpy()].reset_index(drop=True)
     return table
 
 
+def _add_subgroups(table: pd.DataFrame, frame: pd.DataFrame, frontal: pd.Series, csv: Path, age_bins) -> None:
+    sexes = frame["Sex"].str.strip()
+    bad = ~sexes.isin(list(_SEXES))
+    if bad.any():
+        row = first_row(bad)
+        raise DataError(f"{csv}: row {row}: column 'Sex' has {sexes.iloc[row - 2]!r}, expected one of {list(_SEXES)}")
+    table[META_PREFIX + "sex"] = sexes.map(_SEXES)
+    table[META_PREFIX + "age"] = bin_ages(frame["Age"], age_bins, lambda i: f"{csv}: row {i + 2}: column 'Age'")
+    table[META_PREFIX + "frontal_lateral"] = frame["Frontal/Lateral"].str.strip()
+    table[META_PREFIX + "ap_pa"] = frame["AP/PA"].str.strip().where(frontal, "")

@@ -3,8 +3,9 @@
 Columns: ``image_id`` (the image's name as the dataset writes it; split files list these),
 ``path`` (where the image is read from), ``patient_id``, ``view`` (PA/AP/LL/... or empty),
 optionally ``split``, then one float column per label (1, 0, or NaN = unknown, masked), then
-optionally metadata columns ``meta:NAME`` (strings, carried to split.csv and predictions.csv).
-No reader opens an image file.
+optionally metadata columns ``meta:NAME`` (strings, '' = unknown; carried to split.csv and predictions.csv;
+those named by ``DataConfig.subgroups()`` are reported per subgroup). An age column holds age groups
+(`bin_ages`). No reader opens an image file, except the RSNA reader, which reads each DICOM's header.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pandas as pd
 from medpeft.errors import DataError
 
 META_PREFIX = "meta:"
+_YEARS_PER_UNIT = {"": 1.0, "Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
 
 
 def read_table_file(path, source_name: str = "CSV", encoding: str = "utf-8", **kwargs) -> pd.DataFrame:
@@ -98,3 +100,27 @@ def names_to_targets(cells: pd.Series, labels, negatives, delimiter: str, source
         hit = exploded[exploded == name].index
         targets[hit, k] = 1.0
     return targets
+
+
+def age_group_names(edges) -> list[str]:
+    """The groups of the age `edges` (years): [20, 40] gives '0-19', '20-39', '40+'."""
+    return [f"{lo}-{hi - 1}" for lo, hi in zip([0, *edges], edges)] + [f"{edges[-1]}+"]
+
+
+def bin_ages(cells: pd.Series, edges, place) -> pd.Series:
+    """Age cells -> their group of `age_group_names(edges)`: group i holds edges[i-1] <= age < edges[i]; a
+    blank cell stays ''.
+
+    A cell is years ('58', '58.5') or a DICOM age string ('058Y', '006M', '010W', '003D'), converted to
+    years; it is binned as written (no upper limit). Any other cell is a DataError starting with
+    ``place(i)``, the location of cell i (its file, row and column)."""
+    text = cells.astype(str).str.strip()
+    parts = text.str.extract(r"^(\d+(?:\.\d+)?)([YMWD]?)$")
+    bad = (text != "") & parts[0].isna()
+    if bad.any():
+        i = int(np.argmax(bad.to_numpy()))
+        raise DataError(f"{place(i)} has {text.iloc[i]!r}, expected an age in years (58, 58.5) or a DICOM age "
+                        f"(058Y, 006M, 010W, 003D)")
+    years = parts[0].astype(float) * parts[1].map(_YEARS_PER_UNIT)
+    names = np.array(age_group_names(edges))[np.searchsorted(edges, years.fillna(0).to_numpy(), side="right")]
+    return pd.Series(np.where(text == "", "", names), index=cells.index)
