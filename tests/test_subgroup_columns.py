@@ -69,10 +69,19 @@ def test_a_bad_cell_in_a_subgroup_column_names_its_row(tmp_path):
     csv.write_text("\n".join(rows) + "\n")
     with pytest.raises(DataError, match=r"train.csv: row 3: column 'Sex' has 'female', expected one of "
                                         r"\['Male', 'Female', 'Unknown'\]"):
-        read_chexpert(csv, ["Edema"], uncertainty="zeros")
+        read_chexpert(csv, ["Edema"])
     csv.write_text("\n".join(rows).replace("female,70", "Female,seventy") + "\n")
     with pytest.raises(DataError, match=r"train.csv: row 3: column 'Age' has 'seventy'"):
-        read_chexpert(csv, ["Edema"], uncertainty="zeros")
+        read_chexpert(csv, ["Edema"])
+
+
+def test_an_uncertainty_preset_applies_to_a_subset_of_its_labels():
+    from medpeft.data.chexpert import resolve_uncertainty
+
+    # the phantoms' CheXpert labels leave out Atelectasis and Edema, which the med-peft preset names
+    assert resolve_uncertainty("med-peft", ["Edema", "Cardiomegaly"]) == {"Edema": "ones", "Cardiomegaly": "zeros"}
+    with pytest.raises(ConfigError, match=r"data.uncertainty names labels not in \['Edema'\]: \['Atelectasis'\]"):
+        resolve_uncertainty({"Atelectasis": "ones"}, ["Edema"])
 
 
 def nih_reference_years(ages: pd.Series) -> pd.Series:
@@ -120,3 +129,26 @@ def test_read_dataset_carries_the_subgroup_columns_with_the_configured_age_bins(
     raw = pd.read_csv(path)
     assert counts(table["meta:age"]) == counts(reference_groups(raw["Age"].astype(float), [30, 60]))
     assert set(table["meta:age"]) <= {"0-29", "30-59", "60+"}
+
+
+def test_phantom_layouts_give_the_same_images_targets_and_subgroups_to_both_readers(tmp_path):
+    from phantom_layouts import CHEXPERT_NAMES, NIH_NAMES, write_phantom_layouts
+
+    files = write_phantom_layouts(tmp_path, n_patients=12, size=32)
+    nih = read_dataset(build(DataConfig, {"format": "nih", "csv": files["nih"]}))
+    chexpert = read_dataset(build(DataConfig, {"format": "chexpert", "csv": files["chexpert"],
+                                               "labels": list(CHEXPERT_NAMES.values())}))
+    phantoms = pd.read_csv(tmp_path / "phantoms" / "labels.csv")
+    assert len(nih) == len(chexpert) == len(phantoms)
+    assert nih["patient_id"].nunique() == chexpert["patient_id"].nunique() == 12
+    assert len(pd.read_csv(files["chexpert"][1])) > 0  # valid.csv holds the last patients' images
+    for finding, name in NIH_NAMES.items():
+        assert (nih[name].to_numpy() == phantoms[finding].to_numpy()).all()
+        assert (chexpert[CHEXPERT_NAMES[finding]].to_numpy() == phantoms[finding].to_numpy()).all()
+    assert phantoms[list(NIH_NAMES)].to_numpy().any() and not phantoms[list(NIH_NAMES)].to_numpy().all()
+    for a, b in zip(nih["path"], chexpert["path"]):
+        assert Path(a).read_bytes() == Path(b).read_bytes()
+    assert (nih["meta:sex"] == chexpert["meta:sex"]).all() and set(nih["meta:sex"]) == {"M", "F"}
+    assert (nih["meta:age"] == chexpert["meta:age"]).all() and nih["meta:age"].nunique() > 1
+    assert (nih["meta:view"] == chexpert["meta:ap_pa"]).all() and set(nih["view"]) == {"PA", "AP"}
+    assert (nih.groupby("patient_id")[["meta:sex", "meta:age"]].nunique() == 1).all().all()

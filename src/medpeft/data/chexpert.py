@@ -77,13 +77,14 @@ class CheXpertData(DataConfig):
 
 
 def resolve_uncertainty(uncertainty: str | dict, labels) -> dict[str, str]:
-    """A preset name or a {label: policy} mapping (with optional 'default') -> a policy for every label;
-    ConfigError naming data.uncertainty for an unknown preset, label or policy."""
+    """A preset name (its entries for labels not in `labels` unused) or a {label: policy} mapping (with
+    optional 'default') -> a policy for every label; ConfigError naming data.uncertainty for an unknown
+    preset, label or policy."""
     if isinstance(uncertainty, str):
         if uncertainty not in UNCERTAINTY_PRESETS:
             raise ConfigError(f"data.uncertainty preset {uncertainty!r} is unknown (expected one of "
                               f"{list(UNCERTAINTY_PRESETS)})")
-        uncertainty = UNCERTAINTY_PRESETS[uncertainty]
+        uncertainty = {k: v for k, v in UNCERTAINTY_PRESETS[uncertainty].items() if k in labels or k == "default"}
     unknown = set(uncertainty) - set(labels) - {"default"}
     if unknown:
         raise ConfigError(f"data.uncertainty names labels not in {list(labels)}: {sorted(unknown)}")
