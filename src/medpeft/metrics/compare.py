@@ -134,9 +134,10 @@ def resampled_mean_aurocs(targets: np.ndarray, *scores: np.ndarray, n_resamples:
 
     targets (N, K) or (N,) 0/1/NaN; each scores array has the same shape and is finite where the
     target is known. Resample b uses the rows from `bootstrap_indices(N, n_resamples, seed, strata)`
-    for every model, strata = `label_strata(targets)` if `stratify`, else none. A label is left out of a resample's mean when its known rows in that resample hold
-    one class only (the same labels for every model, as the rows are shared); a resample in which no
-    label has both classes is a row of NaN (skipped by the intervals, not redrawn).
+    for every model, strata = `label_strata(targets)` if `stratify`, else none. A label is left out
+    of a resample's mean when its known rows in that resample hold one class only (the same labels for
+    every model, as the rows are shared); a resample in which no label has both classes is a row of
+    NaN (skipped by the intervals, not redrawn).
     """
     y, s = _as_columns(targets, {f"scores[{i}]": x for i, x in enumerate(scores)})
     return _resampled_mean_aurocs(y, s, n_resamples, seed, stratify)[0]
@@ -190,8 +191,8 @@ def bootstrap_auroc_difference_over_seeds(samples: Sequence[tuple[np.ndarray, np
     return BootstrapResult(estimate=float(estimate), ci_low=interval[0], ci_high=interval[1],
                            confidence=confidence, n_resamples=int(used.size),
                            n_skipped=int(replicates.size - used.size), seed=seed,
-                           p_value=float(min(1.0, 2 * (tail + 1) / (used.size + 1))), n_label_lost=int(lost.sum()),
-                           stratified=stratify)
+                           p_value=float(min(1.0, 2 * (tail + 1) / (used.size + 1))),
+                           n_label_lost=int(lost.sum()), stratified=stratify)
 
 
 def percentile_interval(replicates: np.ndarray, confidence: float) -> tuple[float, float] | None:
