@@ -64,6 +64,8 @@ def test_study_expands_every_combination_with_levels_and_overrides(tmp_path, squ
     ({"overrides": [{"where": {"method": "dora"}, "set": {"method.r": 2}}]}, r"overrides\[0\].where.method: 'dora'"),
     ({"axes": {"method": {"lora": {"method": {"rank": 4}}}}}, r"cell \(backbone=default.*method=lora.*'method.rank'"),
     ({"epochs": 3}, "study key 'epochs' does not exist"),
+    ({"report": {"correction": "bonferroni"}}, r"study.yaml: report.correction must be one of \['holm', 'bh'\]"),
+    ({"report": {"alpha": 0}}, r"study.yaml: report.alpha must be in \(0, 0.5\), got 0"),
 ])
 def test_bad_study_files_fail_with_one_line_naming_the_problem(tmp_path, squares_csv, changes, message):
     with pytest.raises(ConfigError, match=message):

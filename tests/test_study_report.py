@@ -24,9 +24,11 @@ FAILED = "vit__chest_xray__full__f1__s2"
 
 
 def make_study(root, labels, seeds=(0, 1, 2), fractions=(0.1, 1.0), failed=None, backbones=("vit",),
-               datasets=("chest_xray",)) -> dict:
+               datasets=("chest_xray",), signal=None) -> dict:
     """A study directory with every cell done (but `failed`); returns the test targets of the first dataset
-    and, per key, (cell, metrics, test probabilities). Each dataset's labels: `labels` or a dict of them."""
+    and, per key, (cell, metrics, test probabilities). Each dataset's labels: `labels` or a dict of them;
+    `seeds`: the seeds of every method or a dict of them per method; `signal(cell)`: how far the cell's
+    probabilities separate the classes (default: by method and fraction)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "study.yaml").write_text("name: toy-study\n")
     labels = labels if isinstance(labels, dict) else {d: labels for d in datasets}
@@ -36,8 +38,10 @@ def make_study(root, labels, seeds=(0, 1, 2), fractions=(0.1, 1.0), failed=None,
     targets = {d: rng.integers(0, 2, (len(ids), len(labels[d]))).astype(float) for d in datasets}
     for y in targets.values():
         y[rng.random(y.shape) < 0.05] = np.nan
+    seeds = seeds if isinstance(seeds, dict) else {m: seeds for m in SIGNAL}
+    signal = signal or (lambda cell: SIGNAL[cell.method] * cell.fraction ** 0.2)
     cells = [Cell(b, d, m, f, s, config={})
-             for b in backbones for d in datasets for m in SIGNAL for f in fractions for s in seeds]
+             for b in backbones for d in datasets for m in SIGNAL for f in fractions for s in seeds[m]]
     store = Store(root / "study.sqlite")
     store.sync(cells, root / "runs")
     runs = {}
@@ -47,7 +51,7 @@ def make_study(root, labels, seeds=(0, 1, 2), fractions=(0.1, 1.0), failed=None,
             continue
         y, names = targets[cell.dataset], labels[cell.dataset]
         noise = np.random.default_rng(100 + i).normal(size=y.shape)
-        probs = 1 / (1 + np.exp(-(SIGNAL[cell.method] * cell.fraction ** 0.2 * np.nan_to_num(y) + noise)))
+        probs = 1 / (1 + np.exp(-(signal(cell) * np.nan_to_num(y) + noise)))
         metrics = {"method": cell.method, "model": cell.backbone, "labels": names, "task": "multilabel",
                    "parameters": {"trainable": int(TRAINABLE[cell.method] * 1e4), "backbone": 1_000_000,
                                   "trainable_percent": TRAINABLE[cell.method]},
@@ -140,23 +144,29 @@ def test_comparison_numbers_and_best_mark(study):
 def test_verdict_bootstrap_and_delong(study):
     root, made, _ = study
     markdown = (root / "report" / "report.md").read_text()
-    assert re.search(r"lora beats full in 2 of 2 tasks \(mean over seeds\), by at most \d+\.\d points; "
-                     r"it loses in 0\.", markdown)
+    assert re.search(r"lora beats full in 2 of 2 tasks, by at most \d+\.\d points; it loses in 0; "
+                     r"no significant difference in 0\.", markdown)
     pairwise = pd.read_csv(root / "report" / "pairwise.csv")
-    assert list(pairwise["fraction"]) == [0.1, 1.0] and list(pairwise["paired_seeds"]) == [3, 2]
+    assert list(pairwise["fraction"]) == [0.1, 1.0] and list(pairwise["compared_seeds"]) == ["0, 1, 2", "0, 1"]
+    assert list(pairwise["missing_seeds"].fillna("")) == ["", "full lacks seed 2"] and list(pairwise["verdict"]) == ["win"] * 2
     assert (pairwise["ci_low"] > 0).all() and (pairwise["ci_low"] < pairwise["difference"]).all()
     assert (pairwise["difference"] < pairwise["ci_high"]).all()
 
     runs, y = made["runs"], made["targets"]
     for _, row in pairwise.iterrows():
-        lora, full = (_seed_values(runs, m, row["fraction"]).mean() for m in ("lora", "full"))
-        assert row["difference"] == pytest.approx(lora - full)
         probs = {(c.method, c.seed): p for c, _, p in runs.values() if c.fraction == row["fraction"]}
         seeds = sorted({s for m, s in probs if m == "full"})
-        significant = [all(delong_test(y[:, j], probs["lora", s][:, j], probs["full", s][:, j]).p_value < 0.05
-                           for s in seeds) for j in range(len(LABELS))]
-        assert row["delong_labels_significant"] == sum(significant) and row["n_labels"] == 2
-    assert "of 2 labels p < 0.05 in every seed" in markdown
+        lora, full = (np.mean([100 * m["test"]["mean_auroc"] for c, m, _ in runs.values()
+                               if c.method == method and c.fraction == row["fraction"] and c.seed in seeds])
+                      for method in ("lora", "full"))
+        assert row["difference"] == pytest.approx(lora - full)  # the seeds both finished
+        tests = [[delong_test(y[:, j], probs["lora", s][:, j], probs["full", s][:, j]) for s in seeds]
+                 for j in range(len(LABELS))]
+        favour = sum(all(t.p_value < 0.05 and t.difference > 0 for t in label) for label in tests)
+        assert row["delong_favour_method"] == favour and row["n_labels"] == 2
+        assert row["delong_favour_reference"] == 0 and row["delong_opposite"] == 0
+    assert "of 2 labels, p < 0.05 in every seed: " in markdown
+    assert "chest_xray 100%: full lacks seed 2: compared on seeds 0, 1." in markdown
 
 
 def test_single_label_task_matches_direct_calls(tmp_path):

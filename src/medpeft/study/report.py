@@ -9,8 +9,10 @@ and writes ``study_dir/report/``::
                      the mean, sd and number of seeds of the test mean AUROC in points (x100)
     comparison.tex   the same table as a LaTeX tabular (booktabs), best mean per column in bold
     pairwise.csv     each method against the reference ('full' if the study has it, else its first
-                     method), per task: difference of the seed means, a paired bootstrap CI of the
-                     seed-averaged difference, DeLong's test per seed
+                     method), per task, on the seeds both finished (compared_seeds; missing_seeds names
+                     the others): the seed-averaged difference, its paired bootstrap CI and p-value,
+                     the p-value adjusted across the whole table, the verdict (win / loss / no
+                     significant difference), the resamples that lost a label, DeLong's test per seed
     figures/         PNG and SVG: AUROC vs label fraction, AUROC vs trainable % with the Pareto front,
                      per-label AUROC heatmaps
     report.md        all of the above with the verdicts ("lora beats full in k of n tasks ...")
@@ -19,9 +21,13 @@ and writes ``study_dir/report/``::
 The folder is written whole beside the old one and then takes its place: a report that fails leaves the
 previous report as it was. Names and messages are plain text in every document (``medpeft.study.render``).
 
-The bootstrap pairs everything: the two runs of a seed are aligned by test image, every seed uses the
-same resamples of the same images, the per-resample differences are averaged over seeds, and the
-interval is taken from those averages (``medpeft.metrics.compare.bootstrap_auroc_difference_over_seeds``).
+The bootstrap pairs everything: only the seeds both methods finished are compared, the two runs of a
+seed are aligned by test image, every seed uses the same resamples of the same images (stratified by
+label unless the study's ``report.stratify`` is false), the per-resample differences are averaged over
+seeds, and the difference, its interval and its p-value all come from those same seeds and resamples
+(``medpeft.metrics.compare.bootstrap_auroc_difference_over_seeds``). The p-values of the whole pairwise
+table are adjusted together (``report.correction``: Holm or Benjamini-Hochberg); a verdict is a win or a
+loss when the adjusted p-value is below ``report.alpha``, in the direction of the difference.
 The tables are built in ``medpeft.study.tables``, the figures drawn in ``medpeft.study.figures`` and
 the documents rendered by ``medpeft.study.render``.
 """
@@ -33,15 +39,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
+from medpeft.config import read_yaml_mapping
 from medpeft.engine import rundir
 from medpeft.errors import DataError, RunDirError
 from medpeft.files import atomic_directory
 from medpeft.metrics.compare import bootstrap_auroc_difference_over_seeds, delong_test
+from medpeft.metrics.multiple import METHODS, adjust_p_values
 from medpeft.study.figures import write_figures
 from medpeft.study.render import Table, html_page, latex, markdown
 from medpeft.study.runner import STORE
+from medpeft.study.spec import ReportOptions, report_options
 from medpeft.study.store import Store
 from medpeft.study.tables import (
     TASK,
@@ -55,11 +63,12 @@ from medpeft.study.tables import (
 )
 
 REPORT = "report"
-ALPHA = 0.05  # the bootstrap interval is 1 - ALPHA; DeLong's test is significant below ALPHA
 N_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0  # one seed for every run: the same resamples of the same test images
-PAIRWISE = ["method", "reference", *TASK, "seeds", "reference_seeds", "paired_seeds", "difference", "ci_low",
-            "ci_high", "n_labels", "delong_max_p", "delong_labels_significant"]
+PAIRWISE = ["method", "reference", *TASK, "compared_seeds", "missing_seeds", "difference", "ci_low", "ci_high",
+            "p_value", "p_adjusted", "verdict", "n_label_lost", "n_labels", "delong_max_p", "delong_favour_method",
+            "delong_favour_reference", "delong_opposite"]
+NOT_COMPARED = "not compared"  # the verdict of a task without a seed both methods finished
 
 
 # ----------------------------------------------------------------------------- reading
@@ -77,29 +86,34 @@ def _read_store(study_dir: Path) -> pd.DataFrame:
     return frame
 
 
-def _study_name(study_dir: Path) -> str:
+def _study_file(study_dir: Path) -> tuple[str, ReportOptions]:
+    """The study's name and report options, from the study file as last run (study.yaml)."""
     path = study_dir / "study.yaml"
-    data = yaml.safe_load(path.read_text()) if path.is_file() else None
-    return str(data["name"]) if isinstance(data, dict) and data.get("name") else study_dir.resolve().name
+    data = read_yaml_mapping(path, "study file", "a mapping") if path.is_file() else {}
+    return str(data.get("name") or study_dir.resolve().name), report_options(path, data)
 
 
 # ----------------------------------------------------------------------------- pairwise comparisons
-def _delong_p(targets: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+def _delong(targets: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """DeLong's (difference a - b, p-value); NaN for both without two positives and two negatives."""
     try:
-        return delong_test(targets, a, b).p_value
-    except ValueError:  # fewer than two positives or negatives: no test
-        return math.nan
+        result = delong_test(targets, a, b)
+    except ValueError:
+        return math.nan, math.nan
+    return result.difference, result.p_value
 
 
-def paired_tests(pairs: list[tuple[str, str]], labels: list[str]) -> dict:
-    """Bootstrap CI (points) of the seed-averaged difference a - b and DeLong's test per seed and label.
+def paired_tests(pairs: list[tuple[str, str]], labels: list[str], options: ReportOptions) -> dict:
+    """Difference a - b of the seed-averaged test mean AUROC (points), its paired bootstrap CI and p-value,
+    and DeLong's test per seed and label with the direction of each significant result.
 
-    `pairs` holds the run directories (a, b) of each seed both methods finished. Every run must hold
-    the same test images: each seed then draws the same resamples (one bootstrap seed), and the
-    per-resample differences are averaged over seeds before the percentiles are taken
-    (`bootstrap_auroc_difference_over_seeds`).
+    `pairs` holds the run directories (a, b) of each seed both methods finished: the difference, the
+    interval and the p-value all come from these seeds. Every run must hold the same test images: each
+    seed then draws the same resamples (one bootstrap seed), and the per-resample differences are averaged
+    over seeds (`bootstrap_auroc_difference_over_seeds`). A label favours a (b) in DeLong's test when every
+    seed has p < alpha with a (b) ahead; it is 'opposite' when significant seeds disagree in direction.
     """
-    first_ids, samples, p_values = None, [], []
+    first_ids, samples, delong = None, [], []
     for run_a, run_b in pairs:
         ids_a, targets, scores_a = rundir.read_predictions(run_a, "test", labels)
         ids_b, targets_b, scores_b = rundir.read_predictions(run_b, "test", labels)
@@ -111,18 +125,35 @@ def paired_tests(pairs: list[tuple[str, str]], labels: list[str]) -> dict:
         if not np.array_equal(targets, targets_b, equal_nan=True):
             raise DataError(f"{run_a} and {run_b}: the same test images have different targets")
         samples.append((targets, scores_a, scores_b))
-        p_values.append([_delong_p(targets[:, j], scores_a[:, j], scores_b[:, j]) for j in range(len(labels))])
+        delong.append([_delong(targets[:, j], scores_a[:, j], scores_b[:, j]) for j in range(len(labels))])
     interval = bootstrap_auroc_difference_over_seeds(samples, n_resamples=N_RESAMPLES, seed=BOOTSTRAP_SEED,
-                                                     confidence=1 - ALPHA)
-    p_values = np.array(p_values)
-    return {"ci_low": 100 * interval.ci_low, "ci_high": 100 * interval.ci_high, "n_labels": len(labels),
-            "delong_max_p": p_values.max() if len(labels) == 1 else math.nan,
-            "delong_labels_significant": int((p_values < ALPHA).all(axis=0).sum())}
+                                                     confidence=1 - options.alpha, stratify=options.stratify)
+    difference, p_values = np.moveaxis(np.array(delong), 2, 0)  # each (seeds, labels)
+    ahead, behind = (p_values < options.alpha) & (difference > 0), (p_values < options.alpha) & (difference < 0)
+    return {"difference": 100 * interval.estimate, "ci_low": 100 * interval.ci_low,
+            "ci_high": 100 * interval.ci_high, "p_value": interval.p_value, "n_label_lost": interval.n_label_lost,
+            "n_labels": len(labels), "delong_max_p": p_values.max() if len(labels) == 1 else math.nan,
+            "delong_favour_method": int(ahead.all(axis=0).sum()),
+            "delong_favour_reference": int(behind.all(axis=0).sum()),
+            "delong_opposite": int((ahead.any(axis=0) & behind.any(axis=0)).sum())}
 
 
-def pairwise_frame(done: pd.DataFrame, methods: list[str], reference: str,
-                   labels: dict[str, list[str]]) -> pd.DataFrame:
-    """One row per (method, task) where the method and the reference both have a done seed."""
+def _seeds(seeds: list[int]) -> str:
+    return ", ".join(map(str, seeds))
+
+
+def _missing(method: str, reference: str, seeds_a: set, seeds_b: set) -> str:
+    """'full lacks seeds 2, 3' (and / or the method's): the seeds one of the two did not finish."""
+    lacking = [(name, sorted(other - own)) for name, own, other in
+               ((method, seeds_a, seeds_b), (reference, seeds_b, seeds_a))]
+    return "; ".join(f"{name} lacks seed{'s' if len(seeds) > 1 else ''} {_seeds(seeds)}"
+                     for name, seeds in lacking if seeds)
+
+
+def pairwise_frame(done: pd.DataFrame, methods: list[str], reference: str, labels: dict[str, list[str]],
+                   options: ReportOptions) -> pd.DataFrame:
+    """One row per (method, task) where the method and the reference both have a done seed, compared on
+    the seeds both finished; the p-values adjusted across all rows (options.correction) and the verdicts."""
     records = []
     for method in [m for m in methods if m != reference]:
         for task in tasks(done):
@@ -133,47 +164,106 @@ def pairwise_frame(done: pd.DataFrame, methods: list[str], reference: str,
             runs_a, runs_b = dict(zip(a["seed"], a["run_dir"])), dict(zip(b["seed"], b["run_dir"]))
             paired = sorted(set(runs_a) & set(runs_b))
             record = {"method": method, "reference": reference, **dict(zip(TASK, task)),
-                      "seeds": len(a), "reference_seeds": len(b), "paired_seeds": len(paired),
-                      "difference": 100 * (a["test_mean_auroc"].mean() - b["test_mean_auroc"].mean())}
+                      "compared_seeds": _seeds(paired), "missing_seeds": _missing(method, reference, set(runs_a),
+                                                                                 set(runs_b))}
             if paired:
-                record |= paired_tests([(runs_a[s], runs_b[s]) for s in paired], labels[task[1]])
+                record |= paired_tests([(runs_a[s], runs_b[s]) for s in paired], labels[task[1]], options)
             records.append(record)
-    return pd.DataFrame(records, columns=PAIRWISE)
+    frame = pd.DataFrame(records, columns=PAIRWISE)
+    frame["p_adjusted"] = adjust_p_values(frame["p_value"].to_numpy(float), options.correction)
+    frame["verdict"] = [NOT_COMPARED if math.isnan(p) else "no significant difference" if p >= options.alpha
+                        else "win" if d > 0 else "loss" for p, d in zip(frame["p_adjusted"], frame["difference"])]
+    return frame
 
 
-def verdict(method: str, reference: str, differences: pd.Series) -> str:
-    """'lora beats full in k of n tasks (mean over seeds), by at most x points; it loses in m, ...'."""
-    if differences.empty:
-        return f"{method} and {reference} have no task with a done seed of both."
-    wins, losses = differences[differences > 0], differences[differences < 0]
-    text = f"{method} beats {reference} in {len(wins)} of {len(differences)} tasks (mean over seeds)"
+def verdict(method: str, reference: str, rows: pd.DataFrame, multi_backbone: bool) -> str:
+    """'lora beats full in k of n tasks, by at most x points; it loses in m: ...; no significant difference
+    in j: ...': wins and losses are the significant ones (the rows' verdicts)."""
+    def names(verdict: str) -> list[str]:
+        return [task_name(r["dataset"], r["fraction"], r["backbone"] if multi_backbone else None)
+                for _, r in rows[rows["verdict"] == verdict].iterrows()]
+
+    compared = rows[rows["verdict"] != NOT_COMPARED]
+    if compared.empty:
+        return f"{method} and {reference} have no task with a seed both finished."
+    wins = compared.loc[compared["verdict"] == "win", "difference"]
+    text = f"{method} beats {reference} in {len(wins)} of {len(compared)} tasks"
     text += f", by at most {wins.max():.1f} points" if len(wins) else ""
-    text += f"; it loses in {len(losses)}"
-    return text + (f", by at most {-losses.min():.1f} points." if len(losses) else ".")
+    for verdict_, prefix in (("loss", "it loses in"), ("no significant difference", "no significant difference in"),
+                             (NOT_COMPARED, "not compared (no seed both finished) in")):
+        tasks_ = names(verdict_)
+        if tasks_ or verdict_ != NOT_COMPARED:
+            text += f"; {prefix} {len(tasks_)}" + (f": {', '.join(tasks_)}" if tasks_ else "")
+    return text + "."
 
 
-def _pairwise_table(rows: pd.DataFrame, multi_backbone: bool) -> Table:
-    table = Table(["task", "difference (points)", f"{1 - ALPHA:.0%} CI (points)", "paired seeds",
-                   "DeLong"], [])
+def _pairwise_table(rows: pd.DataFrame, multi_backbone: bool, options: ReportOptions) -> Table:
+    table = Table(["task", "difference (points)", f"{1 - options.alpha:.0%} CI (points)", "p (adjusted)",
+                   "verdict", "seeds compared", "DeLong"], [])
     for _, row in rows.iterrows():
-        paired = row["paired_seeds"] > 0
-        ci = f"[{row['ci_low']:.1f}, {row['ci_high']:.1f}]" if paired else "–"
-        table.rows.append([task_name(row["dataset"], row["fraction"], row["backbone"] if multi_backbone else None),
-                           f"{row['difference']:+.1f}", ci, str(row["paired_seeds"]),
-                           _delong_text(row) if paired else "–"])
+        paired = row["verdict"] != NOT_COMPARED
+        table.rows.append([
+            task_name(row["dataset"], row["fraction"], row["backbone"] if multi_backbone else None),
+            f"{row['difference']:+.1f}" if paired else "–",
+            f"[{row['ci_low']:.1f}, {row['ci_high']:.1f}]" if paired else "–",
+            f"{row['p_adjusted']:.3g}" if paired else "–", row["verdict"], row["compared_seeds"] or "none",
+            _delong_text(row, options.alpha) if paired else "–"])
     return table
 
 
-def _delong_text(row: pd.Series) -> str:
-    significant, k = int(row["delong_labels_significant"]), int(row["n_labels"])
-    if k == 1:
-        return f"max p = {row['delong_max_p']:.3g}" + (f", p < {ALPHA:g} in every seed" if significant else "")
-    return f"{significant} of {k} labels p < {ALPHA:g} in every seed"
+def _delong_text(row: pd.Series, alpha: float) -> str:
+    """DeLong's per-seed tests, with their direction: which method every significant seed favours, and how
+    many labels are significant in opposite directions in different seeds."""
+    method, reference = row["method"], row["reference"]
+    ahead, behind, opposite = (int(row[c]) for c in ("delong_favour_method", "delong_favour_reference",
+                                                     "delong_opposite"))
+    if int(row["n_labels"]) == 1:
+        text = f"max p = {row['delong_max_p']:.3g}"
+        if ahead or behind:
+            return text + f", p < {alpha:g} in every seed, favouring {method if ahead else reference}"
+        return text + (f"; p < {alpha:g} in opposite directions in different seeds" if opposite else "")
+    text = (f"of {int(row['n_labels'])} labels, p < {alpha:g} in every seed: {ahead} favouring {method}, "
+            f"{behind} favouring {reference}")
+    return text + (f"; {opposite} significant in opposite directions in different seeds" if opposite else "")
+
+
+def _pairwise_blocks(pairwise: pd.DataFrame, methods: list[str], reference: str, multi_backbone: bool,
+                     options: ReportOptions) -> list[tuple]:
+    """The section of pairwise comparisons: how they are made, then per method its verdict, table and notes
+    (missing seeds, resamples that lost a label)."""
+    strata = ", drawn within strata: the images whose rarest positive label is the same" if options.stratify else ""
+    blocks: list[tuple] = [
+        ("h2", f"Pairwise comparisons against {reference}"),
+        ("p", (f"Each method minus {reference} in test mean AUROC (points), on the seeds both finished: the "
+               f"difference (mean over those seeds), its {1 - options.alpha:.0%} CI and p-value all come from the "
+               f"same seeds and test images. CI: paired bootstrap ({N_RESAMPLES} resamples of the test images"
+               f"{strata}; the same resamples for both methods and every seed, differences averaged over seeds). "
+               f"p: two-sided bootstrap test of no difference, adjusted across the {int(pairwise['p_value'].notna().sum())} "
+               f"comparisons of this report with {METHODS[options.correction]}. Verdict: win or loss (in the "
+               f"direction of the difference) when the adjusted p < {options.alpha:g}, else no significant "
+               f"difference. DeLong: per seed and label, two-sided, not adjusted."))]
+    for method in [m for m in methods if m != reference]:
+        rows = pairwise[pairwise["method"] == method]
+        blocks += [("h3", f"{method} vs {reference}"), ("p", verdict(method, reference, rows, multi_backbone))]
+        if rows.empty:
+            continue
+        blocks.append(("table", _pairwise_table(rows, multi_backbone, options)))
+        notes = []
+        for _, row in rows.iterrows():
+            task = task_name(row["dataset"], row["fraction"], row["backbone"] if multi_backbone else None)
+            if row["missing_seeds"]:
+                notes.append(f"{task}: {row['missing_seeds']}: compared on seeds {row['compared_seeds'] or 'none'}.")
+            if row["n_label_lost"] > 0:
+                notes.append(f"{task}: in {int(row['n_label_lost'])} of {N_RESAMPLES} resamples a label had one "
+                             f"class only and left that resample's mean.")
+        if notes:
+            blocks.append(("list", notes))
+    return blocks
 
 
 # ----------------------------------------------------------------------------- the report
-def _document(name: str, results: pd.DataFrame, comparison: Table, pairwise: pd.DataFrame, methods: list[str],
-              reference: str, figures: list[tuple[str, Path]]) -> list[tuple]:
+def _document(name: str, results: pd.DataFrame, comparison: Table, pairwise: list[tuple],
+              figures: list[tuple[str, Path]]) -> list[tuple]:
     counts = results["status"].value_counts()
     failed = results[results["status"] == "failed"]
     blocks: list[tuple] = [
@@ -185,17 +275,7 @@ def _document(name: str, results: pd.DataFrame, comparison: Table, pairwise: pd.
         blocks += [("h2", "Failed cells"), ("list", [f"{k}: {e}" for k, e in zip(failed["key"], failed["error"])])]
     blocks += [("h2", "Test mean AUROC (points, mean ± sd over seeds)"), ("table", comparison),
                ("p", ("Bold: the best mean of each column. trainable %: trainable parameters as a share of the "
-                      "backbone's.")),
-               ("h2", f"Pairwise comparisons against {reference}"),
-               ("p", (f"Difference: mean over seeds of the method minus that of {reference}. CI: paired bootstrap "
-                      f"({N_RESAMPLES} resamples of the test images) of the difference averaged over the seeds both "
-                      f"finished. DeLong: per seed and label, two-sided."))]
-    multi_backbone = results["backbone"].nunique() > 1
-    for method in [m for m in methods if m != reference]:
-        rows = pairwise[pairwise["method"] == method]
-        blocks += [("h3", f"{method} vs {reference}"), ("p", verdict(method, reference, rows["difference"]))]
-        if not rows.empty:
-            blocks.append(("table", _pairwise_table(rows, multi_backbone)))
+                      "backbone's.")), *pairwise]
     blocks += [("h2", "Figures"), *(("figure", figure) for figure in figures)]
     return blocks
 
@@ -212,8 +292,8 @@ def write_report(study_dir: str | Path) -> Path:
     reference = "full" if "full" in methods else methods[0]
     comparison = comparison_frame(done, methods)
     table = comparison_table(comparison)
-    pairwise = pairwise_frame(done, methods, reference, labels)
-    name = _study_name(study_dir)
+    name, options = _study_file(study_dir)
+    pairwise = pairwise_frame(done, methods, reference, labels, options)
     with atomic_directory(study_dir / REPORT) as out:
         for file, text in (("results.csv", results.to_csv(index=False)),
                            ("comparison.csv", comparison.to_csv(index=False)), ("comparison.tex", latex(table)),
@@ -221,7 +301,8 @@ def write_report(study_dir: str | Path) -> Path:
             (out / file).write_text(text, encoding="utf-8")
         (out / "figures").mkdir()
         figures = write_figures(done, methods, labels, out / "figures")
-        blocks = _document(name, results, table, pairwise, methods, reference, figures)
+        blocks = _document(name, results, table, _pairwise_blocks(pairwise, methods, reference, results[
+            "backbone"].nunique() > 1, options), figures)
         (out / "report.md").write_text(markdown(blocks, out), encoding="utf-8")
         (out / "report.html").write_text(html_page(f"Study report: {name}", blocks), encoding="utf-8")
     return study_dir / REPORT / "report.html"

@@ -19,6 +19,7 @@
     overrides:                   # per-cell settings, applied in order to the cells that match `where`
       - where: {method: lora, fraction: 0.01}
         set: {method.r: 4, train.epochs: 100}
+    report: {correction: holm, alpha: 0.05, stratify: true}   # how the report tests (ReportOptions)
 
 Every axis is optional (one level, ``default``, when absent; without a method axis, base's method is
 the one level, named after it). String values may use environment
@@ -32,12 +33,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
-from medpeft.config import config_from_dict, merge_dicts, read_yaml_mapping
+from medpeft.config import Section, build, config_from_dict, merge_dicts, option, read_yaml_mapping
 from medpeft.errors import ConfigError
 
 AXES = ("backbone", "dataset", "method", "fraction", "seed")
@@ -71,11 +73,34 @@ class Cell:
         return self.backbone, self.dataset, self.fraction
 
 
+@dataclass
+class ReportOptions(Section):
+    """How the report tests its pairwise comparisons (the study file's ``report`` section)."""
+
+    path = "report"
+    correction: Literal["holm", "bh"] = option(
+        "holm", "Adjustment of the p-values across the whole pairwise table: 'holm' (Holm's step-down, family-wise "
+        "error) or 'bh' (Benjamini-Hochberg, false discovery rate).")
+    alpha: float = option(0.05, "Significance level of the verdicts and of DeLong's tests; the bootstrap intervals "
+                          "are 1 - alpha.", gt=0, lt=0.5)
+    stratify: bool = option(True, "Resample the test images within strata (each image's rarest positive label), so "
+                            "that every label keeps its class counts in the resamples.")
+
+
 @dataclass(frozen=True)
 class Study:
     name: str
     path: Path
     cells: list[Cell]
+    report: ReportOptions = field(default_factory=ReportOptions)
+
+
+def report_options(path: Path, data: dict) -> ReportOptions:
+    """The ``report`` section of a study file's mapping `data` (defaults when absent)."""
+    try:
+        return build(ReportOptions, data.get("report"))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _expand_env(value):
@@ -136,10 +161,12 @@ def load_study(path: str | Path) -> Study:
     """Read, expand and validate a study file."""
     path = Path(path)
     data = read_yaml_mapping(path, "study file", "a mapping with name, base, axes, overrides")
-    unknown = sorted(set(data) - {"name", "base", "axes", "overrides"})
+    unknown = sorted(set(data) - {"name", "base", "axes", "overrides", "report"})
     if unknown:
-        raise ConfigError(f"{path}: study key '{unknown[0]}' does not exist (expected name, base, axes, overrides)")
+        raise ConfigError(f"{path}: study key '{unknown[0]}' does not exist (expected name, base, axes, overrides, "
+                          f"report)")
     data = _expand_env(data)
+    report = report_options(path, data)
     axes = data.get("axes") or {}
     if not isinstance(axes, dict) or set(axes) - set(AXES):
         raise ConfigError(f"{path}: axes must be a mapping with keys among {', '.join(AXES)}")
@@ -180,4 +207,4 @@ def load_study(path: str | Path) -> Study:
             raise ConfigError(f"{path}: cell ({where}): {e}") from None
         del resolved["output_dir"]
         cells.append(Cell(**coordinates, config=resolved))
-    return Study(name=str(data.get("name") or path.stem), path=path, cells=cells)
+    return Study(name=str(data.get("name") or path.stem), path=path, cells=cells, report=report)
