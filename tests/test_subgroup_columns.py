@@ -12,6 +12,7 @@ from medpeft.config import DataConfig, build
 from medpeft.data import read_dataset
 from medpeft.data.chexpert import read_chexpert
 from medpeft.data.nih import read_nih
+from medpeft.data.rsna import read_rsna
 from medpeft.data.table import age_group_names, bin_ages
 from medpeft.errors import ConfigError, DataError
 
@@ -58,6 +59,7 @@ def test_each_format_names_its_subgroup_columns():
 
     assert subgroups(format="nih") == ["sex", "age", "view"]
     assert subgroups(format="chexpert") == ["sex", "age", "frontal_lateral", "ap_pa"]
+    assert subgroups(format="rsna") == ["sex", "age", "view"]
     assert subgroups(format="folder") == []
 
 
@@ -152,3 +154,47 @@ def test_phantom_layouts_give_the_same_images_targets_and_subgroups_to_both_read
     assert (nih["meta:age"] == chexpert["meta:age"]).all() and nih["meta:age"].nunique() > 1
     assert (nih["meta:view"] == chexpert["meta:ap_pa"]).all() and set(nih["view"]) == {"PA", "AP"}
     assert (nih.groupby("patient_id")[["meta:sex", "meta:age"]].nunique() == 1).all().all()
+
+
+def write_rsna(root, headers: dict) -> Path:
+    """stage_2_train_labels.csv over the patients of `headers` {patient: DICOM elements, or None: no image}."""
+    from test_dicom import GRADIENT, write_dicom
+
+    (root / "stage_2_train_images").mkdir(parents=True)
+    for patient, elements in headers.items():
+        if elements is not None:
+            write_dicom(root / "stage_2_train_images" / f"{patient}.dcm", GRADIENT, **elements)
+    rows = ["patientId,x,y,width,height,Target", *(f"{patient},,,,,0" for patient in headers)]
+    (root / "stage_2_train_labels.csv").write_text("\n".join(rows) + "\n")
+    return root / "stage_2_train_labels.csv"
+
+
+def test_rsna_subgroups_come_from_each_dicom_header(tmp_path):
+    csv = write_rsna(tmp_path, {
+        "a": {"PatientSex": "F", "PatientAge": "045Y", "ViewPosition": "PA"},
+        "b": {"PatientSex": "M", "PatientAge": "006M", "ViewPosition": "AP"},
+        "c": {"PatientSex": "O", "PatientAge": "081Y", "ViewPosition": "AP"},
+        "d": {"PatientSex": "M"},  # no age, no view
+        "e": None,  # image missing
+    })
+    (tmp_path / "stage_2_train_images" / "f.dcm").write_bytes(b"not a DICOM file" * 20)
+    with open(csv, "a") as f:
+        f.write("f,,,,,0\n")
+    table = read_dataset(build(DataConfig, {"format": "rsna", "csv": str(csv), "age_bins": [18, 65]}))
+    got = table.set_index("patient_id")[["view", "meta:sex", "meta:age", "meta:view"]].T.to_dict("list")
+    assert got == {"a": ["PA", "F", "18-64", "PA"], "b": ["AP", "M", "0-17", "AP"], "c": ["AP", "O", "65+", "AP"],
+                   "d": ["", "M", "", ""], "e": ["", "", "", ""], "f": ["", "", "", ""]}
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR AS")  # pydicom's, writing and reading it
+def test_an_unreadable_dicom_age_names_the_file(tmp_path):
+    csv = write_rsna(tmp_path, {"a": {"PatientAge": "045Y"}, "b": {"PatientAge": "45 years"}})
+    with pytest.raises(DataError, match=r"b\.dcm: DICOM PatientAge has '45 years', expected an age"):
+        read_rsna(csv)
+
+
+@real_files
+def test_rsna_without_its_images_has_blank_subgroups():
+    table = read_rsna(META / "rsna-pneumonia" / "stage_2_train_labels.csv")
+    assert len(table) == 26_684
+    assert (table[["view", "meta:sex", "meta:age", "meta:view"]] == "").all().all()

@@ -40,6 +40,22 @@ def _open(path: str) -> pydicom.Dataset:
     return ds
 
 
+def read_header(path, keywords: list[str]) -> dict[str, str] | None:
+    """The values of the data elements `keywords` ('' where absent) of the DICOM file at `path`, read without
+    its pixel data (a file without the 'DICM' preamble is read whole, as read_dicom reads it); None for a
+    missing file or one that read_dicom would refuse to open (the image check reports it)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=keywords)
+    except InvalidDicomError:
+        try:
+            ds = _open(str(path))
+        except DataError:
+            return None
+    except (OSError, ValueError, EOFError):
+        return None
+    return {keyword: str(ds.get(keyword) or "").strip() for keyword in keywords}
+
+
 def _to_unit_range(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     # lo > hi is possible (negative RescaleSlope); the sign of the division keeps the orientation.
     if hi == lo:

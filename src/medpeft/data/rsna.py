@@ -1,5 +1,11 @@
 """RSNA Pneumonia Detection Challenge (2018): ``stage_2_train_labels.csv`` (one row per box, or one
-row with Target 0) and ``stage_2_detailed_class_info.csv``. One image (DICOM) per patient."""
+row with Target 0) and ``stage_2_detailed_class_info.csv``. One image (DICOM) per patient.
+
+Subgroup columns, from each image's DICOM header (read without its pixels when the table is read):
+meta:sex (PatientSex: M, F, O), meta:age (PatientAge: '058Y', '006M', ...; binned by data.age_bins) and
+meta:view (ViewPosition: PA, AP; also the table's view). They are blank for an image that is missing or
+not DICOM: the image check then reports that file (data.on_missing).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +16,15 @@ import numpy as np
 import pandas as pd
 
 from medpeft.config import DATA_FORMATS, DataConfig, option
+from medpeft.config.sections import AGE_BINS
+from medpeft.data.dicom import read_header
 from medpeft.data.labels import RSNA_CLASSES, RSNA_LABELS
-from medpeft.data.table import read_table_file, require_columns
+from medpeft.data.table import META_PREFIX, bin_ages, read_table_file, require_columns
 from medpeft.errors import DataError
 
 IMAGE_FOLDER = "stage_2_train_images"
+HEADER = {"sex": "PatientSex", "age": "PatientAge", "view": "ViewPosition"}
+"""Each subgroup column's DICOM keyword."""
 
 
 @DATA_FORMATS.register("rsna")
@@ -33,14 +43,18 @@ class RSNAData(DataConfig):
     def known_labels(self) -> tuple[str, ...]:
         return self.default_labels()
 
+    def subgroups(self) -> list[str]:
+        return list(HEADER)
+
     def read(self, path: str) -> pd.DataFrame:
-        return read_rsna(path, self.class_info, self.image_root)
+        return read_rsna(path, self.class_info, self.image_root, self.age_bins)
 
 
 def read_rsna(train_labels: str | Path, detailed_class_info: str | Path | None = None,
-              image_dir: str | Path | None = None) -> pd.DataFrame:
+              image_dir: str | Path | None = None, age_bins=AGE_BINS) -> pd.DataFrame:
     """The plain table, one row per patient: 'Pneumonia' = max Target over the patient's rows, or with
-    `detailed_class_info` the three classes one-hot (Normal / No Lung Opacity - Not Normal / Lung Opacity).
+    `detailed_class_info` the three classes one-hot (Normal / No Lung Opacity - Not Normal / Lung Opacity);
+    the subgroup columns from the DICOM headers (ages in groups of `age_bins`).
 
     ``image_id`` is ``stage_2_train_images/<patientId>.dcm``, as the published split lists write it;
     `image_dir` is the folder that holds ``stage_2_train_images`` (default: the CSV's folder).
@@ -56,8 +70,10 @@ def read_rsna(train_labels: str | Path, detailed_class_info: str | Path | None =
     patients = target.index.to_series()
     image_ids = IMAGE_FOLDER + "/" + patients + ".dcm"
     root = Path(image_dir) if image_dir else train_labels.parent
-    table = pd.DataFrame({"image_id": image_ids.to_numpy(), "path": [str(root / i) for i in image_ids],
-                          "patient_id": patients.to_numpy(), "view": ""})
+    paths = [str(root / i) for i in image_ids]
+    subgroups = _subgroups(paths, age_bins)
+    table = pd.DataFrame({"image_id": image_ids.to_numpy(), "path": paths, "patient_id": patients.to_numpy(),
+                          "view": subgroups[META_PREFIX + "view"], **subgroups})
     if detailed_class_info is None:
         table["Pneumonia"] = target.to_numpy().astype(np.float32)
         return table
@@ -79,3 +95,12 @@ def read_rsna(train_labels: str | Path, detailed_class_info: str | Path | None =
     if not np.array_equal(table["Lung Opacity"].to_numpy(), target.to_numpy()):
         raise DataError(f"{detailed_class_info}: 'Lung Opacity' disagrees with Target in {train_labels}")
     return table
+
+
+def _subgroups(paths: list[str], age_bins) -> dict[str, np.ndarray]:
+    """meta:sex, meta:age and meta:view from each image's header ('' where it cannot be read)."""
+    keywords = list(HEADER.values())
+    blank = dict.fromkeys(keywords, "")
+    headers = pd.DataFrame([read_header(path, keywords) or blank for path in paths], columns=keywords)
+    headers["PatientAge"] = bin_ages(headers["PatientAge"], age_bins, lambda i: f"{paths[i]}: DICOM PatientAge")
+    return {META_PREFIX + name: headers[keyword].to_numpy() for name, keyword in HEADER.items()}
