@@ -18,7 +18,7 @@ from PIL import Image
 
 import medpeft
 from conftest import TINY_VIT, accel_flag
-from medpeft.config import load_config, load_data_config
+from medpeft.config import DataConfig, build, load_config, load_data_config
 from medpeft.data import read_dataset, read_split_dataset
 from medpeft.data import images as images_module
 from medpeft.data.images import check_images
@@ -332,3 +332,43 @@ def test_a_wrong_image_root_is_one_short_line_with_a_hint(tmp_path):
                                         r"do the paths start where data.image_root says\?\)$") as error:
         check_images(table, data)
     assert str(error.value).count("image file not found") == images_module.MAX_LISTED
+
+
+def write_subgroup_csv(tmp_path, ages=("17", "45.5", "", "070Y", "65")) -> Path:
+    rows = ["path,finding,sex,site,notes,age"]
+    rows += [f"i{i}.png,{i % 2},{' F ' if i % 2 else 'M'},{'A' if i < 3 else 'B'}, note {i},{age}"
+             for i, age in enumerate(ages)]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "labels.csv"
+
+
+def subgroup_data(csv, **data):
+    return build(DataConfig, {"csv": str(csv), "labels": ["finding"], "metadata_columns": ["notes"],
+                             "subgroup_columns": ["sex", "site"], "age_column": "age", "age_bins": [18, 65], **data})
+
+
+def test_subgroup_and_age_columns_are_carried_and_reported_metadata_only_carried(tmp_path):
+    config = subgroup_data(write_subgroup_csv(tmp_path))
+    assert config.subgroups() == ["sex", "site", "age"]
+    table = read_dataset(config)
+    assert [c for c in table.columns if c.startswith("meta:")] == ["meta:notes", "meta:sex", "meta:site", "meta:age"]
+    assert table["meta:notes"].tolist() == [f" note {i}" for i in range(5)]  # unchanged
+    assert table["meta:sex"].tolist() == ["M", "F", "M", "F", "M"]  # stripped
+    assert table["meta:age"].tolist() == ["0-17", "18-64", "", "65+", "65+"]
+    assert build(DataConfig, {"csv": "x.csv", "metadata_columns": ["sex"]}).subgroups() == []
+
+
+@pytest.mark.parametrize("data", [{"metadata_columns": ["sex"]}, {"subgroup_columns": ["age"]},
+                                  {"subgroup_columns": ["site", "site"]}])
+def test_a_meta_column_named_twice_is_refused(tmp_path, data):
+    with pytest.raises(ConfigError, match=r"^data.metadata_columns / subgroup_columns / age_column: meta:\w+ is "
+                                          r"named twice"):
+        subgroup_data(tmp_path / "labels.csv", **data)
+
+
+def test_an_unreadable_age_names_file_row_and_column(tmp_path):
+    csv = write_subgroup_csv(tmp_path, ages=("17", "45", "old"))
+    with pytest.raises(DataError, match=r"labels.csv: row 4: column 'age' has 'old', expected an age in years"):
+        read_dataset(subgroup_data(csv))
+    with pytest.raises(DataError, match=r"labels.csv: column 'years' not found"):
+        read_dataset(subgroup_data(csv, age_column="years"))

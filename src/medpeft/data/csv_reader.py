@@ -17,6 +17,7 @@ import pandas as pd
 from medpeft.config import DATA_FORMATS, DataConfig, option
 from medpeft.data.table import (
     META_PREFIX,
+    bin_ages,
     keep_views,
     names_to_targets,
     read_table_file,
@@ -52,7 +53,13 @@ class CSVData(DataConfig):
                                      "and the per-view counts of data inspect.")
     views: list[str] | None = option(None, "Keep only these values of view_column (e.g. [PA]); None keeps all.")
     metadata_columns: list[str] = option([], "Columns carried through unchanged to split.csv and "
-                                         "predictions.csv (as meta:NAME), e.g. sex, age, site for subgroups.")
+                                         "predictions.csv (as meta:NAME), not reported per subgroup.")
+    subgroup_columns: list[str] = option([], "Columns carried like metadata_columns (stripped of surrounding "
+                                         "spaces; blank = unknown) and reported per subgroup in every "
+                                         "evaluation, e.g. sex, site, scanner; a column is in one of the two "
+                                         "lists.")
+    age_column: str | None = option(None, "Column of ages in years (58, 58.5; or DICOM ages: 058Y, 006M), "
+                                    "carried in groups of data.age_bins as meta:age and reported per subgroup.")
 
     def validate(self) -> None:
         super().validate()
@@ -65,6 +72,14 @@ class CSVData(DataConfig):
             raise ConfigError("data.label_delimiter must not be empty (quote it: label_delimiter: '|')")
         if self.views is not None and not self.view_column:
             raise ConfigError("data.views needs data.view_column: the column the views are read from")
+        names = [*self.metadata_columns, *self.subgroup_columns, *(["age"] if self.age_column else [])]
+        twice = next((name for name in names if names.count(name) > 1), None)
+        if twice is not None:
+            raise ConfigError(f"data.metadata_columns / subgroup_columns / age_column: meta:{twice} is named twice "
+                              f"(a column is carried by one of the two lists; age_column's groups are meta:age)")
+
+    def subgroups(self) -> list[str]:
+        return [*self.subgroup_columns, *(["age"] if self.age_column else [])]
 
     def read(self, path: str) -> pd.DataFrame:
         return read_csv_dataset(self, path)
@@ -75,8 +90,9 @@ def read_csv_dataset(config: CSVData, path: str | Path | None = None) -> pd.Data
     csv = Path(path or config.csv)
     frame = read_table_file(csv, "labels CSV", encoding=config.encoding)
     label_columns = [config.label_column] if config.label_column else list(config.labels)
-    optional = [c for c in (config.patient_column, config.view_column, config.split.column) if c]
-    require_columns(frame, [config.path_column, *label_columns, *optional, *config.metadata_columns], csv)
+    optional = [c for c in (config.patient_column, config.view_column, config.split.column, config.age_column) if c]
+    require_columns(frame, [config.path_column, *label_columns, *optional, *config.metadata_columns,
+                            *config.subgroup_columns], csv)
     if frame.empty:
         raise DataError(f"{csv}: no data rows")
     frame.index = frame.index + 2  # file lines (header = line 1), kept through row selection
@@ -110,6 +126,11 @@ def read_csv_dataset(config: CSVData, path: str | Path | None = None) -> pd.Data
         table[name] = targets[:, k]
     for name in config.metadata_columns:
         table[META_PREFIX + name] = frame[name]
+    for name in config.subgroup_columns:
+        table[META_PREFIX + name] = frame[name].str.strip()
+    if config.age_column:
+        table[META_PREFIX + "age"] = bin_ages(frame[config.age_column], config.age_bins,
+                                              lambda i: f"{csv}: row {frame.index[i]}: column '{config.age_column}'")
     if config.split.column:
         table["split"] = frame[config.split.column].str.strip().str.lower()
     return keep_views(table.reset_index(drop=True), config.views, csv)
