@@ -8,7 +8,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 
-from medpeft.data.dicom import read_dicom
+from medpeft.data.dicom import read_dicom, read_header
 from medpeft.errors import DataError
 
 DX_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
@@ -146,6 +146,19 @@ def test_bare_data_set_without_preamble_is_read(tmp_path):
     np.testing.assert_array_equal(
         read_dicom(tmp_path / "bare.dcm"), np.rint((GRADIENT - 100.0) / 3300.0 * 255.0).astype(np.uint8)
     )
+
+
+def test_header_is_read_without_pixels_from_a_file_read_dicom_opens(tmp_path):
+    keywords = ["PatientSex", "PatientAge", "ViewPosition"]
+    path = write_dicom(tmp_path / "a.dcm", GRADIENT, PatientSex="F", PatientAge="058Y")
+    assert read_header(path, keywords) == {"PatientSex": "F", "PatientAge": "058Y", "ViewPosition": ""}
+    ds = make_dataset(GRADIENT, ViewPosition="AP")
+    del ds.file_meta
+    ds.save_as(tmp_path / "bare.dcm", implicit_vr=True, little_endian=True)
+    assert read_header(tmp_path / "bare.dcm", keywords) == {"PatientSex": "", "PatientAge": "", "ViewPosition": "AP"}
+    (tmp_path / "notes.dcm").write_text("patient notes, not an image\n" * 20)
+    assert read_header(tmp_path / "notes.dcm", keywords) is None
+    assert read_header(tmp_path / "nope.dcm", keywords) is None
 
 
 def test_missing_file(tmp_path):
