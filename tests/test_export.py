@@ -151,7 +151,7 @@ def test_manifest_describes_the_files_model_and_decision(exported):
     weights = load_file(str(folder / "model.safetensors"))
     assert manifest["parameters"] == sum(t.numel() for t in weights.values()) == 32290  # ViT: no buffers
     assert manifest["labels"] == run.labels and manifest["task"] == "multilabel" and "sigmoid" in manifest["outputs"]
-    assert manifest["decision"] == {"rule": "youden", "thresholds": run.thresholds}
+    assert manifest["decision"] == {"rule": "youden", "thresholds": run.thresholds, "on": "calibrated probabilities"}
     assert set(run.thresholds) == {"bright", "dark"}
     assert manifest["preprocessing"] == run.preprocessing and manifest["method"] == "lora"
     assert manifest["versions"]["medpeft"] == medpeft.__version__

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from scipy.special import expit, logit
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from typer.testing import CliRunner
@@ -76,13 +77,15 @@ def test_predict_on_png_reproduces_the_run_test_predictions_and_thresholds(runs)
     run = medpeft.load_run(runs["lora"])
     out = run.predict(paths)
     assert out["input"].tolist() == paths and (out["error"] == "").all()
-    np.testing.assert_allclose(out[PROBS].to_numpy(), saved[PROBS].to_numpy(), atol=1e-6)
+    # predict gives the temperature-scaled probabilities; predictions.csv and thresholds.json the raw ones
+    np.testing.assert_allclose(out[PROBS].to_numpy(), _scaled(run, saved[PROBS].to_numpy()), atol=1e-5)
     stored = json.loads(open(f"{runs['lora']}/thresholds.json").read())
-    assert stored["rule"] == "youden" and run.thresholds == stored["thresholds"]
+    assert stored["rule"] == "youden"
     val = pd.read_csv(f"{runs['lora']}/predictions.csv").query("split == 'val'")
-    for label in ("bright", "dark"):
+    for k, label in enumerate(("bright", "dark")):
         recomputed = select_threshold(val[f"target:{label}"].to_numpy(), val[f"prob:{label}"].to_numpy())
-        assert run.thresholds[label] == pytest.approx(recomputed, rel=1e-7)  # the CSV holds float32 digits
+        assert stored["thresholds"][label] == pytest.approx(recomputed, rel=1e-7)  # the CSV holds float32 digits
+        assert run.thresholds[label] == pytest.approx(_scaled(run, recomputed, k), rel=1e-6)
         assert (out[f"pred:{label}"] == (out[f"prob:{label}"] >= run.thresholds[label]).astype(int)).all()
 
 
@@ -90,9 +93,15 @@ def test_sensitivity_rule_calls_every_val_positive_positive(runs):
     run = medpeft.load_run(runs["lora"], threshold="sensitivity:1.0")
     val = pd.read_csv(f"{runs['lora']}/predictions.csv").query("split == 'val'")
     youden = medpeft.load_run(runs["lora"])
-    for label in ("bright", "dark"):
+    for k, label in enumerate(("bright", "dark")):
         positives = val.loc[val[f"target:{label}"] == 1, f"prob:{label}"]
-        assert positives.min() == run.thresholds[label] <= youden.thresholds[label]
+        assert _scaled(run, positives.min(), k) == pytest.approx(run.thresholds[label], rel=1e-6)
+        assert run.thresholds[label] <= youden.thresholds[label]
+
+
+def _scaled(run, probs, k=slice(None)):
+    """Raw probabilities (predictions.csv) temperature-scaled by the run's calibration.json."""
+    return expit(logit(probs) / np.asarray(run.temperatures)[k])
 
 
 def _dicom(pixels: np.ndarray, path, pixel_data: bool = True) -> None:

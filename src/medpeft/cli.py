@@ -31,6 +31,7 @@ def train(
     """Fine-tune a backbone as CONFIG says; an unfinished run in the same directory resumes."""
     from medpeft import load_config, train as run_training
     from medpeft.engine.distributed import Processes
+    from medpeft.metrics.display import print_metrics
 
     overrides = list(set_ or []) + ([f"output_dir={out}"] if out else []) + _on_missing(on_missing)
     run_config = load_config(config, overrides)
@@ -82,24 +83,44 @@ def pretrain(
 @app.command()
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A finished run directory (with --zero-shot: a run config)."),
-    split: str = typer.Option("test", help="train, val or test."),
+    split: Optional[str] = typer.Option(None, help="train, val, test or all (every image). Default: test, all "
+                                       "with --data."),
+    data: Optional[Path] = typer.Option(None, "--data", help="External validation: a YAML file whose data section "
+                                        "names another dataset (any format; its labels meet the run's by name)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Folder under RUN/evaluations/ (default: the split, "
+                                       "or the --data file's stem)."),
+    calibrated: bool = typer.Option(False, "--calibrated", help="Score the temperature-scaled probabilities."),
+    map_: Optional[List[str]] = typer.Option(None, "--map", help="RUN_LABEL=DATA_LABEL where the names differ "
+                                             "beyond the built-in label map (repeatable)."),
     devices: int = typer.Option(1, "--devices", min=1, help="Processes to share the images between."),
     zero_shot: bool = typer.Option(False, "--zero-shot", help="Evaluate the zero-shot classifier of the config's "
                                    "vision-language model (model.head_init: text) before any training."),
 ):
-    """Evaluate a finished run's best weights on a split of its own data split."""
+    """Evaluate a finished run's best weights on its own split or another dataset; writes RUN/evaluations/NAME/."""
     from medpeft.engine.distributed import Processes
 
+    label_map = dict(_pair(m) for m in map_ or [])
     if devices > 1:
-        _launch(devices, ["evaluate", str(run_dir), f"--split={split}"] + ["--zero-shot"] * zero_shot)
+        _launch(devices, ["evaluate", str(run_dir), *([f"--split={split}"] if split else []),
+                          *([f"--data={data}"] if data else []),
+                          *([f"--name={name}"] if name else []), *["--calibrated"] * calibrated,
+                          *(f"--map={m}" for m in map_ or []), *["--zero-shot"] * zero_shot])
         return
     from medpeft.config import load_config
     from medpeft.inference import evaluate as run_evaluation, zero_shot as run_zero_shot
+    from medpeft.metrics.display import print_metrics
 
-    metrics = (run_zero_shot(load_config(run_dir, ["model.head_init=text"]), split) if zero_shot
-               else run_evaluation(run_dir, split))
+    metrics = (run_zero_shot(load_config(run_dir, ["model.head_init=text"]), split or "test") if zero_shot
+               else run_evaluation(run_dir, split, data, name, calibrated, label_map))
     if Processes.from_env().main:
-        print_metrics(metrics, split)
+        print_metrics(metrics, (metrics.get("evaluation") or {}).get("name", split or "test"))
+
+
+def _pair(text: str) -> tuple[str, str]:
+    ours, sep, theirs = text.partition("=")
+    if not (sep and ours.strip() and theirs.strip()):
+        raise typer.BadParameter(f"--map {text!r}: expected RUN_LABEL=DATA_LABEL")
+    return ours.strip(), theirs.strip()
 
 
 @app.command()
@@ -318,20 +339,6 @@ def study_report(study_dir: Path = typer.Argument(..., help="A study directory (
     from medpeft.study.report import write_report
 
     console.print(f"report: {write_report(study_dir)}")
-
-
-def print_metrics(metrics: dict, split: str) -> None:
-    from medpeft.metrics.display import format_score
-
-    table = Table(title=f"{split}: mean AUROC {format_score(metrics['mean_auroc'])} over {metrics['n']} images")
-    for column in ("label", "AUROC", "AUPRC", "positives", "negatives"):
-        table.add_column(column, justify="left" if column == "label" else "right")
-    for name, m in metrics["per_label"].items():
-        table.add_row(name, format_score(m["auroc"]), format_score(m["auprc"]), str(m["positives"]),
-                      str(m["negatives"]))
-    console.print(table)
-    if "accuracy" in metrics:
-        console.print(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}")
 
 
 def _one_line(error: BaseException) -> str:

@@ -9,6 +9,9 @@
     predictions.csv  the best weights' val and test probabilities and targets per image
                      (image_id, split, prob:LABEL..., target:LABEL..., meta:NAME...)
     thresholds.json  the decision rule chosen on val: per-label thresholds (Youden's J) or arg-max
+    calibration.json temperature scaling fitted on val (per label; one for a multiclass task), applied by
+                     predict; predictions.csv and thresholds.json hold the raw (unscaled) probabilities
+    evaluations/     one folder per later evaluation (medpeft evaluate): metrics.json, predictions.csv
     metrics.json     validation and test metrics, parameter counts, time; written last
 
 Fine-tuning (medpeft.train), MAE pretraining (medpeft.pretrain), studies, inference and the CLI all read
@@ -44,6 +47,8 @@ WEIGHTS = "weights"
 CHECKPOINT = "checkpoint.pt"
 PREDICTIONS = "predictions.csv"
 THRESHOLDS = "thresholds.json"
+CALIBRATION = "calibration.json"
+EVALUATIONS = "evaluations"
 METRICS = "metrics.json"
 LOG_SIZE = "log_size"
 
@@ -150,7 +155,8 @@ def start_run_dir(run_dir: Path, config_text: str, table: pd.DataFrame, checkpoi
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_temporaries(run_dir)
     split_path = run_dir / SPLIT
-    if checkpoint is not None and not _split_frame(table).equals(_read_split(split_path)):
+    key = ["image_id", "patient_id", "split"]  # metadata columns a newer reader adds do not change the split
+    if checkpoint is not None and not _split_frame(table)[key].equals(_read_split(split_path)[key]):
         raise RunDirError(f"{split_path}: the data no longer give the split this run started with")
     write_text_atomic(run_dir / CONFIG, config_text)
     write_text_atomic(split_path, _split_frame(table).to_csv(index=False))

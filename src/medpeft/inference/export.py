@@ -4,10 +4,12 @@
                                      layout: ``timm.create_model("local-dir:<folder>", pretrained=True)``
     model.torchscript.pt             ``torch.jit.load``
     model.onnx                       ``onnxruntime.InferenceSession`` (dynamic batch dimension)
-    export.json                      labels, task, decision rule and thresholds, preprocessing, file
-                                     sizes and each format's measured difference from the run's model
+    export.json                      labels, task, calibration (temperatures), decision rule and thresholds,
+                                     preprocessing, file sizes and each format's measured difference from
+                                     the run's model
 
-Every format outputs logits (B, K); export.json says what to apply (softmax or sigmoid, thresholds).
+Every format outputs logits (B, K); export.json says what to apply (the temperatures, softmax or sigmoid,
+thresholds on the calibrated probabilities).
 A method that cannot merge (e.g. VPT, adapters) has no plain timm form: it gets TorchScript and ONNX only.
 """
 
@@ -64,9 +66,11 @@ def export(run, out_dir) -> dict:
             "run": str(run.path.resolve()), "method": run.spec.name, "backbone": run.config.model.name,
             "merged": model is not None, "merge_note": merge_note,
             "labels": run.labels, "task": run.config.data.task,
-            "outputs": "logits (batch, labels): apply " + (
-                "softmax over the labels" if run.config.data.task == "multiclass" else "a sigmoid per label"),
-            "decision": {"rule": run.rule, "thresholds": run.thresholds},
+            "outputs": "logits (batch, labels): apply " + _activation(run) + (
+                " to the logits divided by calibration.temperatures" if run.temperatures is not None else ""),
+            "calibration": _calibration(run),
+            "decision": {"rule": run.rule, "thresholds": run.thresholds,
+                         "on": "calibrated probabilities" if run.temperatures is not None else "probabilities"},
             "preprocessing": run.preprocessing,
             "input": {"shape": ["batch", 3, size, size], "dtype": "float32"},
             "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir())},
@@ -77,6 +81,21 @@ def export(run, out_dir) -> dict:
         }
         write_json_atomic(tmp / MANIFEST, manifest)
     return manifest
+
+
+def _calibration(run) -> dict | None:
+    """The run's temperature scaling, as export.json states it (None for a run without calibration.json)."""
+    if run.temperatures is None:
+        return None
+    from medpeft.engine.evaluation import temperature_record
+
+    return {"method": "temperature scaling, fitted on the run's val split",
+            "apply": "divide the logits by the temperatures, then apply " + _activation(run),
+            "temperatures": temperature_record(run.temperatures, run.labels, run.config.data.task)}
+
+
+def _activation(run) -> str:
+    return "softmax over the labels" if run.config.data.task == "multiclass" else "a sigmoid per label"
 
 
 def _merged(run) -> tuple[nn.Module | None, str]:

@@ -9,25 +9,32 @@ several task runs on one shared backbone, saliency maps and a standalone export.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from rich.console import Console
+from scipy.special import expit, logit
 from torch import nn
 
 from medpeft import accel
 from medpeft.config import RunConfig
 from medpeft.console import progress_bar
+from medpeft.data import read_dataset, read_split_dataset
 from medpeft.data.dataset import build_transform
+from medpeft.data.images import check_images
+from medpeft.data.labels import match_labels
 from medpeft.engine import rundir
 from medpeft.engine.assemble import load_model
-from medpeft.engine.evaluation import evaluate_split
+from medpeft.engine.evaluation import evaluate_split, prediction_rows, split_metrics, split_outputs, stored_temperatures
 from medpeft.engine.loaders import image_cache
 from medpeft.engine.runtime import autocast, resolve_device, session
 from medpeft.errors import ConfigError, DataError, RunDirError, TrainingError
+from medpeft.files import atomic_directory, write_json_atomic
 from medpeft.inference.inputs import collect_inputs, input_name, read_batches, report_unreadable
 from medpeft.methods import MethodSpec
 from medpeft.metrics.thresholds import YOUDEN, parse_rule, select_thresholds
@@ -45,7 +52,10 @@ class Run:
     rule: str
     """'youden', 'sensitivity:X' or 'argmax' (multiclass)."""
     thresholds: dict | None
-    """{label: threshold, None where val had one class}; None for arg-max."""
+    """{label: threshold on `probabilities`' scale, None where val had one class}; None for arg-max."""
+    temperatures: list[float] | None = None
+    """Temperature scaling fitted on val (calibration.json; one per label, one for a multiclass task), applied
+    by `probabilities`; None for a run trained before medpeft stored it (raw probabilities)."""
 
     @property
     def name(self) -> str:
@@ -61,6 +71,13 @@ class Run:
 
     def transform(self):
         return build_transform(self.config.model.img_size, self.config.data.mean, self.config.data.std, None)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., K) calibrated probabilities of (..., K) logits: softmax over the labels for a multiclass task,
+        else a sigmoid per label, of the logits divided by the run's temperatures."""
+        if self.temperatures is not None:
+            logits = logits / torch.tensor(self.temperatures, dtype=logits.dtype, device=logits.device)
+        return logits.softmax(-1) if self.config.data.task == "multiclass" else logits.sigmoid()
 
     def decide(self, probs: np.ndarray) -> pd.DataFrame:
         """Decision columns for (N, K) probabilities: pred:<label> 0/1, or pred = the arg-max label."""
@@ -113,6 +130,30 @@ def _decision_rule(run_dir: Path, config: RunConfig, rule: str) -> tuple[str, di
     return rule, select_thresholds(targets, probs, labels, rule)
 
 
+def _calibrated(run_dir: Path, config: RunConfig, thresholds: dict | None):
+    """The run's temperatures (None without calibration.json) and its thresholds moved onto the calibrated
+    probabilities' scale, t -> sigmoid(logit(t) / T): the same decisions."""
+    path = run_dir / rundir.CALIBRATION
+    if not path.is_file():
+        return None, thresholds
+    labels, task = list(config.data.labels), config.data.task
+    try:
+        temperatures = stored_temperatures(rundir.read_json_object(path), labels, task)
+    except (KeyError, TypeError, ValueError):
+        raise RunDirError(f"{path}: expected 'temperatures' for the labels {labels}") from None
+    if thresholds is not None:
+        with np.errstate(divide="ignore"):
+            thresholds = {label: None if t is None else float(expit(logit(t) / temperature))
+                          for (label, t), temperature in zip(thresholds.items(), temperatures)}
+    return temperatures, thresholds
+
+
+def _load(run_dir: Path, config: RunConfig, built, threshold: str) -> Run:
+    rule, thresholds = _decision_rule(run_dir, config, threshold)
+    temperatures, thresholds = _calibrated(run_dir, config, thresholds)
+    return Run(run_dir, config, built.model, built.spec, rule, thresholds, temperatures)
+
+
 def load_run(path, threshold: str = YOUDEN) -> Run:
     """Load a finished run directory (as written by `medpeft train`) for prediction, saliency or export.
 
@@ -120,9 +161,7 @@ def load_run(path, threshold: str = YOUDEN) -> Run:
     validation predictions. Multiclass runs decide by arg-max."""
     run_dir = Path(path)
     config = rundir.finished_config(run_dir)
-    built = load_model(run_dir, config)
-    rule, thresholds = _decision_rule(run_dir, config, threshold)
-    return Run(run_dir, config, built.model, built.spec, rule, thresholds)
+    return _load(run_dir, config, load_model(run_dir, config), threshold)
 
 
 def load_runs(paths, threshold: str = YOUDEN) -> list[Run]:
@@ -143,11 +182,8 @@ def load_runs(paths, threshold: str = YOUDEN) -> list[Run]:
         if preprocessing(config) != preprocessing(configs[0]):
             raise ConfigError(f"{run_dir}: its preprocessing (img_size, mean, std) differs from {first}'s; "
                               f"runs in --runs must take the same input")
-    runs = []
-    for run_dir, config, built in zip(run_dirs, configs, shared_models(configs, run_dirs)):
-        rule, thresholds = _decision_rule(run_dir, config, threshold)
-        runs.append(Run(run_dir, config, built.model, built.spec, rule, thresholds))
-    return runs
+    return [_load(run_dir, config, built, threshold)
+            for run_dir, config, built in zip(run_dirs, configs, shared_models(configs, run_dirs))]
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -195,25 +231,113 @@ def predict(runs: list[Run], images, batch_size: int | None = None, strict: bool
 
 @torch.no_grad()
 def class_probabilities(run: Run, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """(B, K) probabilities: sigmoid per label, softmax for a multiclass task; in the run's precision."""
+    """(B, K) calibrated probabilities (`Run.probabilities`); the model runs in the run's precision."""
     with autocast(device, run.config.train.precision):
         logits = run.model(x).float()
-    return (logits.softmax(1) if run.config.data.task == "multiclass" else logits.sigmoid()).cpu()
+    return run.probabilities(logits).cpu()
 
 
-def evaluate(run_dir: str | Path, split: str = "test") -> dict:
-    """Metrics of a finished run's best weights on one split of its own data split (on every process of a
-    launcher, each computing its share of the images)."""
+def evaluate(run_dir: str | Path, split: str | None = None, data=None, name: str | None = None,
+             calibrated: bool = False, label_map: dict | None = None) -> dict:
+    """Metrics of a finished run's best weights on one split (train, val, test or all: every image; default
+    test of its own data, all of another dataset) of its own data, or of another dataset (`data`: a YAML file with a data section, a data-section mapping or a DataConfig; external
+    validation), through the run's preprocessing. The data's labels meet the run's through
+    medpeft.data.labels.match_labels (`label_map` {run label: data label} first); a run label the data lack
+    is reported under "absent", not scored. The metrics (classification_metrics, calibration raw and
+    calibrated, subgroups) are written with the split's predictions to RUN/evaluations/NAME/ (NAME: `name`,
+    default the split for the run's own data, the data file's stem, "-calibrated" added with `calibrated`),
+    never over the run's own files. `calibrated`: the probabilities are temperature-scaled
+    (calibration.json). On every process of a launcher, each computing its share of the images."""
     run_dir = Path(run_dir)
+    split = split or ("test" if data is None else "all")
+    if split not in ("train", "val", "test", "all"):
+        raise ConfigError(f"split {split!r}: expected train, val, test or all")
     config = rundir.finished_config(run_dir)
+    temperatures, _ = _calibrated(run_dir, config, None)
+    if calibrated and temperatures is None:
+        raise RunDirError(f"{run_dir}: no {rundir.CALIBRATION} (trained before medpeft fitted temperature "
+                          f"scaling); evaluate it without --calibrated")
+    if data is None:
+        if label_map:
+            raise ConfigError("a label map applies to another dataset (--data)")
+        eval_config, matched, source = config, {label: label for label in config.data.labels}, "run"
+        table = rundir.run_table(run_dir, config)
+    else:
+        reading, eval_config, matched, source = external_config(config, data, label_map)
+        table = check_images(read_dataset(reading) if split == "all" else read_split_dataset(reading), reading,
+                             progress=True)
+        table = table.rename(columns={theirs: ours for ours, theirs in matched.items() if theirs})
+    if split == "all":
+        table = table.assign(split="all")
+    name = name or ((split if data is None else source) + "-calibrated" * calibrated)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+        raise ConfigError(f"evaluation name {name!r}: expected a folder name of letters, digits, '.', '_' and '-'")
+    present = [k for k, label in enumerate(config.data.labels) if matched[label]]
     built = load_model(run_dir, config)
-    table = rundir.run_table(run_dir, config)
     with session(config.train) as (procs, device):
-        metrics = evaluate_split(built.model.to(device), table, split, config, device, image_cache(table, config),
-                                 procs=procs)
-    if metrics is None:
-        raise DataError(f"{run_dir}: the run's '{split}' split is empty")
+        outputs = split_outputs(built.model.to(device), table, split, eval_config, device,
+                                image_cache(table, eval_config), procs)
+    if outputs is None:
+        raise DataError(f"{eval_config.data.csv}: the '{split}' split is empty")
+    outputs = replace(outputs, logits=outputs.logits[:, present])
+    if temperatures is not None and config.data.task != "multiclass":
+        temperatures = [temperatures[k] for k in present]
+    metrics = split_metrics(outputs, eval_config, temperatures, evidence=True, calibrated=calibrated)
+    metrics["evaluation"] = {
+        "name": name, "data": {"format": eval_config.data.format, "csv": eval_config.data.csv}, "split": split,
+        "calibrated": calibrated, "label_map": matched,
+        "absent": [label for label in config.data.labels if not matched[label]]}
+    if procs.main:
+        (run_dir / rundir.EVALUATIONS).mkdir(exist_ok=True)
+        with atomic_directory(run_dir / rundir.EVALUATIONS / name) as out:
+            write_json_atomic(out / rundir.METRICS, metrics)
+            prediction_rows(outputs, eval_config, temperatures if calibrated else None).to_csv(
+                out / rundir.PREDICTIONS, index=False)
     return metrics
+
+
+def external_config(config: RunConfig, data, label_map: dict | None = None):
+    """How to evaluate the run on another dataset: (the data section to read it with, under the data's own
+    label names; the run's config over it, with the run's names of the labels the data have, and the run's
+    mean and std (the model's preprocessing); {run label: data label or None}; the evaluation's default
+    name). Without `labels`, the data's labels are those of its format that match the run's (any format's
+    labels for a CSV: the run's names, or the label map's)."""
+    from medpeft.config import DataConfig, build, read_yaml_mapping
+
+    source = "external"
+    if isinstance(data, DataConfig):
+        data = data.to_dict()
+    elif not isinstance(data, dict):
+        path, source = Path(data), Path(data).stem
+        data = read_yaml_mapping(path, "data config", "a mapping with a data section").get("data")
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: config section 'data' is required (a mapping: format, csv, ...)")
+    run_labels = list(config.data.labels)
+    unknown = sorted(set(label_map or {}) - set(run_labels))
+    if unknown:
+        raise ConfigError(f"label map: the run has no label {unknown[0]!r} (its labels: {', '.join(run_labels)})")
+    given = list(data.get("labels") or [])
+    probe = build(DataConfig, {**data, "labels": given})
+    known = probe.known_labels()
+    candidates = given or (list(known) if known is not None else run_labels + list((label_map or {}).values()))
+    try:
+        matched = match_labels(run_labels, candidates, label_map)
+    except ValueError as e:
+        raise ConfigError(f"{probe.csv}: {e}") from None
+    wrong = [theirs for theirs in matched.values() if theirs and theirs not in candidates]
+    if wrong:
+        raise ConfigError(f"label map: the data have no label {wrong[0]!r} (their labels: {', '.join(candidates)})")
+    missing = [label for label, theirs in matched.items() if not theirs]
+    if config.data.task == "multiclass" and missing:
+        raise ConfigError(f"{probe.csv}: the data have no class {missing[0]!r} of this multiclass run")
+    if len(missing) == len(run_labels):
+        raise ConfigError(f"{probe.csv}: none of the run's labels ({', '.join(run_labels)}) is among the data's "
+                          f"({', '.join(candidates)}); map them with --map RUN_LABEL=DATA_LABEL")
+    reading = build(DataConfig, {**data, "labels": [theirs for theirs in matched.values() if theirs],
+                                 "mean": list(config.data.mean), "std": list(config.data.std)})
+    scored = copy.copy(reading)
+    scored.labels = [ours for ours, theirs in matched.items() if theirs]  # the columns once renamed to the run's
+    return reading, replace(config, data=scored), matched, source
 
 
 def zero_shot(config: RunConfig, split: str = "test") -> dict:

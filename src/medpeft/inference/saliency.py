@@ -95,7 +95,7 @@ def _forward(run, x: torch.Tensor, store: dict) -> tuple[torch.Tensor, np.ndarra
         logits = run.model.to(device)(x.reshape(1, *x.shape[-3:]).to(device).float())[0]
     if "leaf" not in store:
         raise RuntimeError("the saliency target layer did not run in the model's forward pass")
-    probs = logits.softmax(0) if run.config.data.task == "multiclass" else logits.sigmoid()
+    probs = run.probabilities(logits)
     return logits, probs.detach().cpu().numpy()
 
 

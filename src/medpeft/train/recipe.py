@@ -3,7 +3,7 @@
     recipe = FineTune(config, procs, device, console)
     recipe.setup()            # data and split, run directory (or the checkpoint to resume), model, optimiser
     recipe.train()            # the epochs: the shared loop (medpeft.engine.loop), validation, best weights
-    metrics = recipe.finish() # the best weights on val and test: predictions, thresholds, metrics.json
+    metrics = recipe.finish() # the best weights on val and test: predictions, thresholds, calibration, metrics
 
 An interrupted run resumes in the same output_dir from its last epoch checkpoint and ends with the same
 metrics as an uninterrupted run (CPU, same seed): data order and augmentation are seeded per epoch and
@@ -27,7 +27,14 @@ from medpeft.config import RunConfig, dump_config
 from medpeft.engine import rundir
 from medpeft.engine.assemble import build_model
 from medpeft.engine.distributed import Processes
-from medpeft.engine.evaluation import evaluate_split
+from medpeft.engine.evaluation import (
+    evaluate_split,
+    fit_calibration,
+    prediction_rows,
+    split_metrics,
+    split_outputs,
+    stored_temperatures,
+)
 from medpeft.engine.loaders import image_cache, make_loader, to_device
 from medpeft.engine.loop import Stepper, begin_epoch, build_scheduler, run_epoch
 from medpeft.engine.runtime import autocast, session
@@ -208,13 +215,18 @@ class FineTune:
 
     # ------------------------------------------------------------------------- finish
     def finish(self) -> dict:
-        """Evaluate the best weights, write predictions.csv, thresholds.json and (last) metrics.json."""
+        """Evaluate the best weights, fit temperature scaling on val, write predictions.csv, thresholds.json,
+        calibration.json and (last) metrics.json (with calibration and subgroup results)."""
         config, procs, state, built = self.config, self.procs, self.state, self.built
         procs.barrier()  # the best weights are on disk (output_dir is on a filesystem all processes share)
         load_weights(built.spec, self.model, self.run_dir / rundir.WEIGHTS)
-        predictions: list[pd.DataFrame] = []
-        evaluated = {split: evaluate_split(self.trained, self.table, split, config, self.device, self.cache,
-                                           predictions, procs, self.features) for split in ("val", "test")}
+        outputs = {split: split_outputs(self.trained, self.table, split, config, self.device, self.cache, procs,
+                                        self.features) for split in ("val", "test")}
+        calibration = fit_calibration(outputs["val"], config)
+        temperatures = stored_temperatures(calibration, list(config.data.labels), config.data.task)
+        evaluated = {split: out and split_metrics(out, config, temperatures, evidence=True)
+                     for split, out in outputs.items()}
+        predictions = [prediction_rows(out, config) for out in outputs.values() if out is not None]
         metrics = {
             "medpeft_version": __version__, "method": built.spec.name, "model": config.model.name,
             "labels": list(config.data.labels), "task": config.data.task,
@@ -228,6 +240,7 @@ class FineTune:
         if procs.main:
             write_text_atomic(self.run_dir / rundir.PREDICTIONS, pd.concat(predictions).to_csv(index=False))
             write_json_atomic(self.run_dir / rundir.THRESHOLDS, decision_rule(predictions[0], config))
+            write_json_atomic(self.run_dir / rundir.CALIBRATION, calibration)
             write_json_atomic(self.run_dir / rundir.METRICS, metrics)
             (self.run_dir / rundir.CHECKPOINT).unlink(missing_ok=True)
         procs.barrier()  # the run is complete for every process
