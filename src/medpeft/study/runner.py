@@ -5,6 +5,7 @@ Layout of a study directory::
     study.yaml       the study file as last run
     study.sqlite     the results store (medpeft.study.store)
     configs/KEY.yaml each cell's run config (with its output_dir)
+    configs/KEY.external.yaml  the data section of the cell's external test set, where the study names one
     runs/KEY/        each cell's run directory
     logs/KEY.log     each cell's process output
     logs/KEY.json    each cell's peak memory, written by its process when its run is complete
@@ -15,8 +16,12 @@ given ``cores / jobs`` threads and, on a GPU machine, one GPU in turn (``CUDA_VI
 cell process is killed with its runner (Linux ``PR_SET_PDEATHSIG``), so a killed runner never leaves a
 cell training behind; started again, it resumes that cell from its checkpoint. The runner alone writes
 the store, holding the study directory's lock (a second runner there is refused); each cell's process
-holds its run directory's lock. ``executor="ray"`` sends the same cell processes to the workers of a
-Ray cluster (``ray.init(address="auto")`` when one is running, else a local instance); the study
+holds its run directory's lock. A cell whose dataset level has an external test set (the study file's
+``external``) is then evaluated on it in a second process, ``medpeft evaluate RUN --data
+configs/KEY.external.yaml --name external --split SPLIT`` (``RUN/evaluations/external/``), before it is
+done: an error there fails the cell, and a rerun evaluates its complete run. A cell done before the
+study named its external set is not evaluated. ``executor="ray"`` sends the same cell processes to the
+workers of a Ray cluster (``ray.init(address="auto")`` when one is running, else a local instance); the study
 directory must then be on storage every worker sees.
 """
 
@@ -44,6 +49,8 @@ from medpeft.study.spec import Cell, load_study
 from medpeft.study.store import Store
 
 STORE = "study.sqlite"
+EXTERNAL = Path(rundir.EVALUATIONS) / "external" / rundir.METRICS
+"""A cell's external evaluation, relative to its run directory."""
 
 
 @dataclass(frozen=True)
@@ -68,20 +75,30 @@ def peak_memory(log_path: str | Path) -> float | None:
     return rundir.read_json_object(path)["peak_memory_mb"] if path.is_file() else None
 
 
-def run_cell(key: str, config_path: str, log_path: str, threads: int, gpu: int | None = None) -> CellResult:
-    """Train one cell in a child process; its output goes to `log_path`, its peak memory next to it."""
+def run_cell(key: str, config_path: str, log_path: str, external: tuple[str, str, str] | None, threads: int,
+             gpu: int | None = None) -> CellResult:
+    """Train one cell in a child process, then with `external` (run directory, data file, split) evaluate its
+    run on that data in another (a complete run is not trained again); their output goes to `log_path`, the
+    training's peak memory next to it."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    with open(log_path, "a") as log:
-        proc = subprocess.run([sys.executable, "-m", "medpeft.study.cell", config_path, str(threads),
-                               str(_result_path(log_path))],
-                              stdout=log, stderr=log, env=env,
-                              preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-    if proc.returncode == 0:
-        return CellResult(key, True, peak_memory_mb=peak_memory(log_path))
-    errors = [line for line in Path(log_path).read_text().splitlines() if line.strip()]
-    return CellResult(key, False, error=(errors[-1] if errors else f"exit code {proc.returncode}")[:2000])
+    steps = []
+    if not (external and rundir.is_complete(Path(external[0]))):
+        steps.append(("", ["-m", "medpeft.study.cell", config_path, str(threads), str(_result_path(log_path))]))
+    if external:
+        run_dir, data, split = external
+        steps.append(("external evaluation: ", ["-m", "medpeft", "evaluate", run_dir, f"--data={data}",
+                                                "--name=external", f"--split={split}"]))
+    for what, arguments in steps:
+        with open(log_path, "a") as log:
+            proc = subprocess.run([sys.executable, *arguments], stdout=log, stderr=log, env=env,
+                                  preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        if proc.returncode != 0:
+            errors = [line for line in Path(log_path).read_text().splitlines() if line.strip()]
+            error = errors[-1] if errors else f"exit code {proc.returncode}"
+            return CellResult(key, False, error=(what + error)[:2000])
+    return CellResult(key, True, peak_memory_mb=peak_memory(log_path))
 
 
 class _LocalExecutor:
@@ -158,9 +175,9 @@ def run_study(study_path: str | Path, out: str | Path, jobs: int = 1, executor: 
             done = len(study.cells) - len(todo)
             console.print(f"study {study.name}: {len(study.cells)} cells, {done} done or failed before, {len(todo)} "
                           f"to run ({jobs} at a time, {executor})")
-            pending = [c for c in todo if not _recover(store, c, out)]
+            pending = [c for c in todo if not _recover(store, c, out, c.dataset in study.external)]
             if pending:
-                _execute(store, pending, out, jobs, executor, console)
+                _execute(store, pending, out, jobs, executor, console, study.external)
             counts = store.frame()["status"].value_counts().to_dict()
         finally:
             store.close()
@@ -178,17 +195,19 @@ def check_models(cells: list[Cell], path: Path) -> None:
             check_buildable(config_from_dict({**cell.config, "output_dir": "-"}), where=f"{path}: cell {cell.key}: ")
 
 
-def _recover(store: Store, cell: Cell, out: Path) -> bool:
-    """A cell whose run finished but was not recorded (runner killed in between) is recorded now."""
+def _recover(store: Store, cell: Cell, out: Path, external: bool) -> bool:
+    """A cell whose run finished (and, with `external`, was evaluated on its external test set) but was not
+    recorded (runner killed in between) is recorded now."""
     run_dir = out / "runs" / cell.key
-    if not rundir.is_complete(run_dir):
+    if not rundir.is_complete(run_dir) or (external and not (run_dir / EXTERNAL).is_file()):
         return False
     store.mark_done(cell.key, rundir.read_json_object(run_dir / rundir.METRICS),
                     peak_memory(out / "logs" / f"{cell.key}.log"))
     return True
 
 
-def _execute(store: Store, cells: list[Cell], out: Path, jobs: int, executor: str, console: Console) -> None:
+def _execute(store: Store, cells: list[Cell], out: Path, jobs: int, executor: str, console: Console,
+             external: dict[str, dict]) -> None:
     """Keep `jobs` cells in flight; a cell is marked running when it is handed to a worker."""
     pool = _RayExecutor(jobs) if executor == "ray" else _LocalExecutor(jobs)
     waiting, in_flight, finished = list(cells), {}, 0
@@ -196,7 +215,7 @@ def _execute(store: Store, cells: list[Cell], out: Path, jobs: int, executor: st
         while waiting or in_flight:
             while waiting and len(in_flight) < jobs:
                 cell = waiting.pop(0)
-                in_flight[_start(pool, store, cell, out)] = cell
+                in_flight[_start(pool, store, cell, out, external.get(cell.dataset))] = cell
             ready, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             for future in ready:
                 cell, result = in_flight.pop(future), future.result()
@@ -206,12 +225,18 @@ def _execute(store: Store, cells: list[Cell], out: Path, jobs: int, executor: st
         pool.close()
 
 
-def _start(pool, store: Store, cell: Cell, out: Path) -> Future:
+def _start(pool, store: Store, cell: Cell, out: Path, external: dict | None) -> Future:
+    """Write the cell's config (and its external test set's data section), mark it running, hand it over."""
     config_path = (out / "configs" / f"{cell.key}.yaml").resolve()
     run_dir = (out / "runs" / cell.key).resolve()
     write_text_atomic(config_path, yaml.safe_dump({**cell.config, "output_dir": str(run_dir)}, sort_keys=False))
+    evaluation = None
+    if external:
+        data_path = config_path.with_suffix(".external.yaml")
+        write_text_atomic(data_path, yaml.safe_dump({"data": external["data"]}, sort_keys=False))
+        evaluation = (str(run_dir), str(data_path), external["split"])
     store.mark_running(cell.key)
-    return pool.submit(cell.key, str(config_path), str((out / "logs" / f"{cell.key}.log").resolve()))
+    return pool.submit(cell.key, str(config_path), str((out / "logs" / f"{cell.key}.log").resolve()), evaluation)
 
 
 def _record(store: Store, cell: Cell, result: CellResult, out: Path, counter: str, console: Console) -> None:

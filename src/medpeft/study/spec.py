@@ -20,12 +20,16 @@
       - where: {method: lora, fraction: 0.01}
         set: {method.r: 4, train.epochs: 100}
     report: {correction: holm, alpha: 0.05, stratify: true}   # how the report tests (ReportOptions)
+    external:                    # per dataset level: an external test set each of its cells is evaluated on
+      pneumonia: {data: {format: csv, csv: other-hospital.csv, labels: [pneumonia]}, split: all}
 
 Every axis is optional (one level, ``default``, when absent; without a method axis, base's method is
 the one level, named after it). String values may use environment
-variables (``${NIH_ROOT}/Data_Entry_2017.csv``). Every cell is validated as a run config when the
-study is read, and ``medpeft study run`` builds each cell's model on the meta device before the first
-cell trains, so a typo or a method that does not fit its backbone fails before any training.
+variables (``${NIH_ROOT}/Data_Entry_2017.csv``). An ``external`` entry's data section is any reader's
+(its labels meet the run's by name, medpeft.data.labels) and its split one of all (default), train, val,
+test. Every cell is validated as a run config when the study is read, and ``medpeft study run``
+builds each cell's model on the meta device before the first cell trains, so a typo or a method that
+does not fit its backbone fails before any training.
 """
 
 from __future__ import annotations
@@ -39,13 +43,14 @@ from typing import Literal
 
 import yaml
 
-from medpeft.config import Section, build, config_from_dict, merge_dicts, option, read_yaml_mapping
+from medpeft.config import DataConfig, Section, build, config_from_dict, merge_dicts, option, read_yaml_mapping
 from medpeft.errors import ConfigError
 
 AXES = ("backbone", "dataset", "method", "fraction", "seed")
 NAMED_AXES = ("backbone", "dataset", "method")
 MAX_LEVEL_NAME_BYTES = 64
 """A level name is part of a cell's key, which names files and folders (at most 255 bytes each)."""
+EXTERNAL_SPLITS = ("all", "train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,8 @@ class Study:
     path: Path
     cells: list[Cell]
     report: ReportOptions = field(default_factory=ReportOptions)
+    external: dict[str, dict] = field(default_factory=dict)
+    """{dataset level: {"data": a data section, "split": one of EXTERNAL_SPLITS}}."""
 
 
 def report_options(path: Path, data: dict) -> ReportOptions:
@@ -101,6 +108,25 @@ def report_options(path: Path, data: dict) -> ReportOptions:
         return build(ReportOptions, data.get("report"))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def _external(path: Path, external, datasets: dict) -> dict[str, dict]:
+    """The study's external test sets per dataset level, each data section validated (not read)."""
+    if not isinstance(external, dict):
+        raise ConfigError(f"{path}: external must be a mapping of dataset level -> {{data: ..., split: ...}}")
+    for level, entry in external.items():
+        where = f"{path}: external.{level}"
+        if level not in datasets:
+            raise ConfigError(f"{where}: not a level of axes.dataset (its levels: {', '.join(map(str, datasets))})")
+        if not (isinstance(entry, dict) and isinstance(entry.get("data"), dict) and set(entry) <= {"data", "split"}):
+            raise ConfigError(f"{where} must be {{data: <a data section>, split: {' | '.join(EXTERNAL_SPLITS)}}}")
+        if entry.get("split", "all") not in EXTERNAL_SPLITS:
+            raise ConfigError(f"{where}.split must be one of {', '.join(EXTERNAL_SPLITS)}, got {entry['split']!r}")
+        try:
+            build(DataConfig, entry["data"])
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    return {level: {"data": entry["data"], "split": entry.get("split", "all")} for level, entry in external.items()}
 
 
 def _expand_env(value):
@@ -161,10 +187,10 @@ def load_study(path: str | Path) -> Study:
     """Read, expand and validate a study file."""
     path = Path(path)
     data = read_yaml_mapping(path, "study file", "a mapping with name, base, axes, overrides")
-    unknown = sorted(set(data) - {"name", "base", "axes", "overrides", "report"})
+    unknown = sorted(set(data) - {"name", "base", "axes", "overrides", "report", "external"})
     if unknown:
         raise ConfigError(f"{path}: study key '{unknown[0]}' does not exist (expected name, base, axes, overrides, "
-                          f"report)")
+                          f"report, external)")
     data = _expand_env(data)
     report = report_options(path, data)
     axes = data.get("axes") or {}
@@ -207,4 +233,5 @@ def load_study(path: str | Path) -> Study:
             raise ConfigError(f"{path}: cell ({where}): {e}") from None
         del resolved["output_dir"]
         cells.append(Cell(**coordinates, config=resolved))
-    return Study(name=str(data.get("name") or path.stem), path=path, cells=cells, report=report)
+    return Study(name=str(data.get("name") or path.stem), path=path, cells=cells, report=report,
+                 external=_external(path, data.get("external") or {}, levels["dataset"]))
