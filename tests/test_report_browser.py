@@ -73,10 +73,16 @@ def check_rendered(page: dict, n_figures: int, n_tables: int) -> None:
 
 
 def test_toy_study_report_renders_its_tables_and_plots(browser, tmp_path):
-    make_study(tmp_path, LABELS, failed=FAILED)
+    make_study(tmp_path, LABELS, failed=FAILED, evidence=True)
     page = render(browser, write_report(tmp_path), tmp_path / "screenshot.png")
-    check_rendered(page, n_figures=3, n_tables=2)  # comparison + lora-vs-full; fraction, Pareto, one heatmap
+    # comparison, lora-vs-full, calibration, subgroups, external; reliability, fraction, Pareto, one heatmap
+    check_rendered(page, n_figures=4, n_tables=5)
     assert "lora beats full in 2 of 2 tasks" in page["text"] and FAILED in page["text"]
+    assert "ECE over 10 equal-mass bins" in page["text"] and "B (n=8)" in page["text"]
+    calibration, subgroups, external = page["tables"][2:]
+    assert calibration["rows"] == 5 and subgroups["rows"] == 9 and external["rows"] == 5
+    assert "other.csv" in external["cells"] and "dark" in external["cells"]
+    assert page["images"][0]["alt"].startswith("vit / chest_xray 100%: test reliability of bright")
     assert (tmp_path / "screenshot.png").stat().st_size > 20_000
 
 
@@ -86,5 +92,7 @@ def test_given_report_renders(browser):
     screenshot = Path(os.environ["MEDPEFT_SCREENSHOT"]) if "MEDPEFT_SCREENSHOT" in os.environ else None
     page = render(browser, html, screenshot)
     figures = len(list((html.parent / "figures").glob("*.png")))
-    tables = 1 + len(re.findall(r"<h3", html.read_text()))  # the comparison + one per pairwise verdict
+    # the comparison, one per pairwise verdict, one per evidence section with data
+    tables = 1 + len(re.findall(r"<h3", html.read_text())) + sum(
+        (html.parent / f"{section}.csv").is_file() for section in ("calibration", "subgroups", "external"))
     check_rendered(page, n_figures=figures, n_tables=tables)

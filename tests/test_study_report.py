@@ -10,8 +10,11 @@ import pytest
 from PIL import Image
 
 from medpeft.errors import DataError, RunDirError
+from medpeft.files import write_json_atomic
 from medpeft.metrics import classification_metrics
+from medpeft.metrics.calibration import apply_temperature, calibration_metrics, fit_temperature
 from medpeft.metrics.compare import bootstrap_auroc_difference, delong_test
+from medpeft.metrics.subgroups import subgroup_metrics
 from medpeft.study.report import write_report
 from medpeft.study.spec import Cell
 from medpeft.study.store import Store
@@ -21,14 +24,48 @@ SIGNAL = {"full": 0.7, "lora": 2.0}  # lora's probabilities separate the classes
 TRAINABLE = {"full": 100.0, "lora": 1.5}
 LABELS = ["bright", "dark"]
 FAILED = "vit__chest_xray__full__f1__s2"
+EXTERNAL = "other.csv"  # the external data of the evidence fixture, which has the first label only
+
+
+def _groups(n: int) -> dict[str, np.ndarray]:
+    """Subgroup columns of the test images: sex F / M with a few unknown, site A with a small site B."""
+    rng = np.random.default_rng(1)
+    sex = rng.choice(["F", "M"], n)
+    sex[rng.random(n) < 0.05] = ""
+    return {"sex": sex, "site": np.where(np.arange(n) < 8, "B", "A")}
+
+
+def _evidence(index: int, run_dir, metrics: dict, y: np.ndarray, probs: np.ndarray, split: np.ndarray, strength: float):
+    """What a run of this medpeft adds: test calibration (raw, and temperature-scaled with temperatures fitted
+    on val), test subgroups, and an external evaluation on data with the first label only (weaker signal)."""
+    names = metrics["labels"]
+    logits = np.log(probs) - np.log1p(-probs)
+    temperatures = fit_temperature(logits[split == "val"], y[split == "val"], "multilabel")
+    test_y, test_p = y[split == "test"], probs[split == "test"]
+    metrics["test"]["calibration"] = {
+        "binning": "equal-mass", "n_bins": 10, "raw": calibration_metrics(test_y, test_p, names),
+        "calibrated": calibration_metrics(test_y, apply_temperature(logits[split == "test"], temperatures,
+                                                                    "multilabel"), names),
+        "temperatures": dict(zip(names, temperatures))}
+    metrics["test"]["subgroups"] = subgroup_metrics(test_y, test_p, names, _groups(len(test_y)), n_resamples=100)
+    rng = np.random.default_rng(1000 + index)
+    external_y = rng.integers(0, 2, (200, 1)).astype(float)
+    external_p = 1 / (1 + np.exp(-(strength / 2 * external_y + rng.normal(size=external_y.shape))))
+    evaluation = classification_metrics(external_y, external_p, names[:1], "multilabel")
+    evaluation["evaluation"] = {"name": "external", "data": {"format": "csv", "csv": EXTERNAL}, "split": "all",
+                                "calibrated": False, "label_map": {n: n if n == names[0] else None for n in names},
+                                "absent": names[1:]}
+    (run_dir / "evaluations" / "external").mkdir(parents=True)
+    write_json_atomic(run_dir / "evaluations" / "external" / "metrics.json", evaluation)
 
 
 def make_study(root, labels, seeds=(0, 1, 2), fractions=(0.1, 1.0), failed=None, backbones=("vit",),
-               datasets=("chest_xray",), signal=None) -> dict:
+               datasets=("chest_xray",), signal=None, evidence=False) -> dict:
     """A study directory with every cell done (but `failed`); returns the test targets of the first dataset
     and, per key, (cell, metrics, test probabilities). Each dataset's labels: `labels` or a dict of them;
     `seeds`: the seeds of every method or a dict of them per method; `signal(cell)`: how far the cell's
-    probabilities separate the classes (default: by method and fraction)."""
+    probabilities separate the classes (default: by method and fraction); `evidence`: the test metrics hold
+    calibration and subgroups, and each run has an external evaluation (`_evidence`)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "study.yaml").write_text("name: toy-study\n")
     labels = labels if isinstance(labels, dict) else {d: labels for d in datasets}
@@ -63,6 +100,8 @@ def make_study(root, labels, seeds=(0, 1, 2), fractions=(0.1, 1.0), failed=None,
                                  pd.DataFrame(y, columns=[f"target:{label}" for label in names])], axis=1)
         run_dir = root / "runs" / cell.key
         run_dir.mkdir(parents=True)
+        if evidence:
+            _evidence(i, run_dir, metrics, y, probs, split, signal(cell))
         predictions.sample(frac=1, random_state=i).to_csv(run_dir / "predictions.csv", index=False)  # any row order
         store.mark_done(cell.key, metrics, 512.0)
         runs[cell.key] = (cell, metrics, probs[split == "test"])

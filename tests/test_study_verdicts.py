@@ -159,3 +159,14 @@ def test_bad_report_options_fail_in_one_line(tmp_path, report, message):
     with pytest.raises(ConfigError, match=message):
         write_report(tmp_path)
     assert not (tmp_path / "report").exists()
+
+
+def test_a_task_without_a_seed_both_finished_is_named_not_tested(tmp_path):
+    make_study(tmp_path, ["pneumonia"], seeds={"lora": (0,), "full": (1,)}, fractions=(1.0,))
+    pairwise, markdown = _report(tmp_path)
+    row = pairwise.iloc[0]
+    assert row["verdict"] == "not compared" and np.isnan(row["p_adjusted"]) and np.isnan(row["difference"])
+    assert row["missing_seeds"] == "lora lacks seed 1; full lacks seed 0"
+    assert "lora and full have no task with a seed both finished." in markdown
+    assert "| chest_xray 100% | – | – | – | not compared | none | – |" in markdown
+    assert "chest_xray 100%: lora lacks seed 1; full lacks seed 0: no seed to compare." in markdown

@@ -13,7 +13,7 @@ import pandas as pd
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
-from medpeft.study.tables import TASK, order, seed_stats
+from medpeft.study.tables import TASK, order, seed_stats, task_name
 
 
 def _save(fig: Figure, figures: Path, name: str) -> Path:
@@ -92,6 +92,43 @@ def _heatmap_figure(done: pd.DataFrame, dataset: str, labels: list[str], methods
     ax.set_title(f"{dataset}: test AUROC per label (points)")
     fig.colorbar(image, ax=ax, label="test AUROC (points)")
     return fig
+
+
+def _reliability_figure(cells: pd.DataFrame, label: str, title: str) -> Figure:
+    """One panel per cell (its method and seed): the test reliability curve of `label`, raw and calibrated."""
+    fig = Figure(figsize=(3.6 * len(cells), 3.6), layout="constrained")
+    for ax, cell in zip(fig.subplots(1, len(cells), squeeze=False).ravel(), cells.itertuples()):
+        calibration = cell.metrics["test"]["calibration"]
+        ax.plot([0, 1], [0, 1], color="gray", linestyle=":", label="perfect")
+        for kind, style in (("raw", "o-"), ("calibrated", "s--")):
+            curve = ((calibration[kind] or {}).get("per_label", {}).get(label) or {}).get("reliability")
+            if curve:
+                ax.plot(curve["predicted"], curve["observed"], style, label=kind)
+        ax.set(xlim=(0, 1), ylim=(0, 1), aspect="equal", title=f"{cell.method} (seed {cell.seed})",
+               xlabel="mean predicted probability", ylabel="observed rate")
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    return fig
+
+
+def write_reliability_figures(done: pd.DataFrame, methods: list[str], labels: dict[str, list[str]],
+                              figures: Path) -> list[tuple[str, Path]]:
+    """Per dataset whose cells have calibration metrics, reliability_I (PNG and SVG): one panel per method,
+    its cell of the first backbone, the largest label fraction and the lowest seed, the dataset's first
+    label. Returns (alt text, PNG path) of each."""
+    has = done[[bool(((m or {}).get("test") or {}).get("calibration")) for m in done["metrics"]]]
+    written = []
+    with rc_context({"text.parse_math": False, "text.usetex": False}):
+        for i, dataset in enumerate(order(has["dataset"])):
+            rows = has[has["dataset"] == dataset]
+            rows = rows[rows["backbone"] == rows["backbone"].iloc[0]]
+            rows = rows[rows["fraction"] == rows["fraction"].max()].sort_values("seed", kind="stable")
+            cells = rows.drop_duplicates("method").sort_values("method", key=lambda m: m.map(methods.index))
+            where = task_name(dataset, cells["fraction"].iloc[0], cells["backbone"].iloc[0])
+            title = f"{where}: test reliability of {labels[dataset][0]}"
+            written.append((f"{title}, raw and temperature-scaled, per method",
+                            _save(_reliability_figure(cells, labels[dataset][0], title), figures, f"reliability_{i}")))
+    return written
 
 
 def write_figures(done: pd.DataFrame, methods: list[str], labels: dict[str, list[str]],

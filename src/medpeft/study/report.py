@@ -13,8 +13,12 @@ and writes ``study_dir/report/``::
                      the others): the seed-averaged difference, its paired bootstrap CI and p-value,
                      the p-value adjusted across the whole table, the verdict (win / loss / no
                      significant difference), the resamples that lost a label, DeLong's test per seed
+    calibration.csv  per task and method: test ECE and Brier score, raw and temperature-scaled
+    subgroups.csv    per task, method, subgroup column and group: size, test mean AUROC, small or not
+    external.csv     per task and method: internal vs external test mean AUROC and the drop
+                     (each with a .tex table; see medpeft.study.evidence; absent when no cell has the data)
     figures/         PNG and SVG: AUROC vs label fraction, AUROC vs trainable % with the Pareto front,
-                     per-label AUROC heatmaps
+                     per-label AUROC heatmaps, reliability diagrams
     report.md        all of the above with the verdicts ("lora beats full in k of n tasks ...")
     report.html      the same, self-contained (figures embedded)
 
@@ -46,7 +50,8 @@ from medpeft.errors import DataError, RunDirError
 from medpeft.files import atomic_directory
 from medpeft.metrics.compare import bootstrap_auroc_difference_over_seeds, delong_test
 from medpeft.metrics.multiple import METHODS, adjust_p_values
-from medpeft.study.figures import write_figures
+from medpeft.study.evidence import SECTIONS
+from medpeft.study.figures import write_figures, write_reliability_figures
 from medpeft.study.render import Table, html_page, latex, markdown
 from medpeft.study.runner import STORE
 from medpeft.study.spec import ReportOptions, report_options
@@ -68,6 +73,7 @@ BOOTSTRAP_SEED = 0  # one seed for every run: the same resamples of the same tes
 PAIRWISE = ["method", "reference", *TASK, "compared_seeds", "missing_seeds", "difference", "ci_low", "ci_high",
             "p_value", "p_adjusted", "verdict", "n_label_lost", "n_labels", "delong_max_p", "delong_favour_method",
             "delong_favour_reference", "delong_opposite"]
+NO_DIFFERENCE = "no significant difference"
 NOT_COMPARED = "not compared"  # the verdict of a task without a seed both methods finished
 
 
@@ -171,34 +177,33 @@ def pairwise_frame(done: pd.DataFrame, methods: list[str], reference: str, label
             records.append(record)
     frame = pd.DataFrame(records, columns=PAIRWISE)
     frame["p_adjusted"] = adjust_p_values(frame["p_value"].to_numpy(float), options.correction)
-    frame["verdict"] = [NOT_COMPARED if math.isnan(p) else "no significant difference" if p >= options.alpha
+    frame["verdict"] = [NOT_COMPARED if math.isnan(p) else NO_DIFFERENCE if p >= options.alpha
                         else "win" if d > 0 else "loss" for p, d in zip(frame["p_adjusted"], frame["difference"])]
     return frame
 
 
 def verdict(method: str, reference: str, rows: pd.DataFrame, multi_backbone: bool) -> str:
     """'lora beats full in k of n tasks, by at most x points; it loses in m: ...; no significant difference
-    in j: ...': wins and losses are the significant ones (the rows' verdicts)."""
-    def names(verdict: str) -> list[str]:
-        return [task_name(r["dataset"], r["fraction"], r["backbone"] if multi_backbone else None)
-                for _, r in rows[rows["verdict"] == verdict].iterrows()]
-
+    in j: ...': wins and losses are the significant ones (the rows' verdicts); tasks without a seed both
+    finished are named apart."""
+    names = {v: [task_name(r["dataset"], r["fraction"], r["backbone"] if multi_backbone else None)
+                 for _, r in rows[rows["verdict"] == v].iterrows()] for v in ("loss", NO_DIFFERENCE, NOT_COMPARED)}
     compared = rows[rows["verdict"] != NOT_COMPARED]
     if compared.empty:
         return f"{method} and {reference} have no task with a seed both finished."
     wins = compared.loc[compared["verdict"] == "win", "difference"]
     text = f"{method} beats {reference} in {len(wins)} of {len(compared)} tasks"
     text += f", by at most {wins.max():.1f} points" if len(wins) else ""
-    for verdict_, prefix in (("loss", "it loses in"), ("no significant difference", "no significant difference in"),
-                             (NOT_COMPARED, "not compared (no seed both finished) in")):
-        tasks_ = names(verdict_)
-        if tasks_ or verdict_ != NOT_COMPARED:
-            text += f"; {prefix} {len(tasks_)}" + (f": {', '.join(tasks_)}" if tasks_ else "")
+    clauses = [("it loses in", names["loss"]), ("no significant difference in", names[NO_DIFFERENCE])]
+    if names[NOT_COMPARED]:
+        clauses.append(("not compared (no seed both finished) in", names[NOT_COMPARED]))
+    for prefix, tasks_named in clauses:
+        text += f"; {prefix} {len(tasks_named)}" + (f": {', '.join(tasks_named)}" if tasks_named else "")
     return text + "."
 
 
 def _pairwise_table(rows: pd.DataFrame, multi_backbone: bool, options: ReportOptions) -> Table:
-    table = Table(["task", "difference (points)", f"{1 - options.alpha:.0%} CI (points)", "p (adjusted)",
+    table = Table(["task", "difference (points)", f"{100 * (1 - options.alpha):g}% CI (points)", "p (adjusted)",
                    "verdict", "seeds compared", "DeLong"], [])
     for _, row in rows.iterrows():
         paired = row["verdict"] != NOT_COMPARED
@@ -232,14 +237,15 @@ def _pairwise_blocks(pairwise: pd.DataFrame, methods: list[str], reference: str,
     """The section of pairwise comparisons: how they are made, then per method its verdict, table and notes
     (missing seeds, resamples that lost a label)."""
     strata = ", drawn within strata: the images whose rarest positive label is the same" if options.stratify else ""
+    tested = int(pairwise["p_value"].notna().sum())
     blocks: list[tuple] = [
         ("h2", f"Pairwise comparisons against {reference}"),
         ("p", (f"Each method minus {reference} in test mean AUROC (points), on the seeds both finished: the "
-               f"difference (mean over those seeds), its {1 - options.alpha:.0%} CI and p-value all come from the "
-               f"same seeds and test images. CI: paired bootstrap ({N_RESAMPLES} resamples of the test images"
+               f"difference (mean over those seeds), its {100 * (1 - options.alpha):g}% CI and p-value all come "
+               f"from the same seeds and test images. CI: paired bootstrap ({N_RESAMPLES} resamples of the test images"
                f"{strata}; the same resamples for both methods and every seed, differences averaged over seeds). "
-               f"p: two-sided bootstrap test of no difference, adjusted across the {int(pairwise['p_value'].notna().sum())} "
-               f"comparisons of this report with {METHODS[options.correction]}. Verdict: win or loss (in the "
+               f"p: two-sided bootstrap test of no difference, adjusted across the {tested} comparisons "
+               f"of this report with {METHODS[options.correction]}. Verdict: win or loss (in the "
                f"direction of the difference) when the adjusted p < {options.alpha:g}, else no significant "
                f"difference. DeLong: per seed and label, two-sided, not adjusted."))]
     for method in [m for m in methods if m != reference]:
@@ -252,7 +258,9 @@ def _pairwise_blocks(pairwise: pd.DataFrame, methods: list[str], reference: str,
         for _, row in rows.iterrows():
             task = task_name(row["dataset"], row["fraction"], row["backbone"] if multi_backbone else None)
             if row["missing_seeds"]:
-                notes.append(f"{task}: {row['missing_seeds']}: compared on seeds {row['compared_seeds'] or 'none'}.")
+                compared = (f"compared on seeds {row['compared_seeds']}" if row["compared_seeds"]
+                            else "no seed to compare")
+                notes.append(f"{task}: {row['missing_seeds']}: {compared}.")
             if row["n_label_lost"] > 0:
                 notes.append(f"{task}: in {int(row['n_label_lost'])} of {N_RESAMPLES} resamples a label had one "
                              f"class only and left that resample's mean.")
@@ -262,7 +270,27 @@ def _pairwise_blocks(pairwise: pd.DataFrame, methods: list[str], reference: str,
 
 
 # ----------------------------------------------------------------------------- the report
-def _document(name: str, results: pd.DataFrame, comparison: Table, pairwise: list[tuple],
+def _evidence_blocks(done: pd.DataFrame, methods: list[str], labels: dict[str, list[str]], multi_backbone: bool,
+                     out: Path) -> list[tuple]:
+    """The calibration (with reliability diagrams), subgroup and external-validation sections; each
+    section's CSV and LaTeX table written into `out`."""
+    blocks: list[tuple] = []
+    for heading, stem, frame_of, table_of, text_of, missing in SECTIONS:
+        frame = frame_of(done, methods)
+        blocks.append(("h2", heading))
+        if frame.empty:
+            blocks.append(("p", f"{heading}: {missing}."))
+            continue
+        table = table_of(frame, multi_backbone)
+        (out / f"{stem}.csv").write_text(frame.to_csv(index=False), encoding="utf-8")
+        (out / f"{stem}.tex").write_text(latex(table), encoding="utf-8")
+        blocks += [("p", text_of(frame)), ("table", table)]
+        if stem == "calibration":
+            blocks += [("figure", f) for f in write_reliability_figures(done, methods, labels, out / "figures")]
+    return blocks
+
+
+def _document(name: str, results: pd.DataFrame, comparison: Table, sections: list[tuple],
               figures: list[tuple[str, Path]]) -> list[tuple]:
     counts = results["status"].value_counts()
     failed = results[results["status"] == "failed"]
@@ -275,7 +303,7 @@ def _document(name: str, results: pd.DataFrame, comparison: Table, pairwise: lis
         blocks += [("h2", "Failed cells"), ("list", [f"{k}: {e}" for k, e in zip(failed["key"], failed["error"])])]
     blocks += [("h2", "Test mean AUROC (points, mean ± sd over seeds)"), ("table", comparison),
                ("p", ("Bold: the best mean of each column. trainable %: trainable parameters as a share of the "
-                      "backbone's.")), *pairwise]
+                      "backbone's.")), *sections]
     blocks += [("h2", "Figures"), *(("figure", figure) for figure in figures)]
     return blocks
 
@@ -285,7 +313,8 @@ def write_report(study_dir: str | Path) -> Path:
     study_dir = Path(study_dir)
     frame = _read_store(study_dir)
     results = results_table(frame, study_dir)
-    done = results[(results["status"] == "done") & results["test_mean_auroc"].notna()]
+    usable = (results["status"] == "done") & results["test_mean_auroc"].notna()
+    done = results[usable].assign(metrics=frame["metrics"][usable])
     if done.empty:
         raise RunDirError(f"{study_dir / STORE}: no done cell has a test AUROC; nothing to compare")
     methods, labels = order(frame["method"]), dataset_labels(frame)
@@ -300,9 +329,10 @@ def write_report(study_dir: str | Path) -> Path:
                            ("pairwise.csv", pairwise.to_csv(index=False))):
             (out / file).write_text(text, encoding="utf-8")
         (out / "figures").mkdir()
-        figures = write_figures(done, methods, labels, out / "figures")
-        blocks = _document(name, results, table, _pairwise_blocks(pairwise, methods, reference, results[
-            "backbone"].nunique() > 1, options), figures)
+        multi_backbone = results["backbone"].nunique() > 1
+        sections = [*_pairwise_blocks(pairwise, methods, reference, multi_backbone, options),
+                    *_evidence_blocks(done, methods, labels, multi_backbone, out)]
+        blocks = _document(name, results, table, sections, write_figures(done, methods, labels, out / "figures"))
         (out / "report.md").write_text(markdown(blocks, out), encoding="utf-8")
         (out / "report.html").write_text(html_page(f"Study report: {name}", blocks), encoding="utf-8")
     return study_dir / REPORT / "report.html"
