@@ -10,12 +10,14 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
 import medpeft
 from medpeft.config import config_from_dict
 from medpeft.errors import ConfigError
+from medpeft.study.report import write_report
 from medpeft.study.runner import run_study
 from medpeft.study.spec import load_study
 from medpeft.study.store import Store
@@ -66,6 +68,14 @@ def test_study_expands_every_combination_with_levels_and_overrides(tmp_path, squ
     ({"epochs": 3}, "study key 'epochs' does not exist"),
     ({"report": {"correction": "bonferroni"}}, r"study.yaml: report.correction must be one of \['holm', 'bh'\]"),
     ({"report": {"alpha": 0}}, r"study.yaml: report.alpha must be in \(0, 0.5\), got 0"),
+    ({"external": {"nih": {"data": {"csv": "x.csv"}}}}, r"study.yaml: external.nih: not a level of axes.dataset"),
+    ({"external": {"default": {"csv": "x.csv"}}}, r"study.yaml: external.default must be \{data: <a data section>"),
+    ({"external": {"default": {"data": {"csv": "x.csv"}, "split": "holdout"}}},
+     r"study.yaml: external.default.split must be one of all, train, val, test, got 'holdout'"),
+    ({"external": {"default": {"data": {"csv": "x.csv", "colour": 1}}}},
+     r"study.yaml: external.default: config key 'data.colour' does not exist"),
+    ({"external": {"default": {"data": {"format": "dicom-tree", "csv": "x"}}}},
+     r"study.yaml: external.default: data.format 'dicom-tree' is not a known"),
 ])
 def test_bad_study_files_fail_with_one_line_naming_the_problem(tmp_path, squares_csv, changes, message):
     with pytest.raises(ConfigError, match=message):
@@ -147,6 +157,41 @@ def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path, squares_csv)
     assert "missing.csv" in failed.error and failed.metrics is None
     assert run_study(study, tmp_path / "out", quiet=True) == {"done": 1, "failed": 1}  # not retried by default
     assert rows(tmp_path / "out")["default__broken__linear_probe__f1__s0"].attempts == 1
+
+
+def test_cells_are_evaluated_on_their_dataset_level_s_external_test_set(tmp_path, squares_csv):
+    """Level 'good' names the squares' own test split as its external set (the same images: the same
+    metrics); level 'bad' a missing file: its cell fails in one line, and once fixed a rerun evaluates the
+    complete run without training it again."""
+    data = {"csv": str(squares_csv), "patient_column": "patient", "labels": ["bright", "dark"],
+            "split": {"val_fraction": 0.25, "test_fraction": 0.25, "seed": 0}}
+    external = {"good": {"data": data, "split": "test"},
+                "bad": {"data": {**data, "csv": str(tmp_path / "missing.csv")}}}
+    one_epoch = [{"where": {}, "set": {"train.epochs": 1}}]
+    study = write_study(tmp_path / "study.yaml", squares_csv, external=external, overrides=one_epoch, axes={
+        "dataset": {"good": {}, "bad": {}}, "method": {"linear_probe": {}}})
+    out = tmp_path / "out"
+    assert run_study(study, out, quiet=True) == {"done": 1, "failed": 1}
+    good, bad = (rows(out)[f"default__{level}__linear_probe__f1__s0"] for level in ("good", "bad"))
+    evaluation = json.loads((Path(good.run_dir) / "evaluations/external/metrics.json").read_text())
+    assert evaluation["evaluation"]["split"] == "test" and evaluation["evaluation"]["absent"] == []
+    assert evaluation["mean_auroc"] == pytest.approx(good.metrics["test"]["mean_auroc"], abs=1e-6)
+    assert bad.error.startswith("external evaluation: ") and "missing.csv" in bad.error and "\n" not in bad.error
+    trained = (Path(bad.run_dir) / "metrics.json").stat().st_mtime_ns
+
+    external["bad"] = {"data": data, "split": "all"}
+    write_study(study, squares_csv, external=external, overrides=one_epoch, axes={
+        "dataset": {"good": {}, "bad": {}}, "method": {"linear_probe": {}}})
+    assert run_study(study, out, retry_failed=True, quiet=True) == {"done": 2}
+    bad = rows(out)["default__bad__linear_probe__f1__s0"]
+    assert (Path(bad.run_dir) / "metrics.json").stat().st_mtime_ns == trained  # evaluated, not trained again
+    evaluation = json.loads((Path(bad.run_dir) / "evaluations/external/metrics.json").read_text())
+    assert evaluation["evaluation"]["split"] == "all" and evaluation["n"] > bad.metrics["test"]["n"]
+
+    write_report(out)  # the real runs' metrics in the report's evidence sections
+    external_table = pd.read_csv(out / "report" / "external.csv")
+    assert list(external_table["dataset"]) == ["bad", "good"] and (external_table["seeds"] == 1).all()  # file order
+    assert pd.read_csv(out / "report" / "calibration.csv")[["ece_raw", "ece_calibrated"]].notna().all().all()
 
 
 def test_changing_a_cell_after_it_ran_is_refused(tmp_path, squares_csv):
