@@ -244,7 +244,8 @@ def _pairwise_blocks(pairwise: pd.DataFrame, methods: list[str], reference: str,
                f"difference (mean over those seeds), its {100 * (1 - options.alpha):g}% CI and p-value all come "
                f"from the same seeds and test images. CI: paired bootstrap ({N_RESAMPLES} resamples of the test images"
                f"{strata}; the same resamples for both methods and every seed, differences averaged over seeds). "
-               f"p: two-sided bootstrap test of no difference, adjusted across the {tested} comparisons "
+               f"p: two-sided bootstrap test of no difference (never below 2 / {N_RESAMPLES + 1} with "
+               f"{N_RESAMPLES} resamples), adjusted across the {tested} comparisons "
                f"of this report with {METHODS[options.correction]}. Verdict: win or loss (in the "
                f"direction of the difference) when the adjusted p < {options.alpha:g}, else no significant "
                f"difference. DeLong: per seed and label, two-sided, not adjusted."))]
