@@ -121,3 +121,8 @@ def run_config(squares_csv, tmp_path):
         "train": {"epochs": 2, "batch_size": 8, "lr": 0.003, "warmup_epochs": 0.5, "log_every_steps": 2},
         "output_dir": str(tmp_path / "run"),
     }
+
+
+def split_scores(evaluation: dict) -> dict:
+    """An evaluation's metrics (medpeft.evaluate) without what it says about itself: the split's metrics."""
+    return {key: value for key, value in evaluation.items() if key != "evaluation"}

@@ -18,7 +18,7 @@ from medpeft.errors import CheckpointError, ConfigError, DataError, RunDirError
 from medpeft.metrics import classification_metrics
 from medpeft.train import recipe
 
-from conftest import interrupted_at_call
+from conftest import interrupted_at_call, split_scores
 
 
 def run(config: dict) -> dict:
@@ -32,7 +32,8 @@ def scores(metrics: dict) -> tuple:
 def test_lora_run_writes_a_complete_run_directory(run_config, tmp_path):
     metrics = run(run_config)
     out = tmp_path / "run"
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "log.jsonl", "metrics.json", "predictions.csv",
+    assert sorted(p.name for p in out.iterdir()) == ["calibration.json", "config.yaml", "log.jsonl", "metrics.json",
+                                                     "predictions.csv",
                                                      "split.csv", "thresholds.json", "weights"]
     assert json.loads((out / "metrics.json").read_text())["val"] == metrics["val"]
     predictions = pd.read_csv(out / "predictions.csv")
@@ -64,7 +65,7 @@ def test_saved_weights_hold_only_the_trainable_parameters(run_config, tmp_path):
 
 def test_evaluate_reproduces_the_run_test_metrics(run_config, tmp_path):
     metrics = run(run_config)
-    assert medpeft.evaluate(tmp_path / "run", "test") == metrics["test"]
+    assert split_scores(medpeft.evaluate(tmp_path / "run", "test")) == metrics["test"]
 
 
 def test_run_adapter_loads_through_peft_from_pretrained(run_config, tmp_path):
@@ -229,7 +230,7 @@ def test_training_from_the_image_cache_decodes_each_image_once(run_config, tmp_p
     monkeypatch.setattr(medpeft.data.dataset, "load_grayscale", no_decoding)
     run_config["output_dir"] = str(tmp_path / "again")
     assert scores(run(run_config)) == scores(first)
-    assert medpeft.evaluate(tmp_path / "again", "test") == first["test"]
+    assert split_scores(medpeft.evaluate(tmp_path / "again", "test")) == first["test"]
 
 
 def test_adalora_run_resolves_its_step_count_and_evaluates_from_its_weights(run_config, tmp_path):
@@ -239,7 +240,7 @@ def test_adalora_run_resolves_its_step_count_and_evaluates_from_its_weights(run_
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     batches = -(-metrics["split_sizes"]["train"] // 8)
     assert saved["method"]["total_step"] == 3 * -(-batches // 2)
-    assert medpeft.evaluate(tmp_path / "run", "test") == metrics["test"]
+    assert split_scores(medpeft.evaluate(tmp_path / "run", "test")) == metrics["test"]
 
 
 def test_compiled_training_follows_the_eager_run(run_config, tmp_path):
