@@ -126,3 +126,13 @@ def run_config(squares_csv, tmp_path):
 def split_scores(evaluation: dict) -> dict:
     """An evaluation's metrics (medpeft.evaluate) without what it says about itself: the split's metrics."""
     return {key: value for key, value in evaluation.items() if key != "evaluation"}
+
+
+def rounded(value):
+    """Nested metrics with every float to 6 decimals: what two equal runs agree on when their logits may differ
+    in the last bits (another kernel, batch composition or recomputation); rank-based metrics are exact."""
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [rounded(v) for v in value]
+    return round(value, 6) if isinstance(value, float) else value

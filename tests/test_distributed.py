@@ -29,7 +29,7 @@ from medpeft.engine.evaluation import evaluate_split
 from medpeft.files import read_json
 from medpeft.engine.distributed import BatchPlan, Processes
 
-from conftest import TINY_VIT, accel_flag, split_scores, write_squares_dataset
+from conftest import TINY_VIT, accel_flag, rounded, split_scores, write_squares_dataset
 from test_cnn_methods import CNNS
 from test_method_contract import SETTINGS
 
@@ -218,7 +218,7 @@ def test_every_method_trains_under_ddp_and_its_processes_stay_in_step(every_meth
         # a CNN's logits may differ in their last bits with the batches' composition: the rank-based metrics are
         # equal, the calibration's sums up to rounding
         evaluated = split_scores(medpeft.evaluate(run["output_dir"], "test"))
-        assert _rounded(evaluated) == _rounded(metrics["test"]), run["output_dir"]
+        assert rounded(evaluated) == rounded(metrics["test"]), run["output_dir"]
         written = (Path(run["output_dir"]) / rundir.PREDICTIONS).read_text()
         assert written == single_process_predictions(run["output_dir"]), run["output_dir"]
 
@@ -257,12 +257,3 @@ def test_bf16_training_in_two_processes_follows_the_single_process_run(every_met
         differ = (a[key] - b[key]).abs()
         assert float((differ <= 2e-4 + 0.05 * a[key].abs()).float().mean()) >= 0.95, key
         assert float(differ.max()) < lr, key
-
-
-def _rounded(value):
-    """Nested metrics with every float to 6 decimals."""
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rounded(v) for v in value]
-    return round(value, 6) if isinstance(value, float) else value
