@@ -22,7 +22,7 @@ from medpeft.study.runner import run_study
 from medpeft.study.spec import load_study
 from medpeft.study.store import Store
 
-from conftest import TINY_VIT
+from conftest import TINY_VIT, assert_metrics_close
 
 
 def write_study(path: Path, squares_csv, **changes) -> Path:
@@ -137,7 +137,11 @@ def test_study_killed_mid_cell_resumes_and_equals_an_uninterrupted_study(tmp_pat
         assert db.execute("SELECT COUNT(*), COUNT(DISTINCT key) FROM cells").fetchone() == (2, 2)
     for key, row in resumed.items():
         assert row.status == "done"
-        assert row.metrics["val"] == reference[key]["val"] and row.metrics["test"] == reference[key]["test"]
+        # the rank-based metrics exactly; calibration sums up to the last bits of the logits (a resumed run's
+        # kernels may differ from an uninterrupted one's in rounding)
+        assert_metrics_close(row.metrics["val"], reference[key]["val"])
+        assert_metrics_close(row.metrics["test"], reference[key]["test"])
+        assert row.metrics["test"]["per_label"] == reference[key]["test"]["per_label"]
         assert row.test_mean_auroc == reference[key]["test"]["mean_auroc"]
     assert resumed[interrupted[0].name].attempts == 2
     assert '"event": "resume"' in (interrupted[0] / "log.jsonl").read_text()
