@@ -139,13 +139,14 @@ def prediction_rows(outputs: SplitOutputs, config: RunConfig, temperatures: list
     return rundir.prediction_frame(outputs.rows, outputs.split, list(config.data.labels), probs, outputs.targets)
 
 
-def fit_calibration(val: SplitOutputs, config: RunConfig) -> dict:
+def fit_calibration(val: SplitOutputs, config: RunConfig) -> tuple[list[float], dict]:
     """Temperature scaling fitted on the val split's logits (one temperature per label, one for a multiclass
-    task; medpeft.metrics.calibration.fit_temperature): the record calibration.json holds, with the val
-    negative log-likelihood (mean BCE over known targets, or cross-entropy) before and after."""
+    task; medpeft.metrics.calibration.fit_temperature): the temperatures, and the record calibration.json
+    holds, with the val negative log-likelihood (mean BCE over known targets, or cross-entropy) before and
+    after."""
     labels, task = list(config.data.labels), config.data.task
     temperatures = fit_temperature(val.logits, val.targets, task)
-    return {"method": "temperature scaling", "fitted_on": "val", "task": task,
+    return temperatures, {"method": "temperature scaling", "fitted_on": "val", "task": task,
             "temperatures": temperature_record(temperatures, labels, task),
             "val_nll_before": negative_log_likelihood(val.logits, val.targets, task),
             "val_nll_after": negative_log_likelihood(val.logits, val.targets, task, temperatures)}

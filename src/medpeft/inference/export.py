@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from medpeft.backbones import count_parameters
+from medpeft.engine.evaluation import temperature_record
 from medpeft.errors import ExportError
 from medpeft.files import atomic_directory, write_json_atomic
 from medpeft.methods.registry import own_weights
@@ -87,8 +88,6 @@ def _calibration(run) -> dict | None:
     """The run's temperature scaling, as export.json states it (None for a run without calibration.json)."""
     if run.temperatures is None:
         return None
-    from medpeft.engine.evaluation import temperature_record
-
     return {"method": "temperature scaling, fitted on the run's val split",
             "apply": "divide the logits by the temperatures, then apply " + _activation(run),
             "temperatures": temperature_record(run.temperatures, run.labels, run.config.data.task)}

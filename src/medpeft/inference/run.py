@@ -130,27 +130,27 @@ def _decision_rule(run_dir: Path, config: RunConfig, rule: str) -> tuple[str, di
     return rule, select_thresholds(targets, probs, labels, rule)
 
 
-def _calibrated(run_dir: Path, config: RunConfig, thresholds: dict | None):
-    """The run's temperatures (None without calibration.json) and its thresholds moved onto the calibrated
-    probabilities' scale, t -> sigmoid(logit(t) / T): the same decisions."""
+def _temperatures(run_dir: Path, config: RunConfig) -> list[float] | None:
+    """The run's temperature scaling (calibration.json), in label order; None for a run without one."""
     path = run_dir / rundir.CALIBRATION
     if not path.is_file():
-        return None, thresholds
-    labels, task = list(config.data.labels), config.data.task
+        return None
+    labels = list(config.data.labels)
     try:
-        temperatures = stored_temperatures(rundir.read_json_object(path), labels, task)
+        return stored_temperatures(rundir.read_json_object(path), labels, config.data.task)
     except (KeyError, TypeError, ValueError):
         raise RunDirError(f"{path}: expected 'temperatures' for the labels {labels}") from None
-    if thresholds is not None:
-        with np.errstate(divide="ignore"):
-            thresholds = {label: None if t is None else float(expit(logit(t) / temperature))
-                          for (label, t), temperature in zip(thresholds.items(), temperatures)}
-    return temperatures, thresholds
 
 
 def _load(run_dir: Path, config: RunConfig, built, threshold: str) -> Run:
+    """The Run, its thresholds moved onto the calibrated probabilities' scale, t -> sigmoid(logit(t) / T):
+    the same decisions."""
     rule, thresholds = _decision_rule(run_dir, config, threshold)
-    temperatures, thresholds = _calibrated(run_dir, config, thresholds)
+    temperatures = _temperatures(run_dir, config)
+    if temperatures is not None and thresholds is not None:
+        with np.errstate(divide="ignore"):
+            thresholds = {label: None if t is None else float(expit(logit(t) / temperature))
+                          for (label, t), temperature in zip(thresholds.items(), temperatures)}
     return Run(run_dir, config, built.model, built.spec, rule, thresholds, temperatures)
 
 
@@ -239,9 +239,10 @@ def class_probabilities(run: Run, x: torch.Tensor, device: torch.device) -> torc
 
 def evaluate(run_dir: str | Path, split: str | None = None, data=None, name: str | None = None,
              calibrated: bool = False, label_map: dict | None = None) -> dict:
-    """Metrics of a finished run's best weights on one split (train, val, test or all: every image; default
-    test of its own data, all of another dataset) of its own data, or of another dataset (`data`: a YAML file with a data section, a data-section mapping or a DataConfig; external
-    validation), through the run's preprocessing. The data's labels meet the run's through
+    """Metrics of a finished run's best weights on its own data or on another dataset (external validation;
+    `data`: a YAML file with a data section, a data-section mapping or a DataConfig), through the run's
+    preprocessing. `split`: train, val, test or all (every image); default test of the run's own data, all
+    of another dataset. The data's labels meet the run's through
     medpeft.data.labels.match_labels (`label_map` {run label: data label} first); a run label the data lack
     is reported under "absent", not scored. The metrics (classification_metrics, calibration raw and
     calibrated, subgroups) are written with the split's predictions to RUN/evaluations/NAME/ (NAME: `name`,
@@ -253,7 +254,7 @@ def evaluate(run_dir: str | Path, split: str | None = None, data=None, name: str
     if split not in ("train", "val", "test", "all"):
         raise ConfigError(f"split {split!r}: expected train, val, test or all")
     config = rundir.finished_config(run_dir)
-    temperatures, _ = _calibrated(run_dir, config, None)
+    temperatures = _temperatures(run_dir, config)
     if calibrated and temperatures is None:
         raise RunDirError(f"{run_dir}: no {rundir.CALIBRATION} (trained before medpeft fitted temperature "
                           f"scaling); evaluate it without --calibrated")

@@ -33,7 +33,6 @@ from medpeft.engine.evaluation import (
     prediction_rows,
     split_metrics,
     split_outputs,
-    stored_temperatures,
 )
 from medpeft.engine.loaders import image_cache, make_loader, to_device
 from medpeft.engine.loop import Stepper, begin_epoch, build_scheduler, run_epoch
@@ -222,8 +221,7 @@ class FineTune:
         load_weights(built.spec, self.model, self.run_dir / rundir.WEIGHTS)
         outputs = {split: split_outputs(self.trained, self.table, split, config, self.device, self.cache, procs,
                                         self.features) for split in ("val", "test")}
-        calibration = fit_calibration(outputs["val"], config)
-        temperatures = stored_temperatures(calibration, list(config.data.labels), config.data.task)
+        temperatures, calibration = fit_calibration(outputs["val"], config)
         evaluated = {split: out and split_metrics(out, config, temperatures, evidence=True)
                      for split, out in outputs.items()}
         predictions = [prediction_rows(out, config) for out in outputs.values() if out is not None]
