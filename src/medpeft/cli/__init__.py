@@ -9,14 +9,10 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from medpeft.cli.app import _exit, _on_missing, app, console
 from medpeft.console import print_listing
 from medpeft.errors import MedpeftError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Parameter-efficient fine-tuning of medical vision foundation models.")
-console = Console()
 
 
 @app.command()
@@ -205,156 +201,12 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
         "layouts": lambda r: ", ".join(r["layouts"]), "licence": "licence"})
 
 
-data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets, write split files, build image caches.")
-app.add_typer(data_app, name="data")
-
-
-def _on_missing(value: Optional[str]) -> list[str]:
-    return [f"data.on_missing={value}"] if value else []
-
-
-def _data_table(config: Path, set_: Optional[List[str]], on_missing: Optional[str] = None):
-    """The data section of CONFIG (its other sections are not read) and its table with the split."""
-    from medpeft.config import load_data_config
-    from medpeft.data import read_split_dataset
-
-    data = load_data_config(config, list(set_ or []) + _on_missing(on_missing))
-    return data, read_split_dataset(data)
-
-
-@data_app.command("inspect")
-def data_inspect(config: Path = typer.Argument(..., help="YAML config: only its data section is read."),
-                 set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key (repeatable)."),
-                 check: bool = typer.Option(False, "--check-images", help="Also decode every image as a run "
-                                            "would (unusable ones: an error listing them, or skipped with "
-                                            "--on-missing skip)."),
-                 on_missing: Optional[str] = typer.Option(None, "--on-missing", help="error or skip unusable images."),
-                 as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON.")):
-    """Images, patients, views and label prevalence per split, as a run of CONFIG would see them."""
-    import json
-
-    from rich import box
-
-    from medpeft.data.images import check_images
-    from medpeft.data.summary import summarize, summary_rows
-
-    data, table = _data_table(config, set_, on_missing)
-    if check:
-        table = check_images(table, data, progress=console.is_terminal)
-    summary = summarize(table, data.labels)
-    if as_json:
-        print(json.dumps(summary, indent=2))
-        return
-    view = Table(title=f"{data.format}: {data.csv}", box=box.SIMPLE_HEAD, title_justify="left")
-    view.add_column("", no_wrap=True)
-    for name in summary["splits"]:
-        view.add_column(name, justify="right", no_wrap=True)
-    for name, cells in summary_rows(summary):
-        view.add_row(name, *cells)
-    console.print(view)
-    console.print("[dim]labels: positive images and their share of the images whose label is known[/dim]")
-
-
-@data_app.command("split")
-def data_split(config: Path = typer.Argument(..., help="YAML run config (its data section is used)."),
-               out: Path = typer.Option(..., "--out", help="Folder for the split files."),
-               fractions: str = typer.Option("0.01,0.1,1", help="Label fractions of train, nested."),
-               set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key (repeatable).")):
-    """Write train (one file per label fraction, nested), val and test split files with content hashes."""
-    from medpeft.config import SplitConfig
-    from medpeft.data.label_fractions import label_fraction_subsets, write_split_file
-    from medpeft.errors import ConfigError
-
-    try:  # each as data.split.label_fraction takes it
-        wanted = [SplitConfig(label_fraction=f).label_fraction for f in fractions.split(",")]
-    except ConfigError as e:
-        raise ConfigError(f"--fractions {fractions}: {e}") from None
-    data, table = _data_table(config, set_)
-    train = table[table["split"] == "train"]
-    subsets = label_fraction_subsets(train, list(data.labels), wanted, data.split.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"config": str(config), "seed": data.split.seed}
-    for fraction, ids in subsets.items():
-        digest = write_split_file(ids, out / f"train_{fraction:g}.txt", {**meta, "label_fraction": fraction})
-        console.print(f"train {fraction:g}: {len(ids)} images  sha256 {digest[:16]}  -> {out / f'train_{fraction:g}.txt'}")
-    for name in ("val", "test"):
-        ids = table.loc[table["split"] == name, "image_id"].tolist()
-        if ids:
-            digest = write_split_file(ids, out / f"{name}.txt", meta)
-            console.print(f"{name}: {len(ids)} images  sha256 {digest[:16]}  -> {out / f'{name}.txt'}")
-
-
-@data_app.command("cache")
-def data_cache(config: Path = typer.Argument(..., help="YAML run config (data.cache_dir must be set)."),
-               set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key (repeatable)."),
-               workers: int = typer.Option(2, help="Decoding processes."),
-               on_missing: Optional[str] = typer.Option(None, "--on-missing",
-                                                        help="error or skip missing/unreadable images.")):
-    """Decode the images a run of CONFIG uses once into the memmap cache it will read."""
-    from medpeft.data.cache import build_cache
-    from medpeft.data.images import check_images
-    from medpeft.errors import ConfigError
-
-    from medpeft import load_config
-    from medpeft.data import read_split_dataset
-
-    run_config = load_config(config, list(set_ or []) + _on_missing(on_missing), base={"output_dir": "-"})
-    table = read_split_dataset(run_config.data)
-    if not run_config.data.cache_dir:
-        raise ConfigError("data.cache_dir is not set: name the folder for the cache (--set data.cache_dir=DIR)")
-    table = check_images(table, run_config.data, progress=console.is_terminal)
-    cache = build_cache(table["image_id"].tolist(), table["path"].tolist(), run_config.model.img_size,
-                        run_config.data.cache_dir, workers=workers, progress=console.is_terminal,
-                        alpha=run_config.data.alpha)
-    size_mb = len(cache) * cache.size * cache.size / 2**20
-    console.print(f"{len(cache)} images at {cache.size}x{cache.size} ({size_mb:.1f} MB) in {cache.path}")
-
-
-study_app = typer.Typer(no_args_is_help=True, help="Run a grid of runs from a study file and report it.")
-app.add_typer(study_app, name="study")
-
-
-@study_app.command("run")
-def study_run(study: Path = typer.Argument(..., help="YAML study file."),
-              out: Optional[Path] = typer.Option(None, "--out", help="Study directory (default: studies-out/NAME)."),
-              jobs: int = typer.Option(1, "--jobs", help="Cells trained at once (cores split between them)."),
-              executor: str = typer.Option("local", "--executor", help="local or ray."),
-              retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed cells again.")):
-    """Run every cell not done yet; safe to interrupt and start again."""
-    from medpeft.errors import ConfigError
-    from medpeft.study.runner import run_study
-
-    if executor not in ("local", "ray"):
-        raise ConfigError(f"--executor must be local or ray, got {executor!r}")
-    out = out or Path("studies-out") / study.stem
-    counts = run_study(study, out, jobs=jobs, executor=executor, retry_failed=retry_failed)
-    if counts.get("failed"):
-        _exit(1, f"{counts['failed']} of {sum(counts.values())} cells failed: see {out / 'logs'} "
-                 f"(--retry-failed runs them again)")
-
-
-@study_app.command("report")
-def study_report(study_dir: Path = typer.Argument(..., help="A study directory (from medpeft study run).")):
-    """Write report.md, report.html, CSV and LaTeX tables and plots into STUDY_DIR/report."""
-    from medpeft.study.report import write_report
-
-    console.print(f"report: {write_report(study_dir)}")
-
-
 def _one_line(error: BaseException) -> str:
     # An error raised in a DataLoader worker arrives with the worker's traceback in its message.
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     last = lines[-1] if lines else type(error).__name__
     prefix, sep, rest = last.partition(": ")
     return rest if sep and prefix.startswith("medpeft.errors.") else last
-
-
-def _exit(code: int, message: str, prefix: str = "[red]error:[/red] ") -> None:
-    """One line on stderr, then exit with `code`."""
-    from rich.markup import escape
-
-    Console(stderr=True).print(prefix + escape(message), highlight=False, soft_wrap=True)
-    sys.exit(code)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -390,6 +242,9 @@ def main() -> None:
         _exit(130, "interrupted: run the same command again to resume", prefix="")
     sys.exit(code)
 
+
+# The sub-command groups register themselves on `app`.
+from medpeft.cli import data as _data, study as _study  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()
