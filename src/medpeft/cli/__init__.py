@@ -88,6 +88,11 @@ def evaluate(
     calibrated: bool = typer.Option(False, "--calibrated", help="Score the temperature-scaled probabilities."),
     map_: Optional[List[str]] = typer.Option(None, "--map", help="RUN_LABEL=DATA_LABEL where the names differ "
                                              "beyond the built-in label map (repeatable)."),
+    tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average the logits over the views the "
+                             "run's training augmentation covered (the image, a centred crop, their mirror images)."),
+    ensemble_with: Optional[str] = typer.Option(None, "--ensemble-with", help="Comma-separated runs of the same "
+                                                "task, backbone and split: score the mean of their and RUN_DIR's "
+                                                "calibrated probabilities."),
     devices: int = typer.Option(1, "--devices", min=1, help="Processes to share the images between."),
     zero_shot: bool = typer.Option(False, "--zero-shot", help="Evaluate the zero-shot classifier of the config's "
                                    "vision-language model (model.head_init: text) before any training."),
@@ -96,18 +101,22 @@ def evaluate(
     from medpeft.engine.distributed import Processes
 
     label_map = dict(_pair(m) for m in map_ or [])
+    if zero_shot and (tta or ensemble_with):
+        raise typer.BadParameter("--zero-shot scores the untrained classifier alone: not with --tta or --ensemble-with")
     if devices > 1:
         _launch(devices, ["evaluate", str(run_dir), *([f"--split={split}"] if split else []),
                           *([f"--data={data}"] if data else []),
                           *([f"--name={name}"] if name else []), *["--calibrated"] * calibrated,
-                          *(f"--map={m}" for m in map_ or []), *["--zero-shot"] * zero_shot])
+                          *(f"--map={m}" for m in map_ or []), *["--zero-shot"] * zero_shot, *["--tta"] * tta,
+                          *([f"--ensemble-with={ensemble_with}"] if ensemble_with else [])])
         return
     from medpeft.config import load_config
     from medpeft.inference import evaluate as run_evaluation, zero_shot as run_zero_shot
     from medpeft.metrics.display import print_metrics
 
     metrics = (run_zero_shot(load_config(run_dir, ["model.head_init=text"]), split or "test") if zero_shot
-               else run_evaluation(run_dir, split, data, name, calibrated, label_map))
+               else run_evaluation(run_dir, split, data, name, calibrated, label_map, tta=tta,
+                                   ensemble_with=ensemble_with.split(",") if ensemble_with else None))
     if Processes.from_env().main:
         print_metrics(metrics, (metrics.get("evaluation") or {}).get("name", split or "test"))
 
@@ -133,28 +142,61 @@ def predict(
     strict: bool = typer.Option(False, "--strict", help="Fail (writing nothing) if any input cannot be read."),
     saliency: Optional[Path] = typer.Option(None, "--saliency", help="Folder for saliency overlays of the labels "
                                                                     "called positive."),
+    tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average each run's logits over the "
+                             "views its training augmentation covered (the image, a centred crop, mirror images)."),
+    ensemble: bool = typer.Option(False, "--ensemble", help="One 'ensemble' column group: the mean of the runs' "
+                                  "calibrated probabilities, thresholds chosen by --threshold on their common val split."),
+    fit_threshold: Optional[Path] = typer.Option(None, "--fit-threshold", help="SAMPLE.csv of labelled images of "
+                                                 "the target site ('path', a 0/1 column per label): choose the "
+                                                 "thresholds by --threshold on it; written to OUT.thresholds.json."),
 ):
     """Probabilities and decisions per label for new images; unreadable inputs are listed with the reason."""
-    from medpeft.files import write_text_atomic
-    from medpeft.inference import load_runs, predict as run_prediction
+    from medpeft.files import write_json_atomic, write_text_atomic
+    from medpeft.inference import fit_thresholds, load_ensemble, load_runs, predict as run_prediction
 
     run_dirs = [Path(p) for p in runs.split(",")] if runs else paths[:1]
     images = paths if runs else paths[1:]
     if not images:
         raise typer.BadParameter("give images or folders to predict on")
-    loaded = load_runs(run_dirs, threshold)
-    table = run_prediction(loaded, images, batch_size=batch_size, strict=strict, workers=workers, progress=True)
+    if saliency is not None and (tta or ensemble):
+        raise typer.BadParameter("--saliency explains one run's decisions on the image itself: not with --tta or "
+                                 "--ensemble")
+    loaded = [load_ensemble(run_dirs, threshold)] if ensemble else load_runs(run_dirs, threshold)
+    fitted = None
+    if fit_threshold is not None:
+        loaded, fitted = fit_thresholds(loaded, fit_threshold, threshold, tta=tta, batch_size=batch_size,
+                                        workers=workers)
+    table = run_prediction(loaded, images, batch_size=batch_size, strict=strict, workers=workers, progress=True,
+                           tta=tta)
     write_text_atomic(out, table.to_csv(index=False))
+    if fitted is not None:
+        write_json_atomic(out.with_name(out.stem + ".thresholds.json"), fitted)
     read = int((table["error"] == "").sum())
-    console.print(f"{read} of {len(table)} images predicted by {', '.join(r.name for r in loaded)} -> {out}")
-    for run in loaded:
-        if run.thresholds is not None:
-            rule = ", ".join(f"{k} {'n/a' if t is None else f'{t:.4f}'}" for k, t in run.thresholds.items())
-            console.print(f"[dim]{run.name}: {run.rule} thresholds: {rule}[/dim]")
+    by = ", ".join(run.name for predictor in loaded for run in predictor.members) + " (ensemble)" * ensemble
+    console.print(f"{read} of {len(table)} images predicted by {by} -> {out}")
+    _print_thresholds(loaded, fitted)
     if saliency is not None:
         for run in loaded:
             maps = run.explain(images, saliency / run.name if len(loaded) > 1 else saliency)
             console.print(f"{run.name}: {int(maps['file'].notna().sum())} saliency overlays -> {saliency}")
+
+
+def _print_thresholds(predictors: list, fitted: dict | None) -> None:
+    """Each predictor's thresholds; re-fitted on a sample: the val-chosen ones -> the sample's."""
+    def show(t):
+        return "n/a" if t is None else f"{t:.4f}"
+
+    for predictor in predictors:
+        if predictor.thresholds is None:
+            continue
+        if fitted is None:
+            rule = ", ".join(f"{k} {show(t)}" for k, t in predictor.thresholds.items())
+            console.print(f"[dim]{predictor.name}: {predictor.rule} thresholds: {rule}[/dim]")
+            continue
+        before = fitted["thresholds"][predictor.name]["before"]
+        rule = ", ".join(f"{k} {show(before[k])} -> {show(t)}" for k, t in predictor.thresholds.items())
+        console.print(f"{predictor.name}: {predictor.rule} thresholds re-fitted on {fitted['sample']} "
+                      f"({fitted['images']} images), val -> sample: {rule}")
 
 
 @app.command()
