@@ -291,6 +291,11 @@ class MethodConfig(Section):
     name: ClassVar[str]
     families: ClassVar[tuple[str, ...]] = ("vit",)
     """Backbone families the method applies to: 'vit', 'cnn'."""
+    lr_range: ClassVar[tuple[float, float]] = (1e-4, 1e-2)
+    """Where ``medpeft tune`` searches train.lr for the method (log scale)."""
+    search_space: ClassVar[dict[str, tuple]] = {}
+    """The method's own keys that ``medpeft tune`` searches (medpeft.train.tune): dotted key -> ``("float",
+    low, high[, log])``, ``("int", low, high[, log])`` or ``("categorical", [choices])``."""
 
     def check_model(self, model: ModelConfig) -> None:
         """Rules that depend on the backbone (e.g. which targets exist); ConfigError naming the key."""

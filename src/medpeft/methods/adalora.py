@@ -27,6 +27,8 @@ from medpeft.methods.registry import MethodSpec, TrainingHooks, register_method
 
 @dataclass
 class AdaLoraConfig(_peft.PeftConfig):
+    search_space = {"method.target_r": ("categorical", [4, 8]), "method.alpha": ("int", 4, 64, True),
+                    "method.dropout": ("float", 0.0, 0.2)}
     init_r: int = option(12, "Starting rank of every targeted layer.", gt=0)
     target_r: int = option(8, "Average rank per layer left after pruning (the budget); at most init_r.", gt=0)
     alpha: int = option(16, "Scaling numerator (alpha / r).", gt=0)

@@ -32,6 +32,7 @@ class Bottleneck(nn.Module):
 
 @dataclass
 class AdapterConfig(MethodConfig):
+    search_space = {"method.hidden": ("categorical", [16, 32, 64, 128])}
     hidden: int = option(64, "Bottleneck width.", gt=0)
     placement: Literal["houlsby", "pfeiffer"] = option("houlsby", "'houlsby' (after attention and after the MLP) "
                                                        "or 'pfeiffer' (after the MLP only).")
@@ -39,6 +40,7 @@ class AdapterConfig(MethodConfig):
 
 @dataclass
 class AdaptFormerConfig(MethodConfig):
+    search_space = {"method.hidden": ("categorical", [16, 32, 64, 128]), "method.scale": ("float", 0.01, 1.0, True)}
     hidden: int = option(64, "Bottleneck width.", gt=0)
     scale: float = option(0.1, "Multiplier of the parallel branch.")
 

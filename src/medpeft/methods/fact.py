@@ -20,6 +20,7 @@ _PROJECTIONS = 4  # q, k, v (slices of the fused qkv) and the output projection
 
 @dataclass
 class FacTConfig(MethodConfig):
+    search_space = {"method.r": ("categorical", [8, 16, 32]), "method.scale": ("float", 0.1, 10.0, True)}
     r: int = option(16, "Tensor-train rank.", gt=0)
     scale: float = option(1.0, "Multiplier of the update.")
 

@@ -11,6 +11,8 @@ from medpeft.methods.registry import MethodSpec, own_weights, register_method
 @dataclass
 class FullConfig(MethodConfig):
     families = ("vit", "cnn")
+    lr_range = (1e-5, 1e-3)
+    search_space = {"train.layer_decay": ("categorical", [None, 0.9, 0.75, 0.65, 0.5])}  # None: off
 
 
 def apply(model: nn.Module, config: FullConfig) -> nn.Module:

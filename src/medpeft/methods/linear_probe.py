@@ -11,6 +11,7 @@ from medpeft.methods.registry import MethodSpec, freeze_all_but_head, own_weight
 @dataclass
 class LinearProbeConfig(MethodConfig):
     families = ("vit", "cnn")
+    lr_range = (1e-4, 1e-1)
 
 
 def apply(model: nn.Module, config: LinearProbeConfig) -> nn.Module:

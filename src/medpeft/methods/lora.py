@@ -17,6 +17,8 @@ from medpeft.methods.registry import MethodSpec, register_method
 @dataclass
 class LoraConfig(_peft.PeftConfig):
     families = ("vit", "cnn")
+    search_space = {"method.r": ("categorical", [4, 8, 16]), "method.alpha": ("int", 4, 64, True),
+                    "method.dropout": ("float", 0.0, 0.2)}
     use_dora: ClassVar[bool] = False
     use_rslora: ClassVar[bool] = False
     r: int = option(8, "Rank of the update B @ A.", gt=0)

@@ -16,6 +16,7 @@ from medpeft.methods.registry import MethodSpec, register_method
 
 @dataclass
 class LoHaConfig(_peft.PeftConfig):
+    search_space = {"method.r": ("categorical", [4, 8, 16]), "method.alpha": ("int", 4, 64, True)}
     r: int = option(8, "Rank of each Hadamard factor.", gt=0)
     alpha: int = option(16, "Scaling numerator (alpha / r).", gt=0)
     targets: list[str] = _peft.targets_option(["qkv"])
@@ -26,6 +27,7 @@ class LoHaConfig(_peft.PeftConfig):
 
 @dataclass
 class LoKrConfig(_peft.PeftConfig):
+    search_space = {"method.r": ("categorical", [4, 8, 16]), "method.alpha": ("int", 4, 64, True)}
     r: int = option(8, "Rank of the Kronecker factor.", gt=0)
     alpha: int = option(16, "Scaling numerator (alpha / r).", gt=0)
     targets: list[str] = _peft.targets_option(["qkv"])

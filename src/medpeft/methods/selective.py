@@ -17,6 +17,7 @@ _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNo
 
 @dataclass
 class PartialConfig(MethodConfig):
+    lr_range = (1e-5, 1e-3)  # whole blocks train, as in full fine-tuning
     blocks: int = option(2, "Train the last `blocks` transformer blocks, the final norm and the head.", gt=0)
 
 

@@ -18,6 +18,7 @@ from medpeft.methods.registry import MethodSpec, freeze_all_but_head, register_m
 
 @dataclass
 class VPTShallowConfig(MethodConfig):
+    search_space = {"method.tokens": ("categorical", [5, 10, 20, 50])}
     deep: ClassVar[bool] = False
     """Fresh prompts at every block (VPT-deep) instead of the first only."""
     tokens: int = option(50, "Prompt tokens (per block for VPT-deep).", gt=0)

@@ -16,6 +16,7 @@ import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -48,17 +49,22 @@ from medpeft.train.prefix import HEAD, Suffix, frozen_prefix
 from medpeft.train.recompute import apply_recompute
 from medpeft.version import __version__
 
+OnEpoch = Callable[[int, float], None]
+"""Called after an epoch's validation: (epoch, 0-based; val mean AUROC)."""
 
-def train(config: RunConfig, quiet: bool = False) -> dict:
+
+def train(config: RunConfig, quiet: bool = False, on_epoch: OnEpoch | None = None) -> dict:
     """Fine-tune as `config` says, write the run directory, return its metrics (also in metrics.json).
 
     Started by a launcher (torchrun, accelerate launch, ``medpeft train --devices N``), every process
     runs this with torch DDP (see ``medpeft.engine.distributed``); rank 0 alone writes and prints, and
     holds the run directory's lock throughout (another process training there is refused).
+    `on_epoch` is called on rank 0 after each epoch's validation and checkpoint, with the epoch (0-based)
+    and its val mean AUROC; an exception it raises stops the run there, resumable (medpeft.train.tune).
     """
     with (session(config.train) as (procs, device),
           locked(config.output_dir, RunDirError) if procs.main else nullcontext()):
-        recipe = FineTune(config, procs, device, Console(quiet=quiet or not procs.main))
+        recipe = FineTune(config, procs, device, Console(quiet=quiet or not procs.main), on_epoch)
         recipe.setup()
         recipe.train()
         return recipe.finish()
@@ -67,8 +73,10 @@ def train(config: RunConfig, quiet: bool = False) -> dict:
 class FineTune:
     """The fine-tuning recipe for one process (one of several under DDP)."""
 
-    def __init__(self, config: RunConfig, procs: Processes, device: torch.device, console: Console):
+    def __init__(self, config: RunConfig, procs: Processes, device: torch.device, console: Console,
+                 on_epoch: OnEpoch | None = None):
         self.config, self.procs, self.device, self.console = config, procs, device, console
+        self.on_epoch = on_epoch
         self.run_dir = Path(config.output_dir)
 
     # ------------------------------------------------------------------------- setup
@@ -202,6 +210,8 @@ class FineTune:
             rundir.append_log(self.run_dir, {"event": "epoch", "epoch": epoch, "train_loss": train_loss,
                                              "val_mean_auroc": val["mean_auroc"], "val": val, "seconds": seconds})
             self._save_checkpoint(rng)
+            if self.on_epoch is not None:
+                self.on_epoch(epoch, val["mean_auroc"])
 
     def _save_checkpoint(self, rng: dict) -> None:
         hooks, stepper = self.built.spec.hooks, self.stepper
