@@ -269,6 +269,8 @@ def test_a_bad_sample_csv_is_one_line_naming_the_file_row_and_column(runs, tmp_p
             rf"^{csv}: row 2: image 'gone.png' not found")
     refused(sample.assign(bright=0), rf"^{csv}: column 'bright' has no positives")
     refused(sample.iloc[:0], rf"^{csv}: no rows")
+    (csv.parent / sample["path"].iloc[1]).write_bytes(b"not an image")
+    refused(sample, rf"^{csv}: row 3: {csv.parent / sample['path'].iloc[1]}: ")
     with pytest.raises(DataError, match=rf"^{tmp_path / 'missing.csv'}: sample CSV not found"):
         fit_thresholds([run], tmp_path / "missing.csv")
     sample.assign(dark=sample["dark"].astype(str).where(sample.index != 2, "2")).to_csv(csv, index=False)

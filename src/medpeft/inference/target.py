@@ -9,6 +9,7 @@ sensitivity:X), on the predictor's probabilities of those images predicted as th
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from medpeft.data.table import first_row, read_table_file, require_columns
 from medpeft.errors import ConfigError, DataError
+from medpeft.inference.inputs import UnreadableInputWarning
 from medpeft.inference.run import column_prefix, predict
 from medpeft.inference.tta import tta_record
 from medpeft.metrics.thresholds import YOUDEN, parse_rule, select_thresholds
@@ -64,10 +66,17 @@ def fit_thresholds(predictors: list, sample, rule: str = YOUDEN, tta=False, batc
     parse_rule(rule)
     for predictor in predictors:
         if predictor.thresholds is None:
-            raise ConfigError(f"{predictor.name}: a multiclass task decides by arg-max; it has no thresholds to fit")
+            raise ConfigError(f"{', '.join(str(run.path) for run in predictor.members)}: a multiclass task decides "
+                              f"by arg-max; it has no thresholds to fit")
     labels = list(dict.fromkeys(label for predictor in predictors for label in predictor.labels))
     files, targets = read_sample(sample, labels)
-    table = predict(predictors, files, batch_size=batch_size, strict=True, workers=workers, tta=tta)
+    with warnings.catch_warnings():  # an unreadable image is an error naming its row, below
+        warnings.simplefilter("ignore", UnreadableInputWarning)
+        table = predict(predictors, files, batch_size=batch_size, workers=workers, tta=tta)
+    unreadable = table["error"] != ""
+    if unreadable.any():
+        row = first_row(unreadable)
+        raise DataError(f"{sample}: row {row}: {table['error'].iloc[row - 2]}")
     fitted = []
     for predictor in predictors:
         prefix = column_prefix(predictor, len(predictors) > 1)
