@@ -73,6 +73,7 @@ def evaluate(run_dir: str | Path, split: str | None = None, data=None, name: str
         raise ConfigError(f"evaluation name {name!r}: expected a folder name of letters, digits, '.', '_' and '-'")
     present = [k for k, label in enumerate(config.data.labels) if matched[label]]
     scorer, runs = _scorer(run_dir, config, tta, ensemble_with)
+    views = tta_record(runs, tta)  # a run without views is refused before the images go through the model
     if ensemble_with:
         temperatures = None
     with session(config.train) as (procs, device):
@@ -86,7 +87,7 @@ def evaluate(run_dir: str | Path, split: str | None = None, data=None, name: str
     metrics = split_metrics(outputs, eval_config, temperatures, evidence=True, calibrated=calibrated)
     metrics["evaluation"] = {
         "name": name, "data": {"format": eval_config.data.format, "csv": eval_config.data.csv}, "split": split,
-        "calibrated": calibrated, "label_map": matched, "tta": tta_record(runs, tta),
+        "calibrated": calibrated, "label_map": matched, "tta": views,
         "ensemble": [config.output_dir for config in runs.values()] if ensemble_with else None,
         "absent": [label for label in config.data.labels if not matched[label]]}
     if procs.main:
