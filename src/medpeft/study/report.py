@@ -8,6 +8,9 @@ and writes ``study_dir/report/``::
     comparison.csv   per (backbone, method): mean trainable %, and per task (dataset x label fraction)
                      the mean, sd and number of seeds of the test mean AUROC in points (x100)
     comparison.tex   the same table as a LaTeX tabular (booktabs), best mean per column in bold
+    tuning.csv       with the study's ``tune``: per task and method, the searched trials, the val mean AUROC
+                     of the default and the tuned values (points) and their difference, and both sets of
+                     values (from STUDY/tune/TASK/tune.json; with a .tex table; absent without searches)
     pairwise.csv     each method against the reference ('full' if the study has it, else its first
                      method), per task, on the seeds both finished (compared_seeds; missing_seeds names
                      the others): the seed-averaged difference, its paired bootstrap CI and p-value,
@@ -65,6 +68,8 @@ from medpeft.study.tables import (
     results_table,
     task_name,
     tasks,
+    tuning_frame,
+    tuning_table,
 )
 
 REPORT = "report"
@@ -271,6 +276,22 @@ def _pairwise_blocks(pairwise: pd.DataFrame, methods: list[str], reference: str,
 
 
 # ----------------------------------------------------------------------------- the report
+def _tuning_blocks(frame: pd.DataFrame, study_dir: Path, multi_backbone: bool, out: Path) -> list[tuple]:
+    """The section of the tasks' searches (none without them); tuning.csv and .tex written into `out`."""
+    tuning = tuning_frame(frame, study_dir)
+    if tuning.empty:
+        return []
+    table = tuning_table(tuning, multi_backbone)
+    (out / "tuning.csv").write_text(tuning.to_csv(index=False), encoding="utf-8")
+    (out / "tuning.tex").write_text(latex(table), encoding="utf-8")
+    return [("h2", "Hyperparameter search (val mean AUROC, points)"),
+            ("p", ("Each task and method was searched before its seeds trained (medpeft tune, on its first seed's "
+                   "config): trial 0 is the config as given (default), then TPE with median pruning; every seed "
+                   "then trained with the best trial's values. The difference is tuned minus default on the same "
+                   "val split, from the same search: the split the values were chosen on, so it overstates what "
+                   "tuning gains on test (the tables above).")), ("table", table)]
+
+
 def _evidence_blocks(done: pd.DataFrame, methods: list[str], labels: dict[str, list[str]], multi_backbone: bool,
                      out: Path) -> list[tuple]:
     """The calibration (with reliability diagrams), subgroup and external-validation sections; each
@@ -331,7 +352,8 @@ def write_report(study_dir: str | Path) -> Path:
             (out / file).write_text(text, encoding="utf-8")
         (out / "figures").mkdir()
         multi_backbone = results["backbone"].nunique() > 1
-        sections = [*_pairwise_blocks(pairwise, methods, reference, multi_backbone, options),
+        sections = [*_tuning_blocks(frame, study_dir, multi_backbone, out),
+                    *_pairwise_blocks(pairwise, methods, reference, multi_backbone, options),
                     *_evidence_blocks(done, methods, labels, multi_backbone, out)]
         blocks = _document(name, results, table, sections, write_figures(done, methods, labels, out / "figures"))
         (out / "report.md").write_text(markdown(blocks, out), encoding="utf-8")

@@ -9,6 +9,10 @@ Layout of a study directory::
     runs/KEY/        each cell's run directory
     logs/KEY.log     each cell's process output
     logs/KEY.json    each cell's peak memory, written by its process when its run is complete
+    tune/TASK/       with the study's ``tune``: each task's search (medpeft.train.tune), TASK the cell key
+                     without its seed (Cell.tune_key)
+    configs/TASK.tune.yaml  the search's config: the task's first seed's cell with the study's tune section
+    logs/TASK.tune.log      the search's process output
 
 Each cell trains in its own process (``python -m medpeft.study.cell``), so cells are isolated (memory
 is measured per cell, a crash fails one cell) and run side by side: ``jobs`` processes at once, each
@@ -23,6 +27,13 @@ done: an error there fails the cell, and a rerun evaluates its complete run. A c
 study named its external set is not evaluated. ``executor="ray"`` sends the same cell processes to the
 workers of a Ray cluster (``ray.init(address="auto")`` when one is running, else a local instance); the study
 directory must then be on storage every worker sees.
+
+With the study's ``tune``, the searches of the tasks of the cells to run come first: each in its own
+process (``medpeft tune configs/TASK.tune.yaml --out tune/TASK``), handed to the same executor as the
+cells, ``jobs`` at a time with the same threads and GPUs, its trials one after another in that process.
+Then every seed of a task trains with the task's best values (tune/TASK/tune.json) over its own config,
+written to configs/KEY.yaml. A finished search is reused; a killed one resumes (medpeft.train.tune); a
+failed one fails its task's cells with its error, and ``retry_failed`` resumes it.
 """
 
 from __future__ import annotations
@@ -45,10 +56,13 @@ from medpeft.engine import rundir
 from medpeft.engine.assemble import check_buildable
 from medpeft.errors import ConfigError, RunDirError
 from medpeft.files import locked, write_text_atomic
-from medpeft.study.spec import Cell, load_study
+from medpeft.study.spec import Cell, Study, load_study
 from medpeft.study.store import Store
+from medpeft.train.tune import BEST, SUMMARY, trial_config
 
 STORE = "study.sqlite"
+TUNE = "tune"
+"""The folder of the tasks' searches."""
 EXTERNAL = Path(rundir.EVALUATIONS) / "external" / rundir.METRICS
 """A cell's external evaluation, relative to its run directory."""
 
@@ -80,9 +94,6 @@ def run_cell(key: str, config_path: str, log_path: str, external: tuple[str, str
     """Train one cell in a child process, then with `external` (run directory, data file, split) evaluate its
     run on that data in another (a complete run is not trained again); their output goes to `log_path`, the
     training's peak memory next to it."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     steps = []
     if not (external and rundir.is_complete(Path(external[0]))):
         steps.append(("", ["-m", "medpeft.study.cell", config_path, str(threads), str(_result_path(log_path))]))
@@ -90,6 +101,25 @@ def run_cell(key: str, config_path: str, log_path: str, external: tuple[str, str
         run_dir, data, split = external
         steps.append(("external evaluation: ", ["-m", "medpeft", "evaluate", run_dir, f"--data={data}",
                                                 "--name=external", f"--split={split}"]))
+    return _run_steps(key, steps, log_path, threads, gpu) or CellResult(key, True,
+                                                                          peak_memory_mb=peak_memory(log_path))
+
+
+def run_search(key: str, config_path: str, tune_dir: str, log_path: str, threads: int,
+               gpu: int | None = None) -> CellResult:
+    """Search one task's hyperparameters in a child process (``medpeft tune``, resuming a search in
+    `tune_dir`), its output to `log_path`."""
+    steps = [("search: ", ["-m", "medpeft", "tune", config_path, f"--out={tune_dir}"])]
+    return _run_steps(key, steps, log_path, threads, gpu) or CellResult(key, True)
+
+
+def _run_steps(key: str, steps: list[tuple[str, list[str]]], log_path: str, threads: int,
+               gpu: int | None) -> CellResult | None:
+    """Run each step (what it is, the arguments of python) in a child process in turn, output to `log_path`;
+    the first that fails as a failed result with its last line (None when all succeed)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     for what, arguments in steps:
         with open(log_path, "a") as log:
             proc = subprocess.run([sys.executable, *arguments], stdout=log, stderr=log, env=env,
@@ -98,7 +128,7 @@ def run_cell(key: str, config_path: str, log_path: str, external: tuple[str, str
             errors = [line for line in Path(log_path).read_text().splitlines() if line.strip()]
             error = errors[-1] if errors else f"exit code {proc.returncode}"
             return CellResult(key, False, error=(what + error)[:2000])
-    return CellResult(key, True, peak_memory_mb=peak_memory(log_path))
+    return None
 
 
 class _LocalExecutor:
@@ -114,13 +144,13 @@ class _LocalExecutor:
         for slot in range(jobs):
             self.slots.put(slot % gpus if gpus else None)
 
-    def submit(self, *args) -> Future:
-        return self.pool.submit(self._run, *args)
+    def submit(self, function, *args) -> Future:
+        return self.pool.submit(self._run, function, *args)
 
-    def _run(self, *args) -> CellResult:
+    def _run(self, function, *args) -> CellResult:
         gpu = self.slots.get()
         try:
-            return run_cell(*args, threads=self.threads, gpu=gpu)
+            return function(*args, threads=self.threads, gpu=gpu)
         finally:
             self.slots.put(gpu)
 
@@ -129,7 +159,7 @@ class _LocalExecutor:
 
 
 class _RayExecutor:
-    """Each cell a Ray task that runs the same cell process on a worker with the CPUs / GPU it asked for."""
+    """Each cell (or search) a Ray task that runs the same process on a worker with the CPUs / GPU it asked for."""
 
     def __init__(self, jobs: int):
         try:
@@ -145,10 +175,12 @@ class _RayExecutor:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.threads = max(1, cpus // jobs)
         gpus = 1 if torch.cuda.is_available() or ray.cluster_resources().get("GPU") else 0
-        self.task = ray.remote(num_cpus=self.threads, num_gpus=gpus, max_retries=0)(run_cell)
+        self.resources, self.tasks = dict(num_cpus=self.threads, num_gpus=gpus, max_retries=0), {}
 
-    def submit(self, *args) -> Future:
-        return self.task.remote(*args, threads=self.threads).future()
+    def submit(self, function, *args) -> Future:
+        if function not in self.tasks:
+            self.tasks[function] = self.ray.remote(**self.resources)(function)
+        return self.tasks[function].remote(*args, threads=self.threads).future()
 
     def close(self) -> None:
         pass
@@ -177,7 +209,7 @@ def run_study(study_path: str | Path, out: str | Path, jobs: int = 1, executor: 
                           f"to run ({jobs} at a time, {executor})")
             pending = [c for c in todo if not _recover(store, c, out, c.dataset in study.external)]
             if pending:
-                _execute(store, pending, out, jobs, executor, console, study.external)
+                _execute(store, study, pending, out, jobs, executor, console)
             counts = store.frame()["status"].value_counts().to_dict()
         finally:
             store.close()
@@ -206,37 +238,91 @@ def _recover(store: Store, cell: Cell, out: Path, external: bool) -> bool:
     return True
 
 
-def _execute(store: Store, cells: list[Cell], out: Path, jobs: int, executor: str, console: Console,
-             external: dict[str, dict]) -> None:
-    """Keep `jobs` cells in flight; a cell is marked running when it is handed to a worker."""
+def _execute(store: Store, study: Study, cells: list[Cell], out: Path, jobs: int, executor: str,
+             console: Console) -> None:
+    """The searches of the cells' tasks (with the study's tune), then the cells, `jobs` processes at a time;
+    a cell is marked running when it is handed to a worker."""
     pool = _RayExecutor(jobs) if executor == "ray" else _LocalExecutor(jobs)
-    waiting, in_flight, finished = list(cells), {}, 0
     try:
-        while waiting or in_flight:
-            while waiting and len(in_flight) < jobs:
-                cell = waiting.pop(0)
-                in_flight[_start(pool, store, cell, out, external.get(cell.dataset))] = cell
-            ready, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-            for future in ready:
-                cell, result = in_flight.pop(future), future.result()
-                finished += 1
-                _record(store, cell, result, out, f"[{finished}/{len(cells)}]", console)
+        cells, finished = _search(store, study, cells, out, pool, jobs, console), []
+
+        def record(cell: Cell, result: CellResult) -> None:
+            finished.append(cell)
+            _record(store, cell, result, out, f"[{len(finished)}/{len(cells)}]", console)
+        _in_flight(jobs, cells, lambda cell: _start(pool, store, cell, out, study.external.get(cell.dataset)), record)
     finally:
         pool.close()
 
 
+def _in_flight(jobs: int, items: list, start, finish) -> None:
+    """Start each item (``start(item)``: a Future), `jobs` at a time; ``finish(item, result)`` as each ends."""
+    waiting, running = list(items), {}
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            item = waiting.pop(0)
+            running[start(item)] = item
+        ready, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in ready:
+            finish(running.pop(future), future.result())
+
+
+def _search(store: Store, study: Study, cells: list[Cell], out: Path, pool, jobs: int, console: Console) -> list[Cell]:
+    """Run the unfinished searches of the tasks of `cells`, each with the task's first cell (its first seed);
+    mark the cells of a failed search failed with its error; return the others."""
+    if study.tune is None:
+        return cells
+    firsts: dict[str, Cell] = {}
+    for cell in study.cells:
+        firsts.setdefault(cell.tune_key, cell)
+    needed = {cell.tune_key for cell in cells}
+    todo = [c for key, c in firsts.items() if key in needed and not all(
+        (out / TUNE / key / name).is_file() for name in (BEST, SUMMARY))]
+    failed: dict[str, str] = {}
+
+    def finish(cell: Cell, result: CellResult) -> None:
+        if not result.ok:
+            failed[cell.tune_key] = result.error
+            console.print(f"search {cell.tune_key}: [red]failed[/red]: {result.error}")
+            return
+        summary = rundir.read_json_object(out / TUNE / cell.tune_key / SUMMARY)
+        gain = "" if summary["difference"] is None else f", {summary['difference']:+.4f} over the default"
+        console.print(f"search {cell.tune_key}: best val AUROC {summary['best']['value']:.4f} (trial "
+                      f"{summary['best']['number']}{gain})")
+    if todo:
+        console.print(f"{len(todo)} searches of {study.tune.trials} trials first")
+    _in_flight(jobs, todo, lambda cell: _start_search(pool, cell, out), finish)
+    for cell in cells:
+        if cell.tune_key in failed:
+            store.mark_failed(cell.key, failed[cell.tune_key])
+    return [cell for cell in cells if cell.tune_key not in failed]
+
+
+def _start_search(pool, cell: Cell, out: Path) -> Future:
+    """Write the search's config (the cell's, with the study's tune section) and hand the search over."""
+    config_path = (out / "configs" / f"{cell.tune_key}.tune.yaml").resolve()
+    write_text_atomic(config_path, yaml.safe_dump({**cell.config, "tune": cell.tune}, sort_keys=False))
+    return pool.submit(run_search, cell.tune_key, str(config_path), str((out / TUNE / cell.tune_key).resolve()),
+                       str((out / "logs" / f"{cell.tune_key}.tune.log").resolve()))
+
+
 def _start(pool, store: Store, cell: Cell, out: Path, external: dict | None) -> Future:
-    """Write the cell's config (and its external test set's data section), mark it running, hand it over."""
+    """Write the cell's config (tuned: with its task's best values; and its external test set's data
+    section), mark it running, hand it over."""
     config_path = (out / "configs" / f"{cell.key}.yaml").resolve()
     run_dir = (out / "runs" / cell.key).resolve()
-    write_text_atomic(config_path, yaml.safe_dump({**cell.config, "output_dir": str(run_dir)}, sort_keys=False))
+    config = {**cell.config, "output_dir": str(run_dir)}
+    if cell.tune is not None:
+        best = rundir.read_json_object(out / TUNE / cell.tune_key / SUMMARY)["best"]["params"]
+        config = trial_config(config_from_dict(config), best, run_dir).to_dict()
+    write_text_atomic(config_path, yaml.safe_dump(config, sort_keys=False))
     evaluation = None
     if external:
         data_path = config_path.with_suffix(".external.yaml")
         write_text_atomic(data_path, yaml.safe_dump({"data": external["data"]}, sort_keys=False))
         evaluation = (str(run_dir), str(data_path), external["split"])
     store.mark_running(cell.key)
-    return pool.submit(cell.key, str(config_path), str((out / "logs" / f"{cell.key}.log").resolve()), evaluation)
+    return pool.submit(run_cell, cell.key, str(config_path), str((out / "logs" / f"{cell.key}.log").resolve()),
+                       evaluation)
 
 
 def _record(store: Store, cell: Cell, result: CellResult, out: Path, counter: str, console: Console) -> None:

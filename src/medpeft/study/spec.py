@@ -22,18 +22,24 @@
     report: {correction: holm, alpha: 0.05, stratify: true}   # how the report tests (ReportOptions)
     external:                    # per dataset level: an external test set each of its cells is evaluated on
       pneumonia: {data: {format: csv, csv: other-hospital.csv, labels: [pneumonia]}, split: all}
+    tune: {trials: 20, space: {train.epochs: null}}   # search each task's hyperparameters first (medpeft tune)
 
 Every axis is optional (one level, ``default``, when absent; without a method axis, base's method is
 the one level, named after it). String values may use environment
 variables (``${NIH_ROOT}/Data_Entry_2017.csv``). An ``external`` entry's data section is any reader's
 (its labels meet the run's by name, medpeft.data.labels) and its split one of all (default), train, val,
-test. Every cell is validated as a run config when the study is read, and ``medpeft study run``
-builds each cell's model on the meta device before the first cell trains, so a typo or a method that
-does not fit its backbone fails before any training.
+test. With ``tune``, each task (backbone, dataset, method, fraction) is searched with its first seed's
+config (medpeft.train.tune: ``trials``; ``space`` changes every method's own space, so a key set there
+must be a key of each method's config; a key set to null is dropped where it is), and every seed of the
+task trains with the best values (medpeft.study.runner); the space is checked when the study is read.
+Every cell is validated as a run config when the study is read, and ``medpeft study run`` builds each
+cell's model on the meta device before the first cell trains, so a typo or a method that does not fit
+its backbone fails before any training.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import os
@@ -45,6 +51,7 @@ import yaml
 
 from medpeft.config import DataConfig, Section, build, config_from_dict, merge_dicts, option, read_yaml_mapping
 from medpeft.errors import ConfigError
+from medpeft.train.tune import TuneOptions, resolve_space
 
 AXES = ("backbone", "dataset", "method", "fraction", "seed")
 NAMED_AXES = ("backbone", "dataset", "method")
@@ -61,21 +68,34 @@ class Cell:
     fraction: float
     seed: int
     config: dict
-    """The cell's full run config (plain data, validated), output_dir excluded."""
+    """The cell's full run config (plain data, validated), output_dir excluded; with `tune`, before tuning."""
+    tune: dict | None = None
+    """The study's search ({trials, space}) when its values replace the config's (see medpeft.study.runner)."""
 
     @property
     def key(self) -> str:
         """A unique, filesystem-safe name: the run directory and the store's primary key."""
-        return f"{self.backbone}__{self.dataset}__{self.method}__f{self.fraction:g}__s{self.seed}"
+        return f"{self.tune_key}__s{self.seed}"
+
+    @property
+    def tune_key(self) -> str:
+        """The name of the cell's search: every seed of a task shares it."""
+        return tune_key(self.backbone, self.dataset, self.method, self.fraction)
 
     @property
     def config_hash(self) -> str:
-        return hashlib.sha256(yaml.safe_dump(self.config, sort_keys=True).encode()).hexdigest()[:16]
+        hashed = self.config if self.tune is None else {"config": self.config, "tune": self.tune}
+        return hashlib.sha256(yaml.safe_dump(hashed, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def task(self) -> tuple:
         """What a comparison holds fixed: everything but the method and the seed."""
         return self.backbone, self.dataset, self.fraction
+
+
+def tune_key(backbone: str, dataset: str, method: str, fraction: float) -> str:
+    """A task's name: its search's folder (STUDY/tune/KEY) and the start of its cells' keys."""
+    return f"{backbone}__{dataset}__{method}__f{fraction:g}"
 
 
 @dataclass
@@ -100,6 +120,20 @@ class Study:
     report: ReportOptions = field(default_factory=ReportOptions)
     external: dict[str, dict] = field(default_factory=dict)
     """{dataset level: {"data": a data section, "split": one of EXTERNAL_SPLITS}}."""
+    tune: TuneOptions | None = None
+
+
+def _tune_options(path: Path, tune) -> TuneOptions | None:
+    """The study's ``tune`` section (None when absent); its trials are required."""
+    if tune is None:
+        return None
+    try:
+        options = build(TuneOptions, tune)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if options.trials is None:
+        raise ConfigError(f"{path}: tune.trials is required: the trials of each task's search")
+    return options
 
 
 def report_options(path: Path, data: dict) -> ReportOptions:
@@ -187,12 +221,12 @@ def load_study(path: str | Path) -> Study:
     """Read, expand and validate a study file."""
     path = Path(path)
     data = read_yaml_mapping(path, "study file", "a mapping with name, base, axes, overrides")
-    unknown = sorted(set(data) - {"name", "base", "axes", "overrides", "report", "external"})
+    unknown = sorted(set(data) - {"name", "base", "axes", "overrides", "report", "external", "tune"})
     if unknown:
         raise ConfigError(f"{path}: study key '{unknown[0]}' does not exist (expected name, base, axes, overrides, "
-                          f"report, external)")
+                          f"report, external, tune)")
     data = _expand_env(data)
-    report = report_options(path, data)
+    report, tune = report_options(path, data), _tune_options(path, data.get("tune"))
     axes = data.get("axes") or {}
     if not isinstance(axes, dict) or set(axes) - set(AXES):
         raise ConfigError(f"{path}: axes must be a mapping with keys among {', '.join(AXES)}")
@@ -228,10 +262,13 @@ def load_study(path: str | Path) -> Study:
                 config = merge_dicts(config, _nest(rule["set"]))
         where = ", ".join(f"{axis}={level}" for axis, level in coordinates.items())
         try:
-            resolved = config_from_dict({**config, "output_dir": "-"}).to_dict()
+            run_config = config_from_dict({**config, "output_dir": "-"})
+            if tune is not None and coordinates["seed"] == next(iter(levels["seed"])):  # the task's search
+                resolve_space(run_config, tune.space)
         except ConfigError as e:
             raise ConfigError(f"{path}: cell ({where}): {e}") from None
+        resolved = run_config.to_dict()
         del resolved["output_dir"]
-        cells.append(Cell(**coordinates, config=resolved))
+        cells.append(Cell(**coordinates, config=resolved, tune=tune and dataclasses.asdict(tune)))
     return Study(name=str(data.get("name") or path.stem), path=path, cells=cells, report=report,
-                 external=_external(path, data.get("external") or {}, levels["dataset"]))
+                 external=_external(path, data.get("external") or {}, levels["dataset"]), tune=tune)

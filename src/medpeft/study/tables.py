@@ -6,12 +6,17 @@ datasets and methods in order of first appearance, label fractions ascending.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pandas as pd
 
+from medpeft.engine import rundir
 from medpeft.study.render import Table
+from medpeft.study.runner import TUNE
+from medpeft.study.spec import tune_key
+from medpeft.train.tune import SUMMARY
 
 TASK = ["backbone", "dataset", "fraction"]
 
@@ -110,3 +115,53 @@ def _mean_sd(mean: float, sd: float, n: int, show_n: bool) -> str:
         return "–"
     text = f"{mean:.1f}" if math.isnan(sd) else f"{mean:.1f} ± {sd:.1f}"
     return f"{text} (n={n})" if show_n else text
+
+
+def tuning_frame(frame: pd.DataFrame, study_dir: Path) -> pd.DataFrame:
+    """Per task and method whose search finished (STUDY/tune/TASK/tune.json): the trials that completed and
+    were pruned, the default's and the best trial's val mean AUROC and their difference (points), and the
+    values of both (JSON)."""
+    records = []
+    for backbone, dataset, fraction, method in order(frame[[*TASK, "method"]].itertuples(index=False, name=None)):
+        path = study_dir / TUNE / tune_key(backbone, dataset, method, fraction) / SUMMARY
+        if not path.is_file():
+            continue
+        summary = rundir.read_json_object(path)
+        default, best, states = summary["default"] or {}, summary["best"] or {}, [t["state"] for t in summary["trials"]]
+        records.append({"backbone": backbone, "dataset": dataset, "fraction": fraction, "method": method,
+                        "complete": states.count("complete"), "pruned": states.count("pruned"),
+                        "default_val_auroc": _points(default.get("value")),
+                        "tuned_val_auroc": _points(best.get("value")), "difference": _points(summary["difference"]),
+                        "default_values": json.dumps(default.get("params")),
+                        "tuned_values": json.dumps(best.get("params"))})
+    return pd.DataFrame(records, columns=[*TASK, "method", "complete", "pruned", "default_val_auroc", "tuned_val_auroc",
+                                          "difference", "default_values", "tuned_values"])
+
+
+def _points(value: float | None) -> float:
+    return math.nan if value is None else 100 * value
+
+
+def tuning_table(tuning: pd.DataFrame, multi_backbone: bool) -> Table:
+    """The tuning frame for display: per task and method, the val AUROC of the default and the tuned values,
+    and each tuned value that differs from the default ('key: default -> tuned')."""
+    table = Table(["task", "method", "trials (pruned)", "default val AUROC", "tuned val AUROC", "difference",
+                   "tuned values"], [], row_levels=2)
+    for _, row in tuning.iterrows():
+        default, tuned = json.loads(row["default_values"]) or {}, json.loads(row["tuned_values"]) or {}
+        changed = [f"{key}: {_value(default.get(key))} -> {_value(value)}" for key, value in tuned.items()
+                   if default.get(key) != value]
+        table.rows.append([task_name(row["dataset"], row["fraction"], row["backbone"] if multi_backbone else None),
+                           row["method"], f"{row['complete'] + row['pruned']} ({row['pruned']})",
+                           *(_score(row[c]) for c in ("default_val_auroc", "tuned_val_auroc")),
+                           "–" if math.isnan(row["difference"]) else f"{row['difference']:+.1f}",
+                           "; ".join(changed) or "the default"])
+    return table
+
+
+def _score(points: float) -> str:
+    return "–" if math.isnan(points) else f"{points:.1f}"
+
+
+def _value(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
