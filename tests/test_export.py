@@ -129,6 +129,33 @@ def test_cnn_run_exports_and_loads_with_timm_alone(exported, method, tmp_path):
     assert_torchscript_and_onnx_match(folder, x, expected)
 
 
+@pytest.mark.parametrize("model", [TINY_VIT, TINY_RESNET], ids=["vit", "cnn"])
+def test_a_probe_on_standardised_features_folds_its_batchnorm_into_the_head(exported, model, tmp_path):
+    """linear_probe with norm: true trains a head behind a BatchNorm without affine parameters; its running
+    statistics are saved with the run, and export folds them into the head: timm alone gives the run's logits."""
+    run, manifest, folder = exported({"name": "linear_probe", "norm": True}, model)
+    norm = run.model.get_classifier()[0]
+    assert isinstance(norm, torch.nn.BatchNorm1d) and int(norm.num_batches_tracked) > 0
+    assert not torch.equal(norm.running_var, torch.ones_like(norm.running_var))  # statistics of the features
+    x = inputs()
+    expected = logits(run, x)
+    out, loaded = with_timm_alone(folder, x, tmp_path)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
+    assert manifest["merged"] is True and loaded["parameters"] == manifest["parameters"]
+
+
+def test_the_probe_s_standardisation_is_refused_with_a_text_head():
+    from types import SimpleNamespace
+
+    from medpeft.errors import ConfigError
+    from medpeft.methods.linear_probe import LinearProbeConfig
+
+    model = SimpleNamespace(name="biomedclip-vitb16", family="vit", head_init="text")
+    with pytest.raises(ConfigError, match=r"^method.norm: true would rescale .* set method.norm: false$"):
+        LinearProbeConfig(norm=True).check_model(model)
+    LinearProbeConfig(norm=False).check_model(model)
+
+
 @pytest.mark.parametrize("name", ["siglip-vitb16", "dinov3-vitb16"])
 def test_catalogue_models_export_and_load_with_timm_alone(exported, name, tmp_path):
     """SigLIP's MAP head (its latent expanded to the batch) and DINOv3's RoPE Eva, with their entries' kwargs."""
