@@ -78,8 +78,8 @@ def _sample_image(patient: dict, rng: np.random.Generator) -> tuple[dict, dict]:
              gain=rng.uniform(0.85, 1.15), offset=rng.uniform(-0.05, 0.05))
     sides, u = rng.choice([-1, 1], size=4), rng.uniform
     f = dict(eff_side=sides[0], eff_depth=u(0.8, 1.2),
-             nod_side=sides[1], nod_at=(u(-0.5, 0.6), u(0.25, 0.7)), nod_r=u(0.035, 0.055),
-             con_side=sides[2], con_at=(u(-0.4, 0.5), u(0.3, 0.75)), con_r=u(0.12, 0.17),
+             nod_side=sides[1], nod_at=(u(-0.5, 0.6), u(0.25, 0.7)), nod_r=u(0.06, 0.09),  # 2-3 cm on a 35-cm film
+             con_side=sides[2], con_at=(u(-0.4, 0.5), u(0.3, 0.75)), con_r=u(0.15, 0.2),
              ptx_side=sides[3], ptx_frac=u(0.8, 1.2))
     return a, f
 
@@ -135,7 +135,7 @@ def _render(a: dict, f: dict, present: dict, size: int, difficulty: float, rng: 
     nodule_xy = None
     if present["nodule"]:
         nx, ny = _lung_point(a, f["nod_side"], *f["nod_at"])
-        dens += 0.3 * e * np.exp(-(((x - nx) ** 2 + (y - ny) ** 2) / f["nod_r"] ** 2) ** 2)
+        dens += 0.5 * e * np.exp(-(((x - nx) ** 2 + (y - ny) ** 2) / f["nod_r"] ** 2) ** 2)
         pose = a["scale"] * np.array([c * nx - s * ny, s * nx + c * ny]) + a["shift"]  # forward pose
         nodule_xy = tuple(float(q) for q in (pose + 1) * size / 2 - 0.5)  # pixel centres at integers
     img = _blur(dens, 0.9 * size / 128)  # soft tissue edges, not vector-graphics steps
