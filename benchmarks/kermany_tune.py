@@ -179,7 +179,8 @@ def verdict(result: dict) -> str:
         reading = "no measurable difference on unseen patients"
     return (f"{found}; on the test split, which the search never looked at, best - default is "
             f"{100 * test['difference']:+.2f} points (95% CI [{100 * test['ci_low']:+.2f}, "
-            f"{100 * test['ci_high']:+.2f}]): {reading}.")
+            f"{100 * test['ci_high']:+.2f}]): {reading} (one training seed; the interval covers the sampling of "
+            f"test images, not of training runs).")
 
 
 def _markdown(record: dict) -> str:
@@ -219,7 +220,8 @@ def _markdown(record: dict) -> str:
     ]
     if record.get("study_reference"):
         ref = record["study_reference"]
-        lines.append(f"- for reference, the same cell in benchmarks/results/kermany_mae.json (80-epoch foundation): "
+        lines.append(f"- for reference, the study's own seed-0 run of this cell in benchmarks/results/kermany_mae.json "
+                     f"(its own 80-epoch foundation, an earlier medpeft version; not expected to match bit for bit): "
                      f"val {_score(ref['val_mean_auroc'])}, test {_score(ref['test_mean_auroc'])}")
     lines += ["", f"**Verdict.** {record['verdict']}", "",
               "Val AUROC of the best trial is the maximum of the search's trials on one val split, so it is biased "
@@ -288,7 +290,7 @@ def main() -> None:
         "cell": "pneumonia vs normal, LoRA r 8 / alpha 16 on qkv, lr 3e-3, weight decay 0.05, 10 epochs, batch 32, "
                 "10% of the training labels, seed 0",
         "default_config": _relative(config), "config": yaml.safe_load(config.read_text()),
-        "split_sizes": default_metrics["split_sizes"], "tune_invocation_s": seconds,
+        "split_sizes": default_metrics["split_sizes"], "tune_last_invocation_s": seconds,
         "study_reference": _study_reference() if full else None, "result": result,
     }
     record["verdict"] = verdict(result)
