@@ -1,5 +1,5 @@
-"""``medpeft demo``: why PEFT needs a foundation model and pays off when labels are scarce, on built-in
-phantom chest X-rays, in under 10 minutes on 2 CPU cores.
+"""``medpeft demo``: the experiment of Lian et al. 2024 (does a foundation model make label-scarce
+training work, and does LoRA match full fine-tuning?) on built-in phantom chest X-rays, sized for 2 CPU cores.
 
 1. Generate phantom X-rays of 5,000 patients (five findings as multi-labels) and split them by patient.
 2. Make a foundation model without labels: MAE-pretrain a small ViT on the training images
