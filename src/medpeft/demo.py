@@ -53,7 +53,7 @@ FRACTIONS = [0.01, 0.1, 1.0]
 # Fewer labels, more epochs and smaller batches: each fraction gets a few hundred optimiser steps.
 SCHEDULE = {0.01: {"train.epochs": 50, "train.batch_size": 8}, 0.1: {"train.epochs": 8},
             1.0: {"train.epochs": 4, "train.batch_size": 32}}
-FOUNDATION = ("linear_probe", "full", "lora")
+FOUNDATION = tuple(m for m in METHODS if m != "scratch")  # the methods that start from the MAE encoder
 
 
 def study_spec(csv: Path, checkpoint: Path, cache: Path) -> dict:
