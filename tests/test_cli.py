@@ -65,3 +65,17 @@ def test_errors_raised_in_loader_workers_still_print_as_one_line():
     wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
                         "last):\n  File ...\nmedpeft.errors.DataError: x.png: unreadable image (broken)\n")
     assert _one_line(wrapped) == "x.png: unreadable image (broken)"
+
+
+def test_the_command_line_and_the_package_import_without_torch():
+    """`medpeft --help` answers without torch: the package root's API and the registries load on first use."""
+    code = ("import sys, medpeft, medpeft.cli, medpeft.config; "
+            "assert not {'torch', 'timm', 'peft'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_api_function_train_survives_importing_the_train_package():
+    code = ("import medpeft, medpeft.train.tune; from medpeft.train.recipe import train; "
+            "assert medpeft.train is train, medpeft.train; from medpeft import train as t; assert t is train; "
+            "from medpeft.config import METHODS; assert 'lora' in METHODS.classes")
+    subprocess.run([sys.executable, "-c", code], check=True)

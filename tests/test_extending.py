@@ -65,8 +65,8 @@ register_method(MethodSpec(name="head_norm", config_cls=HeadNormConfig, apply=ap
 @pytest.fixture
 def plugins(tmp_path, monkeypatch):
     """The two files as importable modules; the registries are restored afterwards."""
-    monkeypatch.setattr(DATA_FORMATS, "classes", dict(DATA_FORMATS.classes))
-    monkeypatch.setattr(METHODS, "classes", dict(METHODS.classes))
+    monkeypatch.setattr(DATA_FORMATS, "_classes", dict(DATA_FORMATS.classes))
+    monkeypatch.setattr(METHODS, "_classes", dict(METHODS.classes))
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     (tmp_path / "plugin_tsv.py").write_text(textwrap.dedent(READER))
     (tmp_path / "plugin_head_norm.py").write_text(textwrap.dedent(METHOD))

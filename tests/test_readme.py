@@ -7,7 +7,6 @@ import re
 import sys
 from pathlib import Path
 
-import medpeft  # noqa: F401  (registers every format and method)
 from medpeft.config.docs import key_tables
 from medpeft.files import write_text_atomic
 

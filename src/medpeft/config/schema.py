@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import math
 import types
 import typing
@@ -45,27 +46,38 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, 
 
 
 class Registry:
-    """Names -> section classes for one selecting key (e.g. ``data.format``): ``@REGISTRY.register("nih")``."""
+    """Names -> section classes for one selecting key (e.g. ``data.format``): ``@REGISTRY.register("nih")``.
 
-    def __init__(self, key: str, noun: str):
-        self.key, self.noun = key, noun
+    The classes register themselves when their modules are imported: `package` is the one that imports
+    them all, imported the first time the registry is read (so reading a config needs no import order, and
+    importing the config layer alone imports no reader or method)."""
+
+    def __init__(self, key: str, noun: str, package: str):
+        self.key, self.noun, self.package = key, noun, package
         self.attribute = key.rpartition(".")[2]
-        self.classes: dict[str, type] = {}
+        self._classes: dict[str, type] = {}
+
+    @property
+    def classes(self) -> dict[str, type]:
+        """Every registered name -> class."""
+        importlib.import_module(self.package)
+        return self._classes
 
     def register(self, name: str):
         def decorate(cls: type) -> type:
-            if name in self.classes:
+            if name in self._classes:
                 raise ValueError(f"{self.key} {name!r} is registered twice")
             setattr(cls, self.attribute, name)
-            self.classes[name] = cls
+            self._classes[name] = cls
             return cls
         return decorate
 
     def get(self, name) -> type:
-        if name not in self.classes:
+        classes = self.classes
+        if name not in classes:
             raise ConfigError(f"{self.key} {name!r} is not a known {self.noun} (expected one of: "
-                              f"{', '.join(self.classes)})")
-        return self.classes[name]
+                              f"{', '.join(classes)})")
+        return classes[name]
 
 
 class Section:

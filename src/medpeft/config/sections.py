@@ -15,9 +15,9 @@ from medpeft.errors import ConfigError
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 AGE_BINS = [20, 40, 60, 80]
-DATA_FORMATS = Registry("data.format", "dataset format")
-"""Dataset formats: each reader file registers its DataConfig subclass here."""
-METHODS = Registry("method.name", "method")
+DATA_FORMATS = Registry("data.format", "dataset format", "medpeft.data")
+"""Dataset formats: each reader file registers its DataConfig subclass here (through medpeft.data)."""
+METHODS = Registry("method.name", "method", "medpeft.methods")
 """PEFT methods: each method file registers its MethodConfig subclass here (through medpeft.methods)."""
 
 # timm modules whose models are vision transformers (patch embedding, blocks, position embedding).
