@@ -213,3 +213,11 @@ def test_the_command_lines_space_and_the_files_tune_section_are_checked(run_conf
     config.write_text(yaml.safe_dump({**run_config, "tune": {"trails": 2}}))
     with pytest.raises(ConfigError, match=r"search.yaml: config key 'tune.trails' does not exist"):
         tuning.load_tune_config(config)
+
+
+def test_a_training_run_refuses_a_tune_section_by_name(run_config, tmp_path):
+    path = tmp_path / "with-tune.yaml"
+    path.write_text(yaml.safe_dump({**run_config, "tune": {"trials": 4}}))
+    with pytest.raises(ConfigError, match="config section 'tune' is read by medpeft tune, not by a training run"):
+        load_config(path)
+    assert tuning.load_tune_config(path)[1].trials == 4

@@ -185,6 +185,9 @@ def config_from_dict(data) -> RunConfig:
     """Validate a plain mapping (as read from YAML) into a RunConfig."""
     if not isinstance(data, dict):
         raise ConfigError("a config must be a mapping of sections (model, data, method, train, ...)")
+    if "tune" in data:
+        raise ConfigError("config section 'tune' is read by medpeft tune, not by a training run: search with "
+                          "medpeft tune, then train its best.yaml (or remove the section to train as written)")
     return build(RunConfig, with_catalogue_defaults(data))
 
 

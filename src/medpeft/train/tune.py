@@ -62,7 +62,7 @@ SPEC_FORMAT = "[float|int, low, high(, log)] or [categorical, [choices]]"
 @dataclass
 class TuneOptions(Section):
     """A search as a file states it: the ``tune`` section of a study file, or of a config file for
-    ``medpeft tune`` (which reads it; ``medpeft train`` does not)."""
+    ``medpeft tune`` (which reads it; a training run refuses it by name)."""
 
     path = "tune"
     trials: int | None = option(None, "Trials to complete or prune.", gt=0)
