@@ -14,9 +14,11 @@ test: setup
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@echo "Setting up $(VENV): medpeft with torch (the CUDA build; it runs on the CPU too), timm, peft, the"
+	@echo "catalogue models' libraries, ONNX, Ray and the test tools: about 6.5 GB, a few minutes."
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[test]'
 	touch $@
 
 clean:
