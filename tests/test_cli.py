@@ -4,7 +4,7 @@ import sys
 import pytest
 import yaml
 
-from medpeft.cli import _one_line
+from medpeft.cli import _one_line, _size
 from medpeft.config import load_config, parse_overrides
 from medpeft.errors import ConfigError, DataError
 
@@ -79,3 +79,7 @@ def test_the_api_function_train_survives_importing_the_train_package():
             "assert medpeft.train is train, medpeft.train; from medpeft import train as t; assert t is train; "
             "from medpeft.config import METHODS; assert 'lora' in METHODS.classes")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_file_sizes_print_in_kb_below_a_megabyte():
+    assert [_size(n) for n in (700, 2**20 - 60, 3 * 2**20)] == ["0.7 kB", "1023.9 kB", "3.0 MB"]

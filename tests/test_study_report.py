@@ -217,7 +217,9 @@ def test_single_label_task_matches_direct_calls(tmp_path):
     assert row["delong_max_p"] == pytest.approx(delong_test(y[:, 0], probs["lora"][:, 0], probs["full"][:, 0]).p_value)
     direct = bootstrap_auroc_difference(y, probs["lora"], probs["full"], n_resamples=2000, seed=0)
     assert row["ci_low"] == pytest.approx(100 * direct.ci_low) and row["ci_high"] == pytest.approx(100 * direct.ci_high)
-    assert "lora beats full in 1 of 1 tasks" in (tmp_path / "report" / "report.md").read_text()
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "lora beats full in 1 of 1 tasks" in markdown
+    assert "Test mean AUROC (points, one seed)" in markdown and "mean ± sd over seeds" not in markdown
 
 
 def test_html_is_self_contained(study):
@@ -231,6 +233,7 @@ def test_html_is_self_contained(study):
     assert "<h1>Study report: toy-study</h1>" in page and "CUDA out of memory" in page
     markdown = (root / "report" / "report.md").read_text()
     assert markdown.count("](figures/") == 3 and "11 done, 1 failed, 0 pending or running" in markdown
+    assert "Test mean AUROC (points, mean ± sd over seeds)" in markdown
 
 
 def test_backbones_become_a_row_level(tmp_path):

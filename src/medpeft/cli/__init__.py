@@ -206,8 +206,13 @@ def export(run_dir: Path = typer.Argument(..., help="A finished run directory.")
     from medpeft.inference import load_run
 
     manifest = load_run(run_dir).export(out)
-    sizes = ", ".join(f"{name} {size / 2**20:.1f} MB" for name, size in manifest["files"].items())
+    sizes = ", ".join(f"{name} {_size(size)}" for name, size in manifest["files"].items())
     console.print(f"exported {manifest['parameters']:,} parameters -> {out}: {sizes}")
+
+
+def _size(size: int) -> str:
+    """A file size in bytes as MB (2**20 bytes), or as kB below 1 MB."""
+    return f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{size / 2**10:.1f} kB"
 
 
 @app.command()

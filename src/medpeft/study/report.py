@@ -323,7 +323,9 @@ def _document(name: str, results: pd.DataFrame, comparison: Table, sections: lis
     ]
     if not failed.empty:
         blocks += [("h2", "Failed cells"), ("list", [f"{k}: {e}" for k, e in zip(failed["key"], failed["error"])])]
-    blocks += [("h2", "Test mean AUROC (points, mean ± sd over seeds)"), ("table", comparison),
+    seeds = results.groupby(["backbone", "dataset", "method", "fraction"])["seed"].nunique().max()
+    spread = "mean ± sd over seeds" if seeds > 1 else "one seed"
+    blocks += [("h2", f"Test mean AUROC (points, {spread})"), ("table", comparison),
                ("p", ("Bold: the best mean of each column. trainable %: trainable parameters as a share of the "
                       "backbone's.")), *sections]
     blocks += [("h2", "Figures"), *(("figure", figure) for figure in figures)]
