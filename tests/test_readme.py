@@ -153,6 +153,14 @@ def test_every_key_of_every_section_and_method_is_in_the_readme():
     assert all(f"| `{name}` |" in text for name in METHODS.classes)
 
 
+def test_the_python_the_readme_names_is_the_lowest_the_package_allows():
+    import tomllib
+
+    lowest = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"].removeprefix(">=")
+    named = set(re.findall(r"Python (3\.\d+)", README.read_text()))
+    assert named == {lowest}, f"README.md names Python {sorted(named)}; pyproject.toml requires >={lowest}"
+
+
 def test_every_figure_the_readme_quotes_next_to_a_results_file_is_that_files():
     problems = drifted_figures(README.read_text())
     assert not problems, "README.md quotes figures its cited results files do not hold:\n" + "\n".join(problems)
