@@ -207,3 +207,15 @@ def test_adalora_training_state_round_trips_for_an_exact_resume():
     uninterrupted = train("none")
     assert torch.equal(train("restored"), uninterrupted)
     assert not torch.allclose(train("reset"), uninterrupted)
+
+
+def test_boft_on_one_butterfly_factor_is_quiet_and_more_factors_need_the_cuda_extension(recwarn):
+    """peft silently trains one butterfly factor when its CUDA extension cannot be built: refused here."""
+    model = applied({"name": "boft", "block_size": 4})
+    assert any("boft_R" in n for n in trainable_names(model))
+    assert not [w for w in recwarn if "CUDA extension" in str(w.message)]
+    built = all(m.fbd_cuda_available for m in model.modules() if hasattr(m, "fbd_cuda_available"))
+    if built:
+        pytest.skip("peft's BOFT CUDA extension builds on this machine")
+    with pytest.raises(ConfigError, match="method.butterfly_factor 2: peft's BOFT trains more than one butterfly"):
+        applied({"name": "boft", "block_size": 4, "butterfly_factor": 2})

@@ -4,9 +4,12 @@ injection, the head, saving in peft's format and merging are shared."""
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
 
 import peft
+from torch import nn
 
 from medpeft.config import option
 from medpeft.errors import ConfigError
@@ -74,11 +77,33 @@ class OFTConfig(_peft.PeftConfig):
 @dataclass
 class BOFTConfig(_peft.PeftConfig):
     block_size: int = option(4, "Size of the butterfly blocks.", gt=0)
-    butterfly_factor: int = option(1, "Butterfly factors (1: block-diagonal, as OFT).", gt=0)
+    butterfly_factor: int = option(1, "Butterfly factors (1: block-diagonal, as OFT; more need peft's CUDA extension).", gt=0)
     targets: list[str] = _peft.targets_option(["qkv"])
 
     def peft_config(self) -> peft.BOFTConfig:
         return peft.BOFTConfig(boft_block_size=self.block_size, boft_n_butterfly_factor=self.butterfly_factor)
+
+
+def _apply_boft(model: nn.Module, config: BOFTConfig) -> peft.PeftModel:
+    """peft's BOFT tries to build its CUDA extension for every layer and, where it cannot (no CUDA, no
+    ninja), warns and trains with one butterfly factor whatever was asked: with ``butterfly_factor: 1`` the
+    extension is not needed and its warnings are dropped; a larger factor without it is refused."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)  # "No CUDA runtime is found" while peft tries to build the extension
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Failed to load the CUDA extension")
+            warnings.filterwarnings("ignore", "Setting boft_n_butterfly_factor to 1")
+            wrapped = _peft.apply(model, config)
+    finally:
+        log.setLevel(level)
+    built = all(m.fbd_cuda_available for m in wrapped.modules() if hasattr(m, "fbd_cuda_available"))
+    if config.butterfly_factor > 1 and not built:
+        raise ConfigError(f"method.butterfly_factor {config.butterfly_factor}: peft's BOFT trains more than one "
+                          f"butterfly factor only with its CUDA extension, which could not be built here (it needs "
+                          f"CUDA and ninja); use butterfly_factor: 1")
+    return wrapped
 
 
 @dataclass
@@ -106,4 +131,4 @@ for name, config_cls, description, reference in (
      "Gao et al. 2024, arXiv 2405.03003"),
 ):
     register_method(MethodSpec(name=name, config_cls=config_cls, description=description, reference=reference,
-                               **_peft.SHARED))
+                               **{**_peft.SHARED, **({"apply": _apply_boft} if name == "boft" else {})}))
