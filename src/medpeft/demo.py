@@ -40,7 +40,10 @@ DIFFICULTY = 0.1
 ENCODER = {"name": "vit_tiny_patch16_224", "img_size": IMAGE_SIZE,
            "kwargs": {"embed_dim": 96, "depth": 4, "num_heads": 3, "patch_size": 8}}
 SPLIT = {"val_fraction": 0.05, "test_fraction": 0.25, "seed": 0}
-MAE = {"mask_ratio": 0.75, "decoder_embed_dim": 64, "decoder_depth": 2, "decoder_num_heads": 4, "preview_every": 10}
+# Pixels as they are, not normalised per patch: the findings are changes of density over whole patches
+# (opacities, fluid, a larger heart), which a per-patch mean and variance would remove from the target.
+MAE = {"mask_ratio": 0.75, "norm_pix_loss": False, "decoder_embed_dim": 64, "decoder_depth": 2,
+       "decoder_num_heads": 4, "preview_every": 10}
 PRETRAIN = {"epochs": 13, "batch_size": 64, "lr": 1.5e-3, "warmup_epochs": 2, "precision": "fp32"}
 LORA = {"r": 8, "alpha": 16, "targets": ["q", "v"]}
 METHODS = {
