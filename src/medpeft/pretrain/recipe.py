@@ -8,8 +8,9 @@ for resume, metrics.json written last) plus:
     previews/    epoch-NNNN.png: original / masked / reconstruction / reconstruction + visible patches
 
 Trains on the 'train' split, reports the reconstruction loss on 'val' (hidden patches fixed by a seeded
-generator, so epochs are comparable) and never reads 'test': with the same data.split as the later
-fine-tuning runs, their test images stay unseen. Resuming gives the same weights as an uninterrupted run
+generator, so epochs are comparable) and never reads 'test'. Later fine-tuning runs' test images stay
+unseen only where they draw the same split: pretraining has no labels to stratify by, so both need
+data.split.stratify false (a stratified fine-tuning split is another split). Resuming gives the same weights as an uninterrupted run
 on CPU (seeded per-sample augmentation, RNG state checkpointed).
 """
 
