@@ -39,7 +39,9 @@ PATIENTS = 5000
 DIFFICULTY = 0.1
 ENCODER = {"name": "vit_tiny_patch16_224", "img_size": IMAGE_SIZE,
            "kwargs": {"embed_dim": 96, "depth": 4, "num_heads": 3, "patch_size": 8}}
-SPLIT = {"val_fraction": 0.05, "test_fraction": 0.25, "seed": 0}
+# Not stratified: pretraining has no labels to stratify by, and it must draw the very split the study
+# draws, so that the MAE never sees the study's val and test images.
+SPLIT = {"val_fraction": 0.05, "test_fraction": 0.25, "seed": 0, "stratify": False}
 # Pixels as they are, not normalised per patch: the findings are changes of density over whole patches
 # (opacities, fluid, a larger heart), which a per-patch mean and variance would remove from the target.
 MAE = {"mask_ratio": 0.75, "norm_pix_loss": False, "decoder_embed_dim": 64, "decoder_depth": 2,
