@@ -26,7 +26,7 @@ def test_demo_pretrains_then_compares_methods_across_label_fractions(tmp_path, m
                                           "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8}})
     monkeypatch.setattr(demo, "MAE", {**demo.MAE, "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2})
     monkeypatch.setattr(demo, "PRETRAIN", {**demo.PRETRAIN, "epochs": 2, "batch_size": 16})
-    monkeypatch.setattr(demo, "SPLIT", {"val_fraction": 0.2, "test_fraction": 0.3, "seed": 0})
+    monkeypatch.setattr(demo, "SPLIT", {**demo.SPLIT, "val_fraction": 0.2, "test_fraction": 0.3})
     monkeypatch.setattr(demo, "FRACTIONS", [0.5, 1.0])
     monkeypatch.setattr(demo, "SCHEDULE", {0.5: {"train.epochs": 1}, 1.0: {"train.epochs": 1}})
     console = Console(record=True, width=400)

@@ -16,7 +16,7 @@ from medpeft.backbones import create_backbone
 from medpeft.backbones.checkpoint import load_checkpoint
 from medpeft.config import MAEConfig, ModelConfig, config_from_dict, load_pretrain_config
 from medpeft.data.readers import read_dataset
-from medpeft.errors import ConfigError
+from medpeft.errors import ConfigError, DataError
 from medpeft.pretrain import MAE_CHECKPOINT, MaskedAutoencoder, pretrain
 from medpeft.pretrain import recipe as pretrain_recipe
 from medpeft.engine import rundir
@@ -105,11 +105,16 @@ def test_pretraining_lowers_the_loss_and_writes_an_mae_checkpoint_that_fine_tuni
         torch.testing.assert_close(model.blocks[1].attn.qkv.weight, saved["model"]["blocks.1.attn.qkv.weight"],
                                    rtol=0, atol=0)
 
-    # ...and `medpeft train` fine-tunes from it like from any MAE-layout file.
+    # ...and `medpeft train` fine-tunes from it like from any MAE-layout file, on the same split: the one
+    # pretraining drew without labels, so unstratified. Another split that holds its training images out is refused.
     run_config["model"]["weights"] = str(out / MAE_CHECKPOINT)
     run_config["method"] = {"name": "linear_probe"}
     run_config["train"]["epochs"] = 1
     run_config["output_dir"] = str(tmp_path / "probe")
+    run_config["data"]["split"] = {**pretrain_config["data"]["split"], "seed": 1, "stratify": False}
+    with pytest.raises(DataError, match=r"that run pretrained on \d+ of this run's \d+ val and test images"):
+        train(config_from_dict(run_config), quiet=True)
+    run_config["data"]["split"]["seed"] = 0
     finetuned = train(config_from_dict(run_config), quiet=True)
     assert finetuned["test"]["mean_auroc"] is not None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -36,11 +37,30 @@ def prepare_table(config: RunConfig, procs: Processes = SINGLE, progress: bool =
     table = check_images(read_split_dataset(config.data), config.data, progress=progress and procs.main)
     if procs.main:
         procs.barrier()
+    check_foundation_split(config, table)
     val = table.loc[table["split"] == "val", config.data.labels].to_numpy()
     if not any(0 < np.nansum(column) < np.isfinite(column).sum() for column in val.T):
         raise DataError(f"{config.data.csv}: the validation split has no label with both classes; "
                         f"AUROC cannot select a model (more patients or a larger val_fraction?)")
     return table
+
+
+def check_foundation_split(config: RunConfig, table: pd.DataFrame) -> None:
+    """Refuse a foundation that trained on this run's val or test images: a ``model.weights`` file with a
+    medpeft run's split.csv beside it (a ``medpeft pretrain`` run) is checked image by image. Pretraining
+    has no labels to stratify by, so a stratified fine-tuning split is another split."""
+    weights = Path(str(config.model.weights))
+    split_file = weights.parent / "split.csv"
+    if not (weights.is_file() and split_file.is_file()):
+        return
+    seen = pd.read_csv(split_file, usecols=["image_id", "split"])
+    seen = set(seen.loc[seen["split"] == "train", "image_id"])
+    held_out = table.loc[table["split"].isin(["val", "test"]), "image_id"]
+    leaked = int(held_out.isin(seen).sum())
+    if leaked:
+        raise DataError(f"model.weights {weights}: that run pretrained on {leaked} of this run's "
+                        f"{len(held_out)} val and test images ({split_file}); draw one split for both: "
+                        f"data.split.stratify: false here and there (pretraining has no labels to stratify by)")
 
 
 def optimizer_steps(config: RunConfig, table: pd.DataFrame) -> int:
