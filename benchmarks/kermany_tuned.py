@@ -27,28 +27,19 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "../shared/data/kermany-pediatric-cxr/labels.csv"
+from kermany_mae import DATA, ROOT, run  # the untuned study's benchmark: the data, the repository, one command
+
 STUDY = "studies/kermany-mae-tuned.yaml"
 LABEL = "PNEUMONIA"
 RESAMPLES = 2000
 STATISTICS = ("auroc", "accuracy", "sensitivity", "specificity")
-
-
-def run(command: list[str], env: dict) -> float:
-    print("$", " ".join(command), flush=True)
-    start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, **env})
-    return time.perf_counter() - start
 
 
 def test_predictions(run_dir: Path) -> tuple[pd.Series, pd.Series, float]:
