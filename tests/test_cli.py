@@ -83,3 +83,13 @@ def test_the_api_function_train_survives_importing_the_train_package():
 
 def test_file_sizes_print_in_kb_below_a_megabyte():
     assert [_size(n) for n in (700, 2**20 - 60, 3 * 2**20)] == ["0.7 kB", "1023.9 kB", "3.0 MB"]
+
+
+def test_help_shows_what_each_option_takes():
+    """A flag takes no value (no `<bool>`), a repeatable key override reads KEY=VALUE (not `<list[str]>`)."""
+    shown = medpeft("evaluate", "--help").stdout
+    assert "--calibrated" in shown and "--help" in shown and "KEY=VALUE" not in shown
+    assert "<bool>" not in shown and "list[str]" not in shown and "RUN_LABEL=DATA_LABEL" in shown
+    assert "<path>" in shown  # options that take a value still name its type
+    shown = medpeft("train", "--help").stdout
+    assert "KEY=VALUE" in shown and "list[" not in shown and "<bool>" not in shown

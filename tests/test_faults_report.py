@@ -7,9 +7,10 @@ from __future__ import annotations
 import re
 
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from test_study_report import LABELS, make_study
 
-from medpeft.study import report
+from medpeft.study import figures, report
 from medpeft.study.report import write_report
 from medpeft.study.store import Store
 
@@ -20,6 +21,26 @@ def test_a_dollar_in_a_label_is_plain_text_in_the_figures(tmp_path):
     make_study(tmp_path, ["cost $\\notacommand$", "b$"], seeds=(0,), fractions=(1.0,))
     write_report(tmp_path)
     assert (tmp_path / "report" / "figures" / "heatmap_0.png").is_file()
+
+
+def test_the_pareto_figure_has_plain_tick_labels_and_every_name_inside_the_axes(tmp_path, monkeypatch):
+    """The log axis's ticks read 0.1, 1, 10 (not mathtext source, which the report's rc leaves unparsed),
+    and the names of the points with the most trainable parameters are drawn leftwards, not cut at the edge."""
+    made, pareto = [], figures._pareto_figure
+    monkeypatch.setattr(figures, "_pareto_figure", lambda *args: made.append(pareto(*args)) or made[-1])
+    make_study(tmp_path, LABELS, seeds=(0,), fractions=(1.0,))
+    write_report(tmp_path)
+    svg = (tmp_path / "report" / "figures" / "auroc_vs_trainable.svg").read_text()
+    assert "mathdefault" not in svg and "$" not in svg
+    fig = made[0]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    axes = fig.axes[0].get_window_extent(renderer)
+    names = [t for t in fig.axes[0].texts]
+    assert {t.get_text() for t in names} == {"full", "lora"}
+    for text in names:
+        box = text.get_window_extent(renderer)
+        assert axes.x0 <= box.x0 and box.x1 <= axes.x1, text.get_text()
 
 
 def test_names_and_messages_are_escaped_in_every_document(tmp_path):

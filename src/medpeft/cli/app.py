@@ -6,7 +6,12 @@ import sys
 from typing import Optional
 
 import typer
+import typer.core
 from rich.console import Console
+
+# Typer's help labels a flag, --help included, with a value type ("--tta <bool>"); a flag takes no value.
+_value_type = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _value_type(self, ctx)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Parameter-efficient fine-tuning of medical vision foundation models.")

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import rc_context
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from medpeft.study.tables import TASK, order, seed_stats, task_name
 
@@ -60,11 +61,17 @@ def _pareto_figure(done: pd.DataFrame, stats: pd.DataFrame) -> Figure:
     # The front's staircase, carried on to the largest trainable % (a one-point front is a line too).
     ax.step([*front["trainable"], points["trainable"].max()], [*front["auroc"], front["auroc"].iloc[-1]],
             where="post", color="tab:red", label="Pareto front")
+    right = points["trainable"].max()
     for i, ((backbone, method), row) in enumerate(points.iterrows()):
+        at_right = row["trainable"] == right  # labelled leftwards, inside the axes
         ax.annotate(f"{backbone} / {method}" if multi_backbone else method, (row["trainable"], row["auroc"]),
-                    textcoords="offset points", xytext=(5, 4 if i % 2 == 0 else -11), fontsize="small")
+                    textcoords="offset points", xytext=(-5 if at_right else 5, 4 if i % 2 == 0 else -11),
+                    ha="right" if at_right else "left", fontsize="small")
     ax.set(xscale="log", xlabel="trainable parameters (% of the backbone)",
            ylabel="test mean AUROC (points, mean over tasks)")
+    # Plain tick labels: the log axis's default ones are mathtext, which the report's rc turns off.
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize="small")
     return fig
 
