@@ -3,13 +3,22 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-fast setup clean
 
 demo: setup
 	$(BIN)/medpeft demo --out demo-runs
 
+# pytest-xdist workers (tests/conftest.py shares the cores out between them); a module's tests stay on one
+# worker, so that its fixtures are built once.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
+
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
+
+# The edit loop: every test but those marked slow (10 s or more each).
+test-fast: setup
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 setup: $(VENV)/.installed
 

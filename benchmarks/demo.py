@@ -4,7 +4,8 @@
 
 Runs ``medpeft demo --out WORK`` (WORK must not exist: every step runs) in a child process with the
 machine's default threads, and writes demo.json and demo.md: the wall time of the whole command and of
-its steps (phantoms, MAE pretraining, the study's cells), the printed table and verdicts, and the machine.
+its steps (phantoms, MAE pretraining, the study's cells), the table, what was printed, and the machine (its
+CPU capability names the float kernels the numbers depend on).
 """
 
 from __future__ import annotations
@@ -19,8 +20,17 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def table_record(comparison: pd.DataFrame) -> dict:
+    """The demo's table from the report's comparison.csv: {method: {fraction column: test mean AUROC (points)}}
+    (tests/test_demo.py compares a fresh demo's table with it where the CPU's kernels are the same)."""
+    means = comparison.set_index("method").filter(like=":mean")
+    return {method: {column.removesuffix(":mean"): value for column, value in row.items()}
+            for method, row in means.iterrows()}
 
 
 def main() -> None:
@@ -39,6 +49,7 @@ def main() -> None:
     print(printed)
 
     results = pd.read_csv(work / "study" / "report" / "results.csv")
+    comparison = pd.read_csv(work / "study" / "report" / "comparison.csv")
     mae = json.loads((work / "mae" / "metrics.json").read_text())
     lines = printed.splitlines()
     table = lines[next(i for i, line in enumerate(lines) if "Phantom X-rays" in line):]
@@ -46,7 +57,9 @@ def main() -> None:
         "command": "medpeft demo --out DIR", "seconds": seconds, "mae_seconds": mae["wall_time_s"],
         "cells_seconds_summed": float(results["wall_time_s"].sum()), "cells": len(results),
         "threads": os.environ.get("OMP_NUM_THREADS", "default"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+        "table": table_record(comparison),
         "printed": table,
     }
     out = Path(args.out)

@@ -20,6 +20,14 @@ TINY_VIT = {
 }
 
 
+# Torch threads of each test process: the cores shared out between pytest-xdist's workers (`make test` runs
+# two), so that workers never oversubscribe the cores; the processes tests start inherit the share.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, (os.cpu_count() or 1) // WORKERS)
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
+
 def pytest_addoption(parser):
     parser.addoption("--accel", choices=("on", "off"), default="on",
                      help="train.accel of every model and run these tests build in this process ('off': the "
@@ -66,7 +74,7 @@ def _private_user_cache(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)

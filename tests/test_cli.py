@@ -13,6 +13,7 @@ def medpeft(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "medpeft", *args], capture_output=True, text=True, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_cli_trains_then_evaluates_and_bad_input_is_one_line_exit_2(run_config, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(run_config))

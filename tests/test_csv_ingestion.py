@@ -207,6 +207,7 @@ REASONS = {"truncated.png": "unreadable image", "empty.png": "unreadable image",
            "clear.png": "has transparent pixels", "stack.tif": "a stack of 2 frames"}
 
 
+@pytest.mark.slow
 def test_broken_images_are_listed_at_once_or_skipped_with_reasons(tmp_path, run_config):
     csv = broken_images_dataset(tmp_path / "data")
     run_config["data"]["csv"] = str(csv)

@@ -33,6 +33,8 @@ from conftest import TINY_VIT, accel_flag, assert_metrics_close, split_scores, w
 from test_cnn_methods import CNNS
 from test_method_contract import SETTINGS
 
+pytestmark = pytest.mark.slow  # every test starts process groups
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 WORKER = str(Path(__file__).with_name("ddp_worker.py"))
 

@@ -65,6 +65,7 @@ def interrupted_run(run_config, tmp_path) -> Path:
     return Path(run_config["output_dir"])
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_with_one_line_and_the_same_command_resumes(run_config, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({**run_config, "train": {**run_config["train"], "epochs": 5}}))
@@ -127,6 +128,7 @@ def test_a_second_study_runner_is_refused(tmp_path, squares_csv):
         holder.wait()
 
 
+@pytest.mark.slow
 def test_study_run_exits_1_while_a_cell_failed_and_recovered_cells_keep_their_peak_memory(tmp_path, squares_csv):
     study = write_study(tmp_path / "study.yaml", squares_csv, axes={"method": {"linear_probe": {}, "bitfit": {}}})
     study.write_text(study.read_text().replace("epochs: 4", "epochs: 1"))

@@ -60,6 +60,7 @@ def test_a_value_only_the_model_can_judge_is_refused_when_it_is_built(run_config
         create_backbone(config.model, 2)
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_a_bad_value_in_one_line_before_the_run_directory_and_the_fixed_rerun_trains(
         config_file, tmp_path):
     def medpeft(*args) -> subprocess.CompletedProcess:

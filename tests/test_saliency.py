@@ -65,6 +65,7 @@ def peak(run, file: str) -> tuple[int, int]:
     return int(x), int(y)
 
 
+@pytest.mark.slow  # the nodule model trains for about a minute
 def test_map_for_a_phantom_nodule_peaks_on_the_nodule(nodules):
     run, test = nodules
     with_nodule = test[test["nodule"] == 1]
@@ -97,6 +98,7 @@ def assert_class_activation_map(run, x: torch.Tensor) -> int:
     return len(checked)
 
 
+@pytest.mark.slow  # the nodule model trains for about a minute
 def test_cnn_map_is_the_class_activation_map(nodules):
     run, test = nodules
     x = run.transform()(load_grayscale(test["file"][0]))
@@ -125,6 +127,7 @@ def hooks_and_grads(model: nn.Module) -> tuple:
     return hooks, [(n, p.requires_grad, p.grad is None) for n, p in model.named_parameters()]
 
 
+@pytest.mark.slow  # the nodule model trains for about a minute
 def test_explain_writes_overlays_named_by_image_and_label(nodules, tmp_path):
     run, test = nodules
     positive = test.loc[(test["nodule"] == 1) & called(run, test["file"]), "file"].iloc[0]
@@ -152,6 +155,7 @@ def test_explain_writes_overlays_named_by_image_and_label(nodules, tmp_path):
     assert np.abs(pixels[..., 0] - pixels[..., 2]).max() > 50  # coloured by the heatmap, not plain gray
 
 
+@pytest.mark.slow  # the nodule model trains for about a minute
 def test_explain_with_labels_maps_them_at_the_original_size(nodules, tmp_path):
     run, test = nodules
     negative = test.loc[(test["nodule"] == 0) & ~called(run, test["file"]), "file"].iloc[0]
@@ -165,6 +169,7 @@ def test_explain_with_labels_maps_them_at_the_original_size(nodules, tmp_path):
         run.explain([wide], tmp_path / "maps", labels=["mass"])
 
 
+@pytest.mark.slow  # the nodule model trains for about a minute
 def test_a_failed_map_leaves_no_hook_behind(nodules):
     run, test = nodules
     x = run.transform()(load_grayscale(test["file"][0]))

@@ -106,6 +106,7 @@ def cell_processes(out: Path) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_study_killed_mid_cell_resumes_and_equals_an_uninterrupted_study(tmp_path, squares_csv):
     study = write_study(tmp_path / "study.yaml", squares_csv, axes={
         "method": {"full": {"train": {"lr": 0.001}}, "lora": {"method": {"r": 4, "alpha": 8}}}})
@@ -151,6 +152,7 @@ def test_study_killed_mid_cell_resumes_and_equals_an_uninterrupted_study(tmp_pat
     assert sum(r.attempts for r in rows(out).values()) == sum(r.attempts for r in resumed.values())
 
 
+@pytest.mark.slow
 def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path, squares_csv):
     study = write_study(tmp_path / "study.yaml", squares_csv, axes={
         "dataset": {"squares": {}, "broken": {"data": {"csv": str(tmp_path / "missing.csv")}}},
@@ -163,6 +165,7 @@ def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path, squares_csv)
     assert rows(tmp_path / "out")["default__broken__linear_probe__f1__s0"].attempts == 1
 
 
+@pytest.mark.slow
 def test_cells_are_evaluated_on_their_dataset_level_s_external_test_set(tmp_path, squares_csv):
     """Level 'good' names the squares' own test split as its external set (the same images: the same
     metrics); level 'bad' a missing file: its cell fails in one line, and once fixed a rerun evaluates the
@@ -247,6 +250,7 @@ def test_med_peft_study_with_three_seeds_is_108_runs(med_peft_env, tmp_path):
     assert len(load_study(tmp_path / "three.yaml").cells) == 108
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"real CXR metadata not found at {SHARED}")
 def test_med_peft_study_splits_read_with_the_dataset_readers(med_peft_env):
     """Each dataset's cells read through its reader and the published lists present here (the CheXpert
@@ -271,6 +275,7 @@ def test_med_peft_study_splits_read_with_the_dataset_readers(med_peft_env):
         assert tuple(int(split.get(s, 0)) for s in ("train", "val", "test")) == sizes, (dataset, fraction)
 
 
+@pytest.mark.slow
 def test_ray_executor_runs_every_cell_on_a_local_ray_instance(tmp_path, squares_csv):
     ray = pytest.importorskip("ray")
     study = write_study(tmp_path / "study.yaml", squares_csv, axes={"method": {"linear_probe": {}}})

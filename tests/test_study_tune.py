@@ -26,6 +26,7 @@ def lora_study(path, squares_csv, tune=TUNE):
                        tune=tune)
 
 
+@pytest.mark.slow
 def test_each_seed_trains_with_its_tasks_best_values_and_the_report_shows_them(tmp_path, squares_csv):
     study, out = lora_study(tmp_path / "study.yaml", squares_csv), tmp_path / "out"
     assert run_study(study, out, jobs=2, quiet=True) == {"done": 2}

@@ -243,6 +243,7 @@ def test_adalora_run_resolves_its_step_count_and_evaluates_from_its_weights(run_
     assert split_scores(medpeft.evaluate(tmp_path / "run", "test")) == metrics["test"]
 
 
+@pytest.mark.slow
 def test_compiled_training_follows_the_eager_run(run_config, tmp_path):
     run_config["train"].update(epochs=1, log_every_steps=1)
     eager = run(run_config)

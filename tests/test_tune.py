@@ -182,6 +182,7 @@ def test_on_epoch_gets_each_epochs_val_auroc_as_logged(run_config, tmp_path):
     assert [epoch for epoch, _ in reported] == [0, 1] and max(s for _, s in reported) == metrics["val"]["mean_auroc"]
 
 
+@pytest.mark.slow
 def test_cli_tunes_from_the_config_files_tune_section_and_errors_are_one_line(run_config, tmp_path):
     del run_config["output_dir"]
     config = tmp_path / "search.yaml"
