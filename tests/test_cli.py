@@ -30,7 +30,7 @@ def test_cli_trains_then_evaluates_and_bad_input_is_one_line_exit_2(run_config, 
                                      "epochs, batch_size, eval_batch_size, optimizer, lr, min_lr, warmup_epochs, "
                                      "weight_decay, momentum, layer_decay, grad_accum_steps, grad_clip, precision, "
                                      "device, attention, recompute, frozen_prefix_cache, accel, compile, "
-                                     "early_stopping_patience, seed, log_every_steps)")
+                                     "eval_every, early_stopping_patience, seed, log_every_steps)")
     missing = medpeft("train", str(config), "--set", f"model.weights={tmp_path}/none.pth")
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
     assert "none.pth: checkpoint file not found" in missing.stderr

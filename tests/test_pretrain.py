@@ -158,6 +158,7 @@ def test_unlabelled_image_folder_reader(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("data.split.label_fraction=0.1", "label_fraction does not apply"),
     ("train.layer_decay=0.75", "layer_decay does not apply"),
+    ("train.eval_every=2", "eval_every does not apply"),
     ("mae.mask_ratio=1.0", r"mae.mask_ratio must be in \(0, 1\)"),
     ("mae.decoder_num_heads=5", "divisible"),
     ("mae.depth=3", "'mae.depth' does not exist"),

@@ -130,6 +130,30 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(run_conf
     assert metrics["stopped_early"] and metrics["epochs_run"] == 2 and metrics["best_epoch"] == 1
 
 
+def test_eval_every_validates_every_nth_and_the_last_epoch_and_patience_counts_validations(run_config, tmp_path):
+    run_config["train"].update(epochs=5, eval_every=2)
+    seen = []
+    metrics = medpeft.train(config_from_dict(run_config), quiet=True, on_epoch=lambda e, s: seen.append((e, s)))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in log if r["event"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2, 3, 4]
+    validated = {r["epoch"]: r["val_mean_auroc"] for r in epochs if "val" in r}
+    assert list(validated) == [1, 3, 4] and [e for e, _ in seen] == [1, 3, 4]
+    assert [s for _, s in seen] == list(validated.values())
+    best = max(validated, key=validated.get)
+    assert metrics["best_epoch"] == min(e for e, s in validated.items() if s == validated[best]) + 1
+
+    # Patience in validations: nothing improves after the first, so two more end the run at epoch 6.
+    run_config["train"].update(epochs=12, eval_every=2, lr=1e-9, min_lr=1e-9, warmup_epochs=0,
+                               early_stopping_patience=2)
+    run_config.update(augment={"enabled": False}, output_dir=str(tmp_path / "patient"))
+    run_config["model"]["drop_path_rate"] = 0.0
+    metrics = run(run_config)
+    assert metrics["stopped_early"] and metrics["epochs_run"] == 6 and metrics["best_epoch"] == 2
+    with pytest.raises(ConfigError, match="train.eval_every must be > 0"):
+        config_from_dict({**run_config, "train": {**run_config["train"], "eval_every": 0}})
+
+
 def test_multiclass_task_trains_with_cross_entropy_and_reports_accuracy(tmp_path, squares_csv):
     import pandas as pd
 

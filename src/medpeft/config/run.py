@@ -104,6 +104,8 @@ class PretrainConfig(Section):
         for key in ("layer_decay", "early_stopping_patience"):
             if getattr(self.train, key) is not None:
                 raise ConfigError(f"train.{key} does not apply to pretraining")
+        if self.train.eval_every != 1:
+            raise ConfigError("train.eval_every does not apply to pretraining (it validates every epoch)")
         if self.train.optimizer != "adamw":
             raise ConfigError("train.optimizer: MAE pretraining uses adamw")
         if self.model.family != "vit":

@@ -269,7 +269,9 @@ class TrainConfig(Section):
                          "layers (fp32 on the CPU), reused allocator memory, the attention kernel for 'auto', "
                          "channels-last CNNs. false: the plain torch, timm and peft modules.")
     compile: bool = option(False, "torch.compile the training forward (inductor: needs a C/C++ compiler).")
-    early_stopping_patience: int | None = option(None, "Stop after this many epochs without a better "
+    eval_every: int = option(1, "Epochs between two validations (the last epoch is always validated); the "
+                             "best weights are chosen among the validated epochs.", gt=0)
+    early_stopping_patience: int | None = option(None, "Stop after this many validations without a better "
                                                  "validation mean AUROC; None = never.", gt=0)
     seed: int = option(0, "Seed of the head's init, data order, augmentation, dropout and drop path (below "
                        "10^6: each image's augmentation seed, derived from it, is a 64-bit number).", ge=0, lt=1_000_000)

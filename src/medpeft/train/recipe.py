@@ -59,8 +59,8 @@ def train(config: RunConfig, quiet: bool = False, on_epoch: OnEpoch | None = Non
     Started by a launcher (torchrun, accelerate launch, ``medpeft train --devices N``), every process
     runs this with torch DDP (see ``medpeft.engine.distributed``); rank 0 alone writes and prints, and
     holds the run directory's lock throughout (another process training there is refused).
-    `on_epoch` is called on rank 0 after each epoch's validation and checkpoint, with the epoch (0-based)
-    and its val mean AUROC; an exception it raises stops the run there, resumable (medpeft.train.tune).
+    `on_epoch` is called on rank 0 after each validated epoch's checkpoint (every ``train.eval_every``-th
+    and the last), with the epoch (0-based) and its val mean AUROC; an exception it raises stops the run there, resumable (medpeft.train.tune).
     """
     with (session(config.train) as (procs, device),
           locked(config.output_dir, RunDirError) if procs.main else nullcontext()):
@@ -189,28 +189,30 @@ class FineTune:
             self.train_loader, epoch, self._batch_loss, self.stepper, state, self.run_dir, self.console, procs,
             no_sync=self.forward.no_sync if procs.world > 1 else None)
         procs.broadcast_buffers(self.model)
+        validated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
         val = evaluate_split(self.trained, self.table, "val", self.config, self.device, self.cache, procs=procs,
-                             features=self.features)
-        improved = val["mean_auroc"] > state["best_score"]
+                             features=self.features) if validated else None
+        improved = validated and val["mean_auroc"] > state["best_score"]
         if improved:
             state.update(best_score=val["mean_auroc"], best_epoch=epoch, bad_epochs=0)
             if procs.main:
                 with atomic_directory(self.run_dir / rundir.WEIGHTS) as tmp:
                     save_weights(self.built.spec, self.model, tmp)
-        else:
-            state["bad_epochs"] += 1
+        elif validated:
+            state["bad_epochs"] += 1  # validations without improvement
         patience = cfg.early_stopping_patience
         state.update(stopped_early=patience is not None and state["bad_epochs"] >= patience, epoch=epoch + 1,
                      elapsed=time.perf_counter() - self.started)
-        self.console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {train_loss:.4f}  val AUROC "
-                           f"{format_score(val['mean_auroc'])}{'  *best' if improved else ''}  "
+        shown = f"  val AUROC {format_score(val['mean_auroc'])}{'  *best' if improved else ''}" if validated else ""
+        self.console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {train_loss:.4f}{shown}  "
                            f"{seen / seconds:.0f} img/s  {seconds:.1f}s")
         rng = rundir.rng_state(self.device, procs)  # gathered from every process
         if procs.main:
+            record = {"val_mean_auroc": val["mean_auroc"], "val": val} if validated else {}
             rundir.append_log(self.run_dir, {"event": "epoch", "epoch": epoch, "train_loss": train_loss,
-                                             "val_mean_auroc": val["mean_auroc"], "val": val, "seconds": seconds})
+                                             **record, "seconds": seconds})
             self._save_checkpoint(rng)
-            if self.on_epoch is not None:
+            if self.on_epoch is not None and validated:
                 self.on_epoch(epoch, val["mean_auroc"])
 
     def _save_checkpoint(self, rng: dict) -> None:
