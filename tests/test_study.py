@@ -2,6 +2,7 @@
 records it in the store exactly once, survives SIGKILL, and records failures without stopping."""
 
 import json
+import re
 import os
 import signal
 import sqlite3
@@ -214,6 +215,16 @@ def test_parallel_jobs_run_every_cell(tmp_path, squares_csv):
     assert run_study(study, tmp_path / "out", jobs=2, quiet=True) == {"done": 2}
     assert all(json.loads((Path(r.run_dir) / "metrics.json").read_text())["method"] == r.method
                for r in rows(tmp_path / "out").values())
+
+
+def test_cells_with_the_most_labels_start_first(tmp_path, squares_csv, capsys):
+    """The grid's order is method, then fraction; the runner starts the 100% cells first (the longest)."""
+    study = write_study(tmp_path / "study.yaml", squares_csv, axes={
+        "method": {"linear_probe": {}}, "fraction": [0.5, 1.0], "seed": [0]})
+    assert [c.fraction for c in load_study(study).cells] == [0.5, 1.0]
+    assert run_study(study, tmp_path / "out", jobs=1) == {"done": 2}
+    finished = re.findall(r"\[\d/2\] (\S+):", capsys.readouterr().out)
+    assert finished == [f"default__default__linear_probe__f{f}__s0" for f in ("1", "0.5")]
 
 
 SHARED = Path(__file__).resolve().parents[1] / "../shared/data/cxr-metadata"
