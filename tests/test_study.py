@@ -217,6 +217,7 @@ def test_parallel_jobs_run_every_cell(tmp_path, squares_csv):
                for r in rows(tmp_path / "out").values())
 
 
+@pytest.mark.slow
 def test_cells_with_the_most_labels_start_first(tmp_path, squares_csv, capsys):
     """The grid's order is method, then fraction; the runner starts the 100% cells first (the longest)."""
     study = write_study(tmp_path / "study.yaml", squares_csv, axes={
