@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--work", default="studies-out", help="Folder for the study.")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--results-only", action="store_true",
+                        help="Only rewrite the results from the finished study and its report.")
     args = parser.parse_args()
     if not DATA.is_file():
         print(f"skipped: {DATA} not found (the real images are not part of the repository)")
@@ -100,7 +102,7 @@ def main() -> None:
     env = {"KERMANY_MAE": str(pretrain_dir / "mae.pth"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     pretrained = (ROOT / pretrain_dir / "metrics.json").is_file()
     for i, command in enumerate(commands):
-        if not (i == 0 and pretrained):
+        if not ((i == 0 and pretrained) or args.results_only):
             run(command, env)
 
     report = ROOT / study_dir / "report"
@@ -113,6 +115,7 @@ def main() -> None:
     versus_full = pairwise[(pairwise["reference"] == "full") & pairwise["method"].isin(["lora", "linear_probe"])]
     record = {
         "commands": [" ".join(["medpeft", *c[3:]]) for c in commands], "env": env,
+        "foundation_saw": foundation_saw(ROOT / pretrain_dir, results),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "pretraining": {k: pretraining[k] for k in ("epochs_run", "wall_time_s", "split_sizes")},
         "cells_seconds_summed": float(results["wall_time_s"].sum()),
@@ -128,6 +131,16 @@ def main() -> None:
     text = markdown(record, trainable)
     (out / "kermany_tuned.md").write_text(text)
     print(text)
+
+
+def foundation_saw(pretrain_dir: Path, results: pd.DataFrame) -> dict:
+    """How many of the study's val and test images (over every run) the MAE pretrained on."""
+    pretrained = pd.read_csv(pretrain_dir / "split.csv")
+    pretrained = set(pretrained.loc[pretrained["split"] == "train", "image_id"])
+    held_out = pd.concat(pd.read_csv(Path(run) / "split.csv") for run in results["run_dir"])
+    held_out = held_out[held_out["split"].isin(["val", "test"])].drop_duplicates("image_id")
+    return {split: {"images": int(len(group)), "in_pretraining": int(group["image_id"].isin(pretrained).sum())}
+            for split, group in held_out.groupby("split")}
 
 
 def search_seconds(study_dir: Path) -> float:
@@ -150,7 +163,11 @@ def markdown(record: dict, trainable: pd.Series) -> str:
               f"searched first (8 trials, TPE, median pruning on val AUROC, on seed 0; learning rate, weight "
               f"decay and the method's own keys; epochs fixed per fraction), then 3 seeds trained with the best "
               f"values. Time: searches {record['search_seconds_summed'] / 60:.0f} min and cells "
-              f"{record['cells_seconds_summed'] / 60:.0f} min of process time summed (2 at a time).", "",
+              f"{record['cells_seconds_summed'] / 60:.0f} min of process time summed (2 at a time). The study "
+              f"draws the pretraining run's unstratified patient split (`data.split.stratify: false`): of its "
+              + ", ".join(f"{n['images']} {split}" for split, n in record["foundation_saw"].items())
+              + " images the MAE pretrained on "
+              + ", ".join(str(n["in_pretraining"]) for n in record["foundation_saw"].values()) + ".", "",
               "## Internal test split", "",
               "Mean over 3 seeds, 95% CI from 2000 stratified bootstrap resamples of the test images. Accuracy, "
               "sensitivity and specificity at each run's threshold chosen on its val split (Youden's J).", "",
