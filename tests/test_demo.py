@@ -90,17 +90,18 @@ RECORD = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "demo.
 @pytest.mark.skipif(not (FULL_DEMO / "study" / "report" / "comparison.csv").is_file(),
                     reason=f"no finished full-size demo at {FULL_DEMO} (make demo writes one; CI runs it first)")
 def test_the_full_demo_prints_the_table_the_benchmark_recorded():
-    """The demo is deterministic on CPUs with the same float kernels: a fresh `make demo` gives the table of
+    """The demo is deterministic on CPUs with the same float kernels and cores: a fresh `make demo` gives the table of
     benchmarks/results/demo.json (which the README quotes) to 0.05 points, or the record is out of date."""
     import json
 
     import torch
 
     record = json.loads(RECORD.read_text())
-    capability = torch.backends.cpu.get_cpu_capability()
-    if record["machine"]["cpu_capability"] != capability:
-        pytest.skip(f"{RECORD.name} was recorded on a {record['machine']['cpu_capability']} CPU, this one is "
-                    f"{capability}: other float kernels give other numbers")
+    machine = record["machine"]
+    here = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpus": os.cpu_count()}
+    if {key: machine[key] for key in here} != here:  # the cores set the threads, and so the order of float sums
+        pytest.skip(f"{RECORD.name} was recorded on {machine['cpus']} {machine['cpu_capability']} cores, this "
+                    f"machine has {here['cpus']} {here['cpu_capability']}: other kernels or threads, other numbers")
     fresh = pd.read_csv(FULL_DEMO / "study" / "report" / "comparison.csv").set_index("method").filter(like=":mean")
     recorded = pd.DataFrame(record["table"]).T
     fresh.columns = [c.removesuffix(":mean") for c in fresh.columns]
