@@ -34,6 +34,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+from medpeft.train.components import trained_images
+
 from kermany_mae import DATA, ROOT, run  # the untuned study's benchmark: the data, the repository, one command
 
 STUDY = "studies/kermany-mae-tuned.yaml"
@@ -135,8 +137,7 @@ def main() -> None:
 
 def foundation_saw(pretrain_dir: Path, results: pd.DataFrame) -> dict:
     """How many of the study's val and test images (over every run) the MAE pretrained on."""
-    pretrained = pd.read_csv(pretrain_dir / "split.csv")
-    pretrained = set(pretrained.loc[pretrained["split"] == "train", "image_id"])
+    pretrained = trained_images(pretrain_dir / "split.csv")
     held_out = pd.concat(pd.read_csv(Path(run) / "split.csv") for run in results["run_dir"])
     held_out = held_out[held_out["split"].isin(["val", "test"])].drop_duplicates("image_id")
     return {split: {"images": int(len(group)), "in_pretraining": int(group["image_id"].isin(pretrained).sum())}

@@ -18,7 +18,8 @@ from medpeft.errors import MedpeftError
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="YAML run config."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a key: --set train.lr=1e-3 (repeatable)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                  help="Override a key: --set train.lr=1e-3 (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (overrides output_dir)."),
     on_missing: Optional[str] = typer.Option(None, "--on-missing", help="error or skip missing/unreadable images."),
     devices: int = typer.Option(1, "--devices", min=1, help="Data-parallel processes to start on this machine: "
@@ -65,7 +66,8 @@ def _launch(devices: int, args: list[str]) -> None:
 @app.command()
 def pretrain(
     config: Path = typer.Argument(..., help="YAML pretraining config (model, data, mae, train, augment)."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a key: --set mae.mask_ratio=0.75 (repeatable)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                  help="Override a key: --set mae.mask_ratio=0.75 (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (overrides output_dir)."),
 ):
     """MAE-pretrain a ViT on unlabelled images; writes <run>/mae.pth for model.weights. Resumes like train."""
@@ -86,7 +88,8 @@ def evaluate(
     name: Optional[str] = typer.Option(None, "--name", help="Folder under RUN/evaluations/ (default: the split, "
                                        "or the --data file's stem)."),
     calibrated: bool = typer.Option(False, "--calibrated", help="Score the temperature-scaled probabilities."),
-    map_: Optional[List[str]] = typer.Option(None, "--map", metavar="RUN_LABEL=DATA_LABEL", help="RUN_LABEL=DATA_LABEL where the names differ "
+    map_: Optional[List[str]] = typer.Option(None, "--map", metavar="RUN_LABEL=DATA_LABEL",
+                                  help="RUN_LABEL=DATA_LABEL where the names differ "
                                              "beyond the built-in label map (repeatable)."),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average the logits over the views the "
                              "run's training augmentation covered (the image, a centred crop, their mirror images)."),

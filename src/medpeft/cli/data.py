@@ -25,7 +25,8 @@ def _data_table(config: Path, set_: Optional[List[str]], on_missing: Optional[st
 
 @data_app.command("inspect")
 def data_inspect(config: Path = typer.Argument(..., help="YAML config: only its data section is read."),
-                 set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a key (repeatable)."),
+                 set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                  help="Override a key (repeatable)."),
                  check: bool = typer.Option(False, "--check-images", help="Also decode every image as a run "
                                             "would (unusable ones: an error listing them, or skipped with "
                                             "--on-missing skip)."),
@@ -60,7 +61,8 @@ def data_inspect(config: Path = typer.Argument(..., help="YAML config: only its 
 def data_split(config: Path = typer.Argument(..., help="YAML run config (its data section is used)."),
                out: Path = typer.Option(..., "--out", help="Folder for the split files."),
                fractions: str = typer.Option("0.01,0.1,1", help="Label fractions of train, nested."),
-               set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a key (repeatable).")):
+               set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                  help="Override a key (repeatable).")):
     """Write train (one file per label fraction, nested), val and test split files with content hashes."""
     from medpeft.config import SplitConfig
     from medpeft.data.label_fractions import label_fraction_subsets, write_split_file
@@ -87,7 +89,8 @@ def data_split(config: Path = typer.Argument(..., help="YAML run config (its dat
 
 @data_app.command("cache")
 def data_cache(config: Path = typer.Argument(..., help="YAML run config (data.cache_dir must be set)."),
-               set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a key (repeatable)."),
+               set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                  help="Override a key (repeatable)."),
                workers: int = typer.Option(2, help="Decoding processes."),
                on_missing: Optional[str] = typer.Option(None, "--on-missing",
                                                         help="error or skip missing/unreadable images.")):

@@ -17,9 +17,11 @@ def tune(
     trials: Optional[int] = typer.Option(None, "--trials", min=1, help="Trials to complete or prune (default: "
                                          "the config's tune.trials)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Tune directory (default: tune-runs/<config stem>)."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a key of the run config: --set "
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                  help="Override a key of the run config: --set "
                                              "train.epochs=5 (repeatable)."),
-    space: Optional[List[str]] = typer.Option(None, "--space", metavar="KEY=SPEC", help="Change the search space: KEY=\\[float, LOW, "
+    space: Optional[List[str]] = typer.Option(None, "--space", metavar="KEY=SPEC",
+                                  help="Change the search space: KEY=\\[float, LOW, "
                                               "HIGH, LOG], KEY=\\[int, LOW, HIGH], KEY=\\[categorical, \\[A, B]], "
                                               "or KEY=null to drop a key (repeatable)."),
 ):

@@ -10,8 +10,8 @@ for resume, metrics.json written last) plus:
 Trains on the 'train' split, reports the reconstruction loss on 'val' (hidden patches fixed by a seeded
 generator, so epochs are comparable) and never reads 'test'. Later fine-tuning runs' test images stay
 unseen only where they draw the same split: pretraining has no labels to stratify by, so both need
-data.split.stratify false (a stratified fine-tuning split is another split). Resuming gives the same weights as an uninterrupted run
-on CPU (seeded per-sample augmentation, RNG state checkpointed).
+data.split.stratify false (a stratified fine-tuning split is another split). Resuming gives the same
+weights as an uninterrupted run on CPU (seeded per-sample augmentation, RNG state checkpointed).
 """
 
 from __future__ import annotations

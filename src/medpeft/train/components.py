@@ -53,14 +53,18 @@ def check_foundation_split(config: RunConfig, table: pd.DataFrame) -> None:
     split_file = weights.parent / "split.csv"
     if not (weights.is_file() and split_file.is_file()):
         return
-    seen = pd.read_csv(split_file, usecols=["image_id", "split"])
-    seen = set(seen.loc[seen["split"] == "train", "image_id"])
     held_out = table.loc[table["split"].isin(["val", "test"]), "image_id"]
-    leaked = int(held_out.isin(seen).sum())
+    leaked = int(held_out.isin(trained_images(split_file)).sum())
     if leaked:
         raise DataError(f"model.weights {weights}: that run pretrained on {leaked} of this run's "
                         f"{len(held_out)} val and test images ({split_file}); draw one split for both: "
                         f"data.split.stratify: false here and there (pretraining has no labels to stratify by)")
+
+
+def trained_images(split_file: Path) -> set[str]:
+    """The image ids a run trained on: the 'train' rows of its split.csv."""
+    split = pd.read_csv(split_file, usecols=["image_id", "split"])
+    return set(split.loc[split["split"] == "train", "image_id"])
 
 
 def optimizer_steps(config: RunConfig, table: pd.DataFrame) -> int:

@@ -60,7 +60,8 @@ def train(config: RunConfig, quiet: bool = False, on_epoch: OnEpoch | None = Non
     runs this with torch DDP (see ``medpeft.engine.distributed``); rank 0 alone writes and prints, and
     holds the run directory's lock throughout (another process training there is refused).
     `on_epoch` is called on rank 0 after each validated epoch's checkpoint (every ``train.eval_every``-th
-    and the last), with the epoch (0-based) and its val mean AUROC; an exception it raises stops the run there, resumable (medpeft.train.tune).
+    and the last), with the epoch (0-based) and its val mean AUROC; an exception it raises stops the run
+    there, resumable (medpeft.train.tune).
     """
     with (session(config.train) as (procs, device),
           locked(config.output_dir, RunDirError) if procs.main else nullcontext()):
