@@ -20,7 +20,7 @@ from medpeft.config import config_from_dict
 from medpeft.errors import ConfigError
 from medpeft.study.report import write_report
 from medpeft.study.runner import run_study
-from medpeft.study.spec import load_study
+from medpeft.study.spec import config_hash, load_study
 from medpeft.study.store import Store
 
 from conftest import TINY_VIT, assert_metrics_close
@@ -208,6 +208,35 @@ def test_changing_a_cell_after_it_ran_is_refused(tmp_path, squares_csv):
     write_study(study, squares_csv, axes={"method": {"linear_probe": {"train": {"lr": 0.1}}}})
     with pytest.raises(ConfigError, match="changed since they were added"):
         run_study(study, tmp_path / "out", quiet=True)
+
+
+def test_a_study_begun_before_an_option_existed_resumes_unless_the_option_is_set(tmp_path, squares_csv):
+    """A store of medpeft 0.1 (the hash of the whole resolved config) written before train.eval_every
+    existed: the unchanged study resumes; set away from its default, the option is a change."""
+    out = tmp_path / "out"
+    study = write_study(tmp_path / "study.yaml", squares_csv, axes={"method": {"linear_probe": {}}})
+    assert run_study(study, out, quiet=True) == {"done": 1}
+    (cell,) = load_study(study).cells
+    config = yaml.safe_load((out / "configs" / f"{cell.key}.yaml").read_text())
+    del config["train"]["eval_every"]  # the run's config as the older medpeft recorded it
+    (out / "configs" / f"{cell.key}.yaml").write_text(yaml.safe_dump(config))
+    old = {**cell.config, "train": {k: v for k, v in cell.config["train"].items() if k != "eval_every"}}
+    with sqlite3.connect(out / "study.sqlite") as db:
+        db.execute("UPDATE cells SET config_hash = ?", (config_hash(old, None),))
+
+    write_study(study, squares_csv, axes={"method": {"linear_probe": {"train": {"eval_every": 2}}}})
+    with pytest.raises(ConfigError, match="changed since they were added"):
+        run_study(study, out, quiet=True)
+    write_study(study, squares_csv, axes={"method": {"linear_probe": {}}})
+    assert run_study(study, out, quiet=True) == {"done": 1}  # nothing run again
+    assert set(Store(out / "study.sqlite").frame()["config_hash"]) == {cell.config_hash}
+
+
+def test_the_config_hash_ignores_options_written_at_their_default(tmp_path, squares_csv):
+    plain = load_study(write_study(tmp_path / "a.yaml", squares_csv)).cells
+    spelled = load_study(write_study(tmp_path / "b.yaml", squares_csv, overrides=[
+        {"where": {"method": "lora"}, "set": {"train.eval_every": 1, "method.dropout": 0.0}}])).cells
+    assert [c.config_hash for c in plain] == [c.config_hash for c in spelled]
 
 
 def test_parallel_jobs_run_every_cell(tmp_path, squares_csv):

@@ -147,6 +147,25 @@ def build(cls: type, data: Any) -> Any:
     return cls(**kwargs)
 
 
+def explicit(section: Section) -> dict:
+    """The values of `section` that differ from their defaults, as plain data: what a user (or a catalogue
+    entry) set. A nested section gives its own such values and is left out when it has none; a registered
+    section keeps its selecting key (``method.name``). An option added to medpeft later, at its default,
+    leaves it unchanged."""
+    registry = type(section).registry
+    out = {registry.attribute: getattr(section, registry.attribute)} if registry else {}
+    for f in type(section).fields():
+        value = getattr(section, f.name)
+        if isinstance(value, Section):
+            if nested := explicit(value):
+                out[f.name] = nested
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if value != default:
+            out[f.name] = copy.deepcopy(value)
+    return out
+
+
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 

@@ -57,7 +57,7 @@ from medpeft.engine.assemble import check_buildable
 from medpeft.errors import ConfigError, RunDirError
 from medpeft.files import locked, write_text_atomic
 from medpeft.study.spec import Cell, Study, load_study
-from medpeft.study.store import Store
+from medpeft.study.store import Store, legacy_hashes
 from medpeft.train.tune import BEST, SUMMARY, trial_config
 
 STORE = "study.sqlite"
@@ -200,7 +200,7 @@ def run_study(study_path: str | Path, out: str | Path, jobs: int = 1, executor: 
             (out / sub).mkdir(parents=True, exist_ok=True)
         store = Store(out / STORE)
         try:
-            store.sync(study.cells, (out / "runs").resolve())
+            store.sync(study.cells, (out / "runs").resolve(), legacy_hashes(study.cells, out / "configs"))
             write_text_atomic(out / "study.yaml", Path(study_path).read_text())
             todo = [c for c in study.cells if store.status(c.key) in ("pending", "running")
                     or (retry_failed and store.status(c.key) == "failed")]

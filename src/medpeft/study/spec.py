@@ -49,7 +49,9 @@ from typing import Literal
 
 import yaml
 
-from medpeft.config import DataConfig, Section, build, config_from_dict, merge_dicts, option, read_yaml_mapping
+from medpeft.config import (
+    DataConfig, Section, build, config_from_dict, explicit, merge_dicts, option, read_yaml_mapping,
+)
 from medpeft.errors import ConfigError
 from medpeft.train.tune import TuneOptions, resolve_space
 
@@ -71,6 +73,9 @@ class Cell:
     """The cell's full run config (plain data, validated), output_dir excluded; with `tune`, before tuning."""
     tune: dict | None = None
     """The study's search ({trials, space}) when its values replace the config's (see medpeft.study.runner)."""
+    explicit: dict = field(default_factory=dict)
+    """The config's values that differ from medpeft's defaults (medpeft.config.explicit): what the config hash
+    covers, so that an option new in medpeft, at its default, does not change a study's cells."""
 
     @property
     def key(self) -> str:
@@ -84,13 +89,18 @@ class Cell:
 
     @property
     def config_hash(self) -> str:
-        hashed = self.config if self.tune is None else {"config": self.config, "tune": self.tune}
-        return hashlib.sha256(yaml.safe_dump(hashed, sort_keys=True).encode()).hexdigest()[:16]
+        return config_hash(self.explicit, self.tune)
 
     @property
     def task(self) -> tuple:
         """What a comparison holds fixed: everything but the method and the seed."""
         return self.backbone, self.dataset, self.fraction
+
+
+def config_hash(config: dict, tune: dict | None) -> str:
+    """16 hex digits of the SHA-256 of a cell's config (and its study's search)."""
+    hashed = config if tune is None else {"config": config, "tune": tune}
+    return hashlib.sha256(yaml.safe_dump(hashed, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def tune_key(backbone: str, dataset: str, method: str, fraction: float) -> str:
@@ -267,8 +277,8 @@ def load_study(path: str | Path) -> Study:
                 resolve_space(run_config, tune.space)
         except ConfigError as e:
             raise ConfigError(f"{path}: cell ({where}): {e}") from None
-        resolved = run_config.to_dict()
-        del resolved["output_dir"]
-        cells.append(Cell(**coordinates, config=resolved, tune=tune and dataclasses.asdict(tune)))
+        resolved, settings = run_config.to_dict(), explicit(run_config)
+        del resolved["output_dir"], settings["output_dir"]
+        cells.append(Cell(**coordinates, config=resolved, tune=tune and dataclasses.asdict(tune), explicit=settings))
     return Study(name=str(data.get("name") or path.stem), path=path, cells=cells, report=report,
                  external=_external(path, data.get("external") or {}, levels["dataset"]), tune=tune)

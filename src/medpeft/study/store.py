@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from medpeft.config import read_yaml_mapping
 from medpeft.errors import ConfigError, RunDirError
-from medpeft.study.spec import Cell
+from medpeft.study.spec import Cell, config_hash
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
@@ -63,14 +64,20 @@ class Store:
         except sqlite3.DatabaseError as e:
             raise RunDirError(f"{self.path}: not a usable study store ({e})") from None
 
-    def sync(self, cells: list[Cell], run_root: Path) -> None:
-        """Add the study's new cells as pending; refuse cells whose config changed since they were added."""
+    def sync(self, cells: list[Cell], run_root: Path, legacy: dict[str, str] | None = None) -> None:
+        """Add the study's new cells as pending; refuse cells whose config changed since they were added.
+
+        `legacy`: cell key -> the hash an older medpeft would have given the cell's unchanged config; a row
+        holding it takes the cell's hash (see legacy_hashes)."""
+        legacy = legacy or {}
         known = {row["key"]: row["config_hash"] for row in self.db.execute("SELECT key, config_hash FROM cells")}
-        changed = [c.key for c in cells if c.key in known and known[c.key] != c.config_hash]
+        changed = [c.key for c in cells if c.key in known and known[c.key] not in (c.config_hash, legacy.get(c.key))]
         if changed:
             raise ConfigError(f"{self.path}: the config of {len(changed)} cell(s) changed since they were added "
                               f"(e.g. {changed[0]}); write the study to a new directory")
         with self._transaction():
+            self.db.executemany("UPDATE cells SET config_hash = ? WHERE key = ?",
+                                [(c.config_hash, c.key) for c in cells if c.key in known])
             self.db.executemany(
                 "INSERT INTO cells (key, backbone, dataset, method, fraction, seed, config_hash, run_dir, status) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
@@ -105,3 +112,37 @@ class Store:
         frame = pd.read_sql_query("SELECT * FROM cells ORDER BY rowid", self.db)
         frame["metrics"] = [json.loads(m) if isinstance(m, str) else None for m in frame["metrics"]]
         return frame
+
+
+def legacy_hashes(cells: list[Cell], configs: Path) -> dict[str, str]:
+    """Cell key -> the hash that medpeft 0.1 gave the cell (of its whole resolved config, defaults included)
+    when its config then was the one now, but for options added to medpeft since, at their default.
+
+    The options of then are those in the cell configs the study recorded when it started runs (`configs`,
+    STUDY/configs); none recorded (no run started): {}. Options set away from their default stay in."""
+    recorded = [p for p in sorted(configs.glob("*.yaml")) if not p.name.endswith(".external.yaml")]
+    if not recorded:
+        return {}
+    known = set().union(*(_leaves(read_yaml_mapping(path, "study cell config", "a mapping of sections"))
+                          for path in recorded))
+    return {c.key: config_hash(_only(c.config, known | _leaves(c.explicit)), c.tune) for c in cells}
+
+
+def _leaves(data: dict, prefix: str = "") -> set[str]:
+    """The dotted paths of a nested mapping's values (a non-empty mapping is walked into)."""
+    return set().union(*(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}"}
+                         for k, v in data.items()))
+
+
+def _only(data: dict, paths: set[str], prefix: str = "") -> dict:
+    """`data` with only the values at `paths` (a mapping left empty is dropped unless its own path is there)."""
+    out = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            nested = _only(value, paths, f"{path}.")
+            if nested or path in paths:
+                out[key] = nested
+        elif path in paths:
+            out[key] = value
+    return out
