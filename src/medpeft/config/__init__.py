@@ -18,5 +18,6 @@ __all__ = [
     "DATA_FORMATS", "IMAGENET_MEAN", "IMAGENET_STD", "METHODS", "PRETRAIN_DEFAULTS", "AugmentConfig", "DataConfig",
     "MAEConfig", "MethodConfig", "ModelConfig", "PretrainConfig", "Registry", "RunConfig", "Section", "SplitConfig",
     "TrainConfig", "build", "check_pattern", "config_from_dict", "dump_config", "explicit", "load_config",
-    "load_data_config", "load_pretrain_config", "merge_dicts", "model_family", "option", "parse_overrides", "read_yaml_mapping", "upgrade_saved",
+    "load_data_config", "load_pretrain_config", "merge_dicts", "model_family", "option", "parse_overrides",
+    "read_yaml_mapping", "upgrade_saved",
 ]
