@@ -294,7 +294,7 @@ def main() -> None:
 
 
 # The sub-command groups register themselves on `app`.
-from medpeft.cli import data as _data, study as _study, tune as _tune  # noqa: E402,F401
+from medpeft.cli import data as _data, generate as _generate, study as _study, tune as _tune  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

@@ -37,7 +37,7 @@ class RunConfig(Section):
 
     def to_dict(self) -> dict:
         """Plain data, as written to the run's config.yaml (the selecting keys first)."""
-        return {**_plain(self), "data": _plain(self.data), "method": _plain(self.method)}
+        return {**plain(self), "data": plain(self.data), "method": plain(self.method)}
 
 
 def check_training(train: TrainConfig, model: ModelConfig, augment: AugmentConfig) -> None:
@@ -56,7 +56,7 @@ def check_training(train: TrainConfig, model: ModelConfig, augment: AugmentConfi
                               f"on this machine; use 'bf16'")
 
 
-def _plain(section) -> dict:
+def plain(section) -> dict:
     """A section as plain data; a registered section's selecting key first (data.format, method.name)."""
     out = dataclasses.asdict(section)
     registry = type(section).registry
@@ -113,7 +113,7 @@ class PretrainConfig(Section):
         check_training(self.train, self.model, self.augment)
 
     def to_dict(self) -> dict:
-        return {**_plain(self), "data": _plain(self.data)}
+        return {**plain(self), "data": plain(self.data)}
 
 
 # The MAE recipe (He et al. 2022: AdamW, base lr 1.5e-4 per 256 images, 40 warmup epochs of 800, no drop
@@ -193,7 +193,8 @@ def config_from_dict(data) -> RunConfig:
     return build(RunConfig, with_catalogue_defaults(data))
 
 
-def _layered(defaults: dict, path, overrides, base) -> dict:
+def layered(defaults: dict, path, overrides, base) -> dict:
+    """`defaults`, then `base`, the YAML file at `path` and the ``key=value`` overrides, merged (not validated)."""
     data = merge_dicts(defaults, base or {})
     if path is not None:
         data = merge_dicts(data, read_yaml_mapping(path, "config file", "a mapping of sections"))
@@ -211,12 +212,12 @@ def with_catalogue_defaults(data: dict) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
     """Read a YAML config file (or start from `base`), apply ``key=value`` overrides, validate."""
-    return config_from_dict(_layered({}, path, overrides, base))
+    return config_from_dict(layered({}, path, overrides, base))
 
 
 def load_data_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> DataConfig:
     """The data section alone of a config file (its other sections are not read), with ``data.*`` overrides."""
-    data = _layered({}, path, overrides, base)
+    data = layered({}, path, overrides, base)
     if "data" not in data:
         raise ConfigError(f"{path}: config section 'data' is required")
     return build(DataConfig, data["data"])
@@ -225,7 +226,7 @@ def load_data_config(path: str | Path | None = None, overrides: list[str] = (), 
 def load_pretrain_config(path: str | Path | None = None, overrides: list[str] = (),
                          base: dict | None = None) -> PretrainConfig:
     """A pretraining config: PRETRAIN_DEFAULTS, then `base`, the YAML file and ``key=value`` overrides."""
-    return build(PretrainConfig, with_catalogue_defaults(_layered(PRETRAIN_DEFAULTS, path, overrides, base)))
+    return build(PretrainConfig, with_catalogue_defaults(layered(PRETRAIN_DEFAULTS, path, overrides, base)))
 
 
 # Keys that medpeft 0.1 wrote into every run's data section, whatever its format (one class held every

@@ -3,6 +3,7 @@ of it under DDP), and batches on the device in the model's layout."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -24,12 +25,13 @@ def image_cache(table: pd.DataFrame, config: RunConfig | PretrainConfig, progres
 
 def make_loader(table: pd.DataFrame, split: str, config: RunConfig | PretrainConfig, train: bool,
                 cache: ImageCache | None = None, procs: Processes = SINGLE,
-                features: torch.Tensor | None = None) -> DataLoader:
+                features: torch.Tensor | None = None, targets: np.ndarray | None = None) -> DataLoader:
     """This process's batches of one split: training takes its part of each shuffled global batch,
     evaluation its share of whole batches in dataset order (see ``BatchPlan``). With `features` (the
-    split's cached frozen-prefix outputs, in table order), their batches instead of the images'."""
+    split's cached frozen-prefix outputs, in table order), their batches instead of the images'. With
+    `targets` (one row per image of the split, in table order), those instead of the label columns."""
     rows = table[table["split"] == split]
-    targets = rows[config.data.labels].to_numpy()
+    targets = rows[config.data.labels].to_numpy() if targets is None else targets
     if features is not None:
         dataset = TensorDataset(features, torch.tensor(targets, dtype=torch.float32))
     else:

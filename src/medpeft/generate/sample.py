@@ -6,6 +6,9 @@ Stable Diffusion pipeline does (so the same seed gives the same images), in pixe
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 
 SCHEDULERS = ("ddim", "dpm")
@@ -55,3 +58,39 @@ def sample(model, prompts: list[str], steps: int = 50, guidance: float = 7.5, se
         latents = steps_of.step(noise, t, latents, **extra).prev_sample
     images = latents if model.vae is None else model.vae.decode(latents / model.vae.config.scaling_factor).sample
     return (images / 2 + 0.5).clamp(0, 1)
+
+
+def write_samples(source: str, prompts: list[str], n: int, out: str | Path, steps: int = 50, guidance: float = 7.5,
+                  seed: int = 0, scheduler: str = "ddim") -> int:
+    """Sample `n` images of each prompt (prompt i's batch seeded with seed + i) from a run or model `source`
+    into the new folder `out`: NNNN.png (8-bit grey, or RGB for a 3-channel model) and prompts.csv (file,
+    prompt, seed). The folder appears whole (written beside it, then renamed). Returns the image count."""
+    import pandas as pd
+    from PIL import Image
+
+    from medpeft.errors import ConfigError
+    from medpeft.files import write_text_atomic
+    from medpeft.generate.runs import load_source
+
+    out = Path(out)
+    if out.exists():
+        raise ConfigError(f"--out {out}: exists; choose a new folder")
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+    model = load_source(source)
+    for module in model.modules().values():
+        module.eval()
+    scratch = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        images = sample(model, [prompt] * n, steps=steps, guidance=guidance, seed=seed + i, scheduler=scheduler)
+        pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        for image in pixels:
+            name = f"{len(rows):04d}.png"
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(scratch / name)
+            rows.append({"file": name, "prompt": prompt, "seed": seed + i})
+    write_text_atomic(scratch / "prompts.csv", pd.DataFrame(rows).to_csv(index=False))
+    scratch.rename(out)
+    return len(rows)

@@ -1,0 +1,50 @@
+"""``medpeft generate``: fine-tune text-to-image diffusion models with a generative PEFT method, and sample them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from medpeft.cli.app import app, console
+
+generate_app = typer.Typer(no_args_is_help=True, help="Fine-tune text-to-image diffusion models (diffusers) with a "
+                           "PEFT method, and sample them. Needs pip install 'medpeft[generate]'.")
+app.add_typer(generate_app, name="generate")
+
+
+@generate_app.command("train")
+def generate_train(
+    config: Path = typer.Argument(..., help="YAML config (model, data, prompt, method, diffusion, train, augment)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                  help="Override a key: --set method.r=4 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (overrides output_dir)."),
+):
+    """Train the method on image + prompt pairs; writes <run>/adapter. Run again to resume."""
+    from medpeft.generate.config import load_generate_config
+    from medpeft.generate.train import generate_train as run
+
+    overrides = list(set_ or []) + ([f"output_dir={out}"] if out else [])
+    metrics = run(load_generate_config(config, overrides))
+    last = metrics["history"][-1]
+    console.print(f"done: {metrics['epochs_run']} epochs, train loss {last['train_loss']:.4f}"
+                  + ("" if last["val_loss"] is None else f", val loss {last['val_loss']:.4f}"))
+
+
+@generate_app.command("sample")
+def generate_sample(
+    run: str = typer.Argument(..., help="A finished generate run, a diffusers model folder or a hub id."),
+    prompt: List[str] = typer.Option(..., "--prompt", help="A prompt (repeatable): N images of each."),
+    n: int = typer.Option(4, "--n", min=1, help="Images per prompt."),
+    out: Path = typer.Option(..., "--out", help="A new folder for the PNGs and prompts.csv."),
+    steps: int = typer.Option(50, "--steps", min=1, help="Denoising steps."),
+    guidance: float = typer.Option(7.5, "--guidance", min=1.0, help="Classifier-free guidance scale (1 = none)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first batch's noise (one batch per prompt: seed + i)."),
+    scheduler: str = typer.Option("ddim", "--scheduler", help="ddim or dpm (DPM-Solver++)."),
+):
+    """Write N images per prompt as PNGs, with prompts.csv (file, prompt, seed) beside them."""
+    from medpeft.generate.sample import write_samples
+
+    written = write_samples(run, prompt, n, out, steps=steps, guidance=guidance, seed=seed, scheduler=scheduler)
+    console.print(f"{written} images in {out}")
