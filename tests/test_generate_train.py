@@ -128,7 +128,7 @@ def test_the_command_line_trains_samples_and_says_what_is_wrong_in_one_line(tmp_
         return subprocess.run([sys.executable, "-m", "medpeft", *args], capture_output=True, text=True)
 
     help_text = medpeft("generate", "--help").stdout
-    assert "train" in help_text and "sample" in help_text
+    assert all(command in help_text for command in ("train", "sample", "evaluate"))
     spec = config(phantoms, base, tmp_path / "run", train={"epochs": 1}).to_dict()
     (tmp_path / "gen.yaml").write_text(yaml.safe_dump(spec))
     trained = medpeft("generate", "train", str(tmp_path / "gen.yaml"))
@@ -147,3 +147,24 @@ def test_the_command_line_trains_samples_and_says_what_is_wrong_in_one_line(tmp_
     assert again.returncode == 2 and again.stderr.strip().count("\n") == 0 and "exists" in again.stderr
     wrong = medpeft("generate", "train", str(tmp_path / "gen.yaml"), "--set", "method.r=0")
     assert wrong.returncode == 2 and "method.r" in wrong.stderr and wrong.stderr.strip().count("\n") == 0
+
+
+def test_evaluate_scores_generated_images_with_a_classification_run(tmp_path, phantoms, base):
+    from medpeft import load_config, train
+
+    from conftest import TINY_VIT
+    from medpeft.generate.evaluate import generate_evaluate
+
+    classifier = tmp_path / "classifier"
+    train(load_config(base={"model": dict(TINY_VIT), "method": {"name": "full"}, "output_dir": str(classifier),
+                            "data": {"csv": str(phantoms), "labels": LABELS, "patient_column": "patient_id",
+                                     "split": {"val_fraction": 0.25, "test_fraction": 0.25, "seed": 0}},
+                            "train": {"epochs": 1, "batch_size": 16}}), quiet=True)
+    generate_train(config(phantoms, base, tmp_path / "gen", train={"epochs": 1}), quiet=True)
+    result = generate_evaluate(tmp_path / "gen", classifier, n=12, steps=2, guidance=2.0, batch_size=8)
+    assert result["images"] == 12
+    assert result["fid"] > 0 and 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1
+    assert 0 <= result["copied_share"] <= 1 and result["mifid"] >= result["fid"]
+    assert set(result["label_fidelity"]["labels"]) == set(LABELS)
+    saved = json.loads((tmp_path / "gen" / "evaluations" / "generated" / "metrics.json").read_text())
+    assert saved["fid"] == pytest.approx(result["fid"])

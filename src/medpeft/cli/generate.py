@@ -48,3 +48,27 @@ def generate_sample(
 
     written = write_samples(run, prompt, n, out, steps=steps, guidance=guidance, seed=seed, scheduler=scheduler)
     console.print(f"{written} images in {out}")
+
+
+@generate_app.command("evaluate")
+def generate_evaluate(
+    run: Path = typer.Argument(..., help="A finished generate run."),
+    extractor: Path = typer.Option(..., "--extractor", help="A finished medpeft classification run on this kind "
+                                   "of image: its backbone's features, its head's label scores."),
+    n: Optional[int] = typer.Option(None, "--n", min=2, help="Generate for the first N test images (default: all)."),
+    steps: int = typer.Option(50, "--steps", min=1, help="Denoising steps (DDIM)."),
+    guidance: float = typer.Option(7.5, "--guidance", min=1.0, help="Classifier-free guidance scale."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first batch's noise."),
+):
+    """FID, KID, precision / recall, memorisation (MiFID) and label fidelity of generated vs real test images;
+    writes RUN/evaluations/generated/metrics.json."""
+    from medpeft.generate.evaluate import generate_evaluate as run_evaluation
+
+    result = run_evaluation(run, extractor, n=n, steps=steps, guidance=guidance, seed=seed)
+    fidelity = result["label_fidelity"]
+    console.print(f"{result['images']} images: FID {result['fid']:.4g}, KID {result['kid']:.4g}, precision "
+                  f"{result['precision']:.3f}, recall {result['recall']:.3f}, "
+                  f"copied {100 * result['copied_share']:.1f}%, "
+                  f"MiFID {result['mifid']:.4g}"
+                  + ("" if fidelity is None or fidelity["mean_generated"] is None
+                     else f", label fidelity AUROC {fidelity['mean_generated']:.3f}"))

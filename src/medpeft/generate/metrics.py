@@ -96,4 +96,4 @@ def memorisation(train: np.ndarray, generated: np.ndarray, held_out: np.ndarray,
     distance = float(generated_distance.mean())
     return {"nearest_train_distance": distance, "copy_threshold": threshold,
             "copied_share": float((generated_distance < threshold).mean()),
-            "mifid": fid_value / max(distance, 1e-12) if distance < epsilon else fid_value}
+            "mifid": fid_value / max(distance, 1e-12) if distance < epsilon else fid_value, "mifid_epsilon": epsilon}
