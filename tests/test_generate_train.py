@@ -141,7 +141,23 @@ def test_the_command_line_trains_samples_and_says_what_is_wrong_in_one_line(tmp_
     assert sampled.returncode == 0, sampled.stderr
     table = pd.read_csv(tmp_path / "samples" / "prompts.csv")
     assert table["prompt"].tolist() == [prompts[0]] * 2 + [prompts[1]] * 2 and table["seed"].tolist() == [0, 0, 1, 1]
-    assert Image.open(tmp_path / "samples" / table["file"][0]).size == (16, 16)
+    assert Image.open(tmp_path / "samples" / table["path"][0]).size == (16, 16)
+
+    synthetic = medpeft("generate", "sample", str(tmp_path / "run"), "--like", "val", "--n", "2", "--steps", "2",
+                        "--out", str(tmp_path / "synthetic"))
+    assert synthetic.returncode == 0, synthetic.stderr
+    from medpeft.config import load_data_config
+    from medpeft.data import read_dataset
+
+    read = read_dataset(load_data_config(base={"data": {"csv": str(tmp_path / "synthetic" / "prompts.csv"),
+                                                        "labels": LABELS, "patient_column": "patient_id"}}))
+    from medpeft.data import read_split_dataset
+    from medpeft.generate.runs import load_run_config
+
+    table = read_split_dataset(load_run_config(tmp_path / "run").data)
+    val = table[table["split"] == "val"]
+    assert len(read) == 2 * len(val) and read["patient_id"].nunique() == len(read)
+    assert read[LABELS].sum().tolist() == (2 * val[LABELS].sum()).tolist()
 
     again = medpeft("generate", "sample", str(tmp_path / "run"), "--prompt", "x", "--out", str(tmp_path / "samples"))
     assert again.returncode == 2 and again.stderr.strip().count("\n") == 0 and "exists" in again.stderr

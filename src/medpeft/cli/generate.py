@@ -35,18 +35,34 @@ def generate_train(
 @generate_app.command("sample")
 def generate_sample(
     run: str = typer.Argument(..., help="A finished generate run, a diffusers model folder or a hub id."),
-    prompt: List[str] = typer.Option(..., "--prompt", help="A prompt (repeatable): N images of each."),
-    n: int = typer.Option(4, "--n", min=1, help="Images per prompt."),
+    prompt: Optional[List[str]] = typer.Option(None, "--prompt", help="A prompt (repeatable): N images of each."),
+    like: Optional[str] = typer.Option(None, "--like", help="train, val or test: N images of each of the run's "
+                                       "images of that split, from its prompt, with its labels (a synthetic "
+                                       "dataset: prompts.csv is a labels CSV for medpeft train)."),
+    n: Optional[int] = typer.Option(None, "--n", min=1, help="Images per prompt (default 4), or with --like per "
+                                    "image of the split (default 1)."),
     out: Path = typer.Option(..., "--out", help="A new folder for the PNGs and prompts.csv."),
     steps: int = typer.Option(50, "--steps", min=1, help="Denoising steps."),
     guidance: float = typer.Option(7.5, "--guidance", min=1.0, help="Classifier-free guidance scale (1 = none)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the first batch's noise (one batch per prompt: seed + i)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first batch's noise (batch i: seed + i)."),
     scheduler: str = typer.Option("ddim", "--scheduler", help="ddim or dpm (DPM-Solver++)."),
 ):
-    """Write N images per prompt as PNGs, with prompts.csv (file, prompt, seed) beside them."""
-    from medpeft.generate.sample import write_samples
+    """Write images as PNGs, with prompts.csv (path, prompt, seed; with --like, patient_id and labels)."""
+    from medpeft.errors import ConfigError
+    from medpeft.generate.sample import like_split, write_samples
 
-    written = write_samples(run, prompt, n, out, steps=steps, guidance=guidance, seed=seed, scheduler=scheduler)
+    if (prompt is None) == (like is None):
+        raise ConfigError("give --prompt (repeatable) or --like SPLIT, not both")
+    if like is not None:
+        if like not in ("train", "val", "test"):
+            raise ConfigError(f"--like must be train, val or test, got {like!r}")
+        prompts, columns = like_split(run, like, n or 1)
+        written = write_samples(run, prompts, out, steps=steps, guidance=guidance, seed=seed, scheduler=scheduler,
+                                columns=columns)
+    else:
+        n = n or 4
+        written = write_samples(run, [p for p in prompt for _ in range(n)], out, steps=steps, guidance=guidance,
+                                seed=seed, scheduler=scheduler, batch_size=n)
     console.print(f"{written} images in {out}")
 
 

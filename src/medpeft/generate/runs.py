@@ -43,12 +43,18 @@ def load_source(source: str, seed: int = 0) -> DiffusionModel:
     return load_diffusion(source)
 
 
+def load_run_config(run_dir: str | Path) -> GenerateConfig:
+    """A finished generate run's config."""
+    run_dir = Path(run_dir)
+    if not rundir.is_complete(run_dir) or not is_generate_run(run_dir):
+        raise RunDirError(f"{run_dir}: not a finished medpeft generate run (no {rundir.METRICS} or {ADAPTER}/)")
+    return build(GenerateConfig, {**rundir.saved_config(run_dir), "output_dir": str(run_dir)})
+
+
 def load_run(run_dir: str | Path) -> tuple[GenerateConfig, DiffusionModel]:
     """A finished generate run's config and model (its method applied, its trained parameters loaded)."""
     run_dir = Path(run_dir)
-    if not rundir.is_complete(run_dir):
-        raise RunDirError(f"{run_dir}: not a finished medpeft generate run (no {rundir.METRICS})")
-    config = build(GenerateConfig, {**rundir.saved_config(run_dir), "output_dir": str(run_dir)})
+    config = load_run_config(run_dir)
     model = prepare(load_source(config.model.source, config.model.seed), config)
     config.method.load(model, run_dir / ADAPTER)
     return config, model

@@ -60,11 +60,12 @@ def sample(model, prompts: list[str], steps: int = 50, guidance: float = 7.5, se
     return (images / 2 + 0.5).clamp(0, 1)
 
 
-def write_samples(source: str, prompts: list[str], n: int, out: str | Path, steps: int = 50, guidance: float = 7.5,
-                  seed: int = 0, scheduler: str = "ddim") -> int:
-    """Sample `n` images of each prompt (prompt i's batch seeded with seed + i) from a run or model `source`
-    into the new folder `out`: NNNN.png (8-bit grey, or RGB for a 3-channel model) and prompts.csv (file,
-    prompt, seed). The folder appears whole (written beside it, then renamed). Returns the image count."""
+def write_samples(source: str, prompts: list[str], out: str | Path, steps: int = 50, guidance: float = 7.5,
+                  seed: int = 0, scheduler: str = "ddim", batch_size: int = 32, columns=None) -> int:
+    """One image per prompt from a run or model `source` into the new folder `out`, batch b of `batch_size`
+    prompts seeded with seed + b: NNNN.png (8-bit grey, or RGB for a 3-channel model) and prompts.csv
+    (path, prompt, seed, and the `columns` frame's columns, one row per prompt). The folder appears
+    whole (written beside it, then renamed). Returns the image count."""
     import pandas as pd
     from PIL import Image
 
@@ -84,13 +85,39 @@ def write_samples(source: str, prompts: list[str], n: int, out: str | Path, step
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     rows = []
-    for i, prompt in enumerate(prompts):
-        images = sample(model, [prompt] * n, steps=steps, guidance=guidance, seed=seed + i, scheduler=scheduler)
+    for b in range(0, len(prompts), batch_size):
+        batch = prompts[b:b + batch_size]
+        images = sample(model, batch, steps=steps, guidance=guidance, seed=seed + b // batch_size, scheduler=scheduler)
         pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        for image in pixels:
+        for prompt, image in zip(batch, pixels):
             name = f"{len(rows):04d}.png"
             Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(scratch / name)
-            rows.append({"file": name, "prompt": prompt, "seed": seed + i})
-    write_text_atomic(scratch / "prompts.csv", pd.DataFrame(rows).to_csv(index=False))
+            rows.append({"path": name, "prompt": prompt, "seed": seed + b // batch_size})
+    table = pd.DataFrame(rows)
+    if columns is not None:
+        table = pd.concat([table, columns.reset_index(drop=True)], axis=1)
+    write_text_atomic(scratch / "prompts.csv", table.to_csv(index=False))
     scratch.rename(out)
     return len(rows)
+
+
+def like_split(run: str | Path, split: str, n: int = 1):
+    """Prompts and label columns for a synthetic copy of a generate run's split: each of its images' prompt
+    `n` times, with its labels and a synthetic patient id per generated image (``synthetic-NNNN``), so
+    that prompts.csv is a labels CSV that ``medpeft train`` reads (data.csv, path and patient_id columns)."""
+    from medpeft.data import read_split_dataset
+    from medpeft.errors import ConfigError
+    from medpeft.generate.runs import load_run_config
+    from medpeft.generate.train import prompts_of
+
+    config = load_run_config(run)
+    if config.prompt.column is not None:
+        raise ConfigError(f"--like: {run} makes its prompts from a text column, not from labels")
+    table = read_split_dataset(config.data)
+    rows = table[table["split"] == split]
+    if rows.empty:
+        raise ConfigError(f"--like {split}: {run}'s data have no {split} images")
+    rows = rows.loc[rows.index.repeat(n)].reset_index(drop=True)
+    labels = rows[list(config.data.labels)].astype(int)
+    labels.insert(0, "patient_id", [f"synthetic-{i:04d}" for i in range(len(rows))])
+    return prompts_of(rows, config), labels
