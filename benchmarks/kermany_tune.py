@@ -10,7 +10,9 @@ Runs, from the repository root:
        medpeft pretrain studies/kermany-mae-pretrain.yaml --out WORK/mae-pretrain \
            [--set train.epochs=E --set train.warmup_epochs=W]
    the full recipe is 80 epochs (5 warmup); a shorter budget E scales the warmup to ceil(5 E / 80).
-2. The default config: the seed-0 cell (pneumonia, lora, fraction 0.1) of studies/kermany-mae.yaml with
+2. The default config: the seed-0 cell (pneumonia, lora, fraction 0.1) of studies/kermany-mae-tuned.yaml
+   (before its search; drawn unstratified, the split pretraining drew, so the MAE never saw its val and
+   test patients, which fine-tuning checks) with
    KERMANY_MAE=WORK/mae-pretrain/mae.pth, i.e. the study's base merged with those levels and the 0.1
    override (LoRA r 8, alpha 16 on qkv, lr 3e-3, 10 epochs, batch 32), written as WORK/lora-10.yaml.
 3.     medpeft tune WORK/lora-10.yaml --trials 16 --out WORK/tune-lora-10
@@ -44,7 +46,7 @@ from medpeft.files import write_json_atomic, write_text_atomic
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "../shared/data/kermany-pediatric-cxr/labels.csv"
 PRETRAIN = "studies/kermany-mae-pretrain.yaml"
-STUDY = "studies/kermany-mae.yaml"
+STUDY = "studies/kermany-mae-tuned.yaml"  # the split pretraining drew (stratify: false)
 CELL = {"backbone": "vit-tiny-kermany-mae", "dataset": "pneumonia", "method": "lora", "fraction": 0.1, "seed": 0}
 FULL_EPOCHS, FULL_WARMUP = 80, 5
 N_RESAMPLES, BOOTSTRAP_SEED = 2000, 0  # as the study report's paired tests
