@@ -14,8 +14,8 @@ transformers = pytest.importorskip("transformers")
 from medpeft.config import build  # noqa: E402
 from medpeft.errors import CheckpointError, ConfigError  # noqa: E402
 from medpeft.generate.methods import GENERATIVE_METHODS, GenerativeMethodConfig, count_parameters  # noqa: E402
-from medpeft.generate.model import DiffusionModel, character_tokenizer, load_diffusion  # noqa: E402
-from medpeft.generate.sample import encode_prompts, sample  # noqa: E402
+from medpeft.generate.model import DiffusionModel, character_tokenizer, encode_prompts, load_diffusion  # noqa: E402
+from medpeft.generate.sample import sample  # noqa: E402
 
 PROMPTS = ["chest x-ray, pneumonia", "no finding"]
 

@@ -144,3 +144,11 @@ def character_tokenizer(max_length: int):
         (Path(folder) / "vocab.json").write_text(json.dumps(vocab))
         (Path(folder) / "merges.txt").write_text("#version: 0.2\n")
         return CLIPTokenizer.from_pretrained(folder, model_max_length=max_length)
+
+
+def encode_prompts(model, prompts: list[str]) -> torch.Tensor:
+    """The text encoder's last hidden states (N, L, D) of the prompts, padded to the tokenizer's length."""
+    tokens = model.tokenizer(prompts, padding="max_length", max_length=model.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+    device = next(model.text_encoder.parameters()).device
+    return model.text_encoder(tokens.input_ids.to(device))[0]

@@ -11,15 +11,9 @@ from pathlib import Path
 
 import torch
 
+from medpeft.generate.model import encode_prompts
+
 SCHEDULERS = ("ddim", "dpm")
-
-
-def encode_prompts(model, prompts: list[str]) -> torch.Tensor:
-    """The text encoder's last hidden states (N, L, D) of the prompts, padded to the tokenizer's length."""
-    tokens = model.tokenizer(prompts, padding="max_length", max_length=model.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
-    device = next(model.text_encoder.parameters()).device
-    return model.text_encoder(tokens.input_ids.to(device))[0]
 
 
 def make_scheduler(model, name: str):

@@ -37,9 +37,8 @@ from medpeft.errors import DataError, RunDirError
 from medpeft.files import locked, write_json_atomic
 from medpeft.generate.config import GenerateConfig
 from medpeft.generate.methods import count_parameters, trainable_state_dict
+from medpeft.generate.model import encode_prompts
 from medpeft.generate.runs import ADAPTER, load_source, prepare
-from medpeft.generate.sample import encode_prompts
-
 
 
 def prompts_of(table: pd.DataFrame, config: GenerateConfig) -> list[str]:
