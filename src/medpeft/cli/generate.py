@@ -71,7 +71,8 @@ def generate_evaluate(
     run: Path = typer.Argument(..., help="A finished generate run."),
     extractor: Path = typer.Option(..., "--extractor", help="A finished medpeft classification run on this kind "
                                    "of image: its backbone's features, its head's label scores."),
-    n: Optional[int] = typer.Option(None, "--n", min=2, help="Generate for the first N test images (default: all)."),
+    n: Optional[int] = typer.Option(None, "--n", min=2, help="Generate for N test images drawn with --seed "
+                                    "(default: all)."),
     steps: int = typer.Option(50, "--steps", min=1, help="Denoising steps (DDIM)."),
     guidance: float = typer.Option(7.5, "--guidance", min=1.0, help="Classifier-free guidance scale."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first batch's noise."),

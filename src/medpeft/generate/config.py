@@ -31,7 +31,7 @@ class DiffusionModelConfig(Section):
     path = "model"
     source: str = option("", "A folder in the diffusers layout (unet/, text_encoder/, tokenizer/, scheduler/, "
                          "vae/ optional), a hub id, a finished medpeft generate run (its model), or random:NAME "
-                         "(random weights; NAME: pixel-64).", required=True)
+                         "(random weights; NAME: pixel-64, pixel-64-small, pixel-32-small).", required=True)
     seed: int = option(0, "Seed of a random:NAME model's weights.")
 
 

@@ -2,8 +2,8 @@
 a generate run's images are, measured with a chest X-ray classifier the user names (a finished medpeft
 classification run: its backbone gives the features, its head the label scores).
 
-1. For each real test image (or the first `n`), one image is generated from its prompt (so the generated
-   set has the test set's findings), batch i seeded with seed + i.
+1. For each real test image (or `n` of them, drawn with `seed`), one image is generated from its prompt (so
+   the generated set has the test set's findings), batch i seeded with seed + i.
 2. Real train and test images are read at the generator's resolution, like the generated ones; all go to
    the classifier at its input size and normalisation (grey repeated to its channels).
 3. Features: FID, KID, precision / recall of generated vs real test; memorisation against the real
@@ -86,13 +86,16 @@ def generate_evaluate(run_dir: str | Path, extractor: str | Path, n: int | None 
     test = table[table["split"] == "test"]
     if test.empty:
         raise ConfigError(f"{run_dir}: its data have no test images to compare the generated images with")
-    test = test.iloc[: n or len(test)]
+    all_test = test
+    if n is not None and n < len(test):  # a seeded sample: the file order may group the findings
+        test = test.sample(n=n, random_state=seed).sort_index()
+    chosen = all_test.index.get_indexer(test.index)
     prompts = prompts_of(test, config)
     generated = torch.cat([sample(model, prompts[i:i + batch_size], steps=steps, guidance=guidance,
                                   seed=seed + i // batch_size) for i in range(0, len(prompts), batch_size)])
     judge = Extractor(extractor)
     size = model.image_size
-    real_test = real_images(config, table, "test", size)[: len(test)]
+    real_test = real_images(config, table, "test", size)[torch.from_numpy(chosen)]
     features_g, probs_g = judge(generated)
     features_t, probs_t = judge(real_test)
     features_train, _ = judge(real_images(config, table, "train", size))

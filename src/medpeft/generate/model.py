@@ -24,8 +24,15 @@ from medpeft.errors import CheckpointError, ConfigError
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 RANDOM_PREFIX = "random:"
 _SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
-# Named small configurations (random weights): the UNet's and the text encoder's sizes. 'pixel-64' denoises
-# 64 px single-channel images directly; the scheduler is the DDPM schedule of Stable Diffusion.
+# Named small configurations (random weights) of pixel-space models for single-channel images: the UNet's
+# and the text encoder's sizes. 'pixel-64' has attention at two resolutions; the '-small' ones (for CPU
+# budgets: demos, benchmarks) have 16/32/64 channels and attention at the lowest resolution only.
+_SMALL_UNET = dict(in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32, 64),
+                   norm_num_groups=8, attention_head_dim=8, cross_attention_dim=32,
+                   down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
+_SMALL_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=32)
 NAMED = {
     "pixel-64": {
         "unet": dict(sample_size=64, in_channels=1, out_channels=1, layers_per_block=1,
@@ -36,8 +43,12 @@ NAMED = {
         "text_encoder": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              max_position_embeddings=32),
     },
+    "pixel-64-small": {"unet": {**_SMALL_UNET, "sample_size": 64}, "text_encoder": _SMALL_TEXT},
+    "pixel-32-small": {"unet": {**_SMALL_UNET, "sample_size": 32}, "text_encoder": _SMALL_TEXT},
 }
-SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+# The pixel-space DDPM schedule of Ho et al. 2020 (linear betas 1e-4 to 0.02 over 1000 steps: almost no
+# signal left at the last step), sampled with DDIM.
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                  clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
 
 

@@ -1,0 +1,209 @@
+"""Generative PEFT on the real pediatric chest X-rays (issue 32): a small text-to-image diffusion model
+pretrained on the phantoms is adapted to the Kermany X-rays (64 px; prompts "chest x-ray, normal" /
+"... bacteria" / "... virus") with every generative method, and each adapted model is measured.
+
+    OMP_NUM_THREADS=1 python benchmarks/generate_kermany.py [--work studies-out/generate-kermany] \
+        [--jobs 2] [--out benchmarks/results] [--scale 1.0]
+
+Steps, each a medpeft command as a user runs it, reused when finished (run the same command again to
+resume after a kill):
+1. Phantoms (5 findings, 64 px) and the foundation: ``medpeft generate train`` of ``random:pixel-64-small``,
+   every parameter of the UNet and the text encoder, on the phantoms' prompts.
+2. The judge: ``medpeft train`` of the Kermany MAE ViT-tiny (studies-out/kermany-tune/mae-pretrain, the
+   split it drew, unstratified) fully fine-tuned on normal / bacteria / virus with every training label.
+3. Per method (full, attention, bias, norm, norm_bias_attention, lora, svdiff, difffit; one hand-picked
+   learning rate for full fine-tuning and one for the others, not tuned): ``medpeft generate train`` from
+   the foundation on the Kermany training split, then ``medpeft generate evaluate`` against the judge
+   (FID, KID, precision / recall vs the real test images; memorisation vs the training images; label
+   fidelity), then usefulness: ``medpeft generate sample --like val`` (a synthetic copy of the val split's
+   label mix), a classifier trained on it alone and on it with the real val images, each evaluated on the
+   real test images, against the classifier trained on the real val images alone.
+
+Writes generate_kermany.json and generate_kermany.md. Skips (exit 0, saying why) without the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "../shared/data/kermany-pediatric-cxr/labels.csv"
+MAE = ROOT / "studies-out/kermany-tune/mae-pretrain/mae.pth"
+CLASSES = ["normal", "bacteria", "virus"]
+SPLIT = {"val_fraction": 0.15, "test_fraction": 0.15, "seed": 0, "stratify": False}
+KERMANY = {"csv": str(DATA), "patient_column": "patient_id", "split": SPLIT, "label_column": "subtype",
+           "labels": CLASSES, "task": "multiclass", "cache_dir": str(ROOT / "studies-out/cache")}
+FINDINGS = ["cardiomegaly", "pleural_effusion", "nodule", "consolidation", "pneumothorax"]
+METHODS = {"full": 2e-4, "attention": 1e-3, "bias": 1e-3, "norm": 1e-3, "norm_bias_attention": 1e-3, "lora": 1e-3,
+           "svdiff": 1e-3, "difffit": 1e-3}
+DIFFUSION = {"snr_gamma": 5.0, "prompt_dropout": 0.1, "ema_decay": 0.999}
+JUDGE_MODEL = {"name": "vit_tiny_patch16_224", "img_size": 64, "drop_path_rate": 0.0, "global_pool": "avg",
+               "kwargs": {"depth": 4, "patch_size": 8}}
+
+
+def medpeft(*args: str) -> None:
+    print("$ medpeft", " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "medpeft", *args], cwd=ROOT, check=True)
+
+
+def done(run: Path) -> bool:
+    return (run / "metrics.json").is_file()
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def foundation(work: Path, scale: float) -> Path:
+    from medpeft.data.phantoms import generate_phantoms
+
+    csv = work / "phantoms" / "labels.csv"
+    if not csv.is_file():
+        generate_phantoms(csv.parent, n_patients=round(3000 * scale), size=64, seed=0)
+    run = work / "foundation"
+    if not done(run):
+        medpeft("generate", "train", str(write_config(work / "foundation.yaml", {
+            "model": {"source": "random:pixel-64-small"},
+            "data": {"csv": str(csv), "patient_column": "patient_id", "labels": FINDINGS,
+                     "split": {"val_fraction": 0.05, "test_fraction": 0.0, "seed": 0}},
+            "method": {"name": "full", "components": ["unet", "text_encoder"]}, "diffusion": DIFFUSION,
+            "train": {"epochs": max(1, round(6 * scale)), "batch_size": 32, "lr": 1e-3, "warmup_epochs": 0.2,
+                      "precision": "bf16"},
+            "output_dir": str(run)})))
+    return run
+
+
+def classifier(work: Path, name: str, data: dict, epochs: int) -> Path:
+    run = work / "classifiers" / name
+    if not done(run):
+        medpeft("train", str(write_config(work / "classifiers" / f"{name}.yaml", {
+            "model": {**JUDGE_MODEL, "weights": str(MAE)}, "data": data, "method": {"name": "full"},
+            "train": {"epochs": epochs, "batch_size": 64, "lr": 5e-4, "layer_decay": 0.75, "warmup_epochs": 1,
+                      "precision": "bf16"},
+            "augment": {"scale": [0.5, 1.0]}, "output_dir": str(run)})))
+    return run
+
+
+def real_test_auroc(run: Path) -> float:
+    """The classifier's mean AUROC on the real Kermany test images (external evaluation, same split; the
+    data file is written once, before the methods run in parallel)."""
+    evaluation = run / "evaluations" / "kermany-test" / "metrics.json"
+    if not evaluation.is_file():
+        medpeft("evaluate", str(run), "--data", str(run.parent / "kermany-test.yaml"), "--split", "test")
+    return json.loads(evaluation.read_text())["mean_auroc"]
+
+
+def method_cell(work: Path, method: str, lr: float, judge: Path, scale: float, steps: int) -> dict:
+    run = work / "runs" / method
+    if not done(run):
+        medpeft("generate", "train", str(write_config(work / "runs" / f"{method}.yaml", {
+            "model": {"source": str(work / "foundation")}, "data": KERMANY, "method": {"name": method},
+            "diffusion": DIFFUSION,
+            "train": {"epochs": max(1, round(3 * scale)), "batch_size": 32, "lr": lr, "warmup_epochs": 0.2,
+                      "precision": "bf16"},
+            "output_dir": str(run)})))
+    evaluation = run / "evaluations" / "generated" / "metrics.json"
+    if not evaluation.is_file():
+        medpeft("generate", "evaluate", str(run), "--extractor", str(judge), "--n", str(round(300 * scale)),
+                "--steps", str(steps), "--guidance", "3.0")
+    synthetic = work / "synthetic" / method
+    if not synthetic.is_dir():
+        medpeft("generate", "sample", str(run), "--like", "val", "--steps", str(steps), "--guidance", "3.0",
+                "--out", str(synthetic))
+    table = pd.read_csv(synthetic / "prompts.csv")
+    table["path"] = [str(synthetic / p) for p in table["path"]]
+    both = pd.concat([table, pd.read_csv(work / "real-val.csv")], ignore_index=True)
+    both.to_csv(work / "synthetic" / f"{method}-and-real.csv", index=False)
+    usefulness = {}
+    for name, csv in (("synthetic", synthetic / "prompts.csv"), ("synthetic_and_real",
+                                                                  work / "synthetic" / f"{method}-and-real.csv")):
+        data = {"csv": str(csv), "patient_column": "patient_id", "labels": CLASSES,
+                "task": "multiclass", "split": {"val_fraction": 0.15, "test_fraction": 0.0, "seed": 0}}
+        usefulness[name] = real_test_auroc(classifier(work, f"{method}-{name}", data, epochs=10))
+    return {"method": method, "lr": lr, "train": json.loads((run / "metrics.json").read_text()),
+            "evaluation": json.loads(evaluation.read_text()), "usefulness": usefulness}
+
+
+def real_val_csv(work: Path) -> Path:
+    """The real val split's images as a labels CSV (absolute paths): the real-only usefulness baseline."""
+    from medpeft.config import load_data_config
+    from medpeft.data import read_split_dataset
+
+    path = work / "real-val.csv"
+    if not path.is_file():
+        table = read_split_dataset(load_data_config(base={"data": KERMANY}))
+        rows = table[table["split"] == "val"]
+        pd.DataFrame({"path": rows["path"].astype(str), "patient_id": rows["patient_id"].astype(str),
+                      **{c: rows[c].astype(int) for c in CLASSES}}).to_csv(path, index=False)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", default="studies-out/generate-kermany")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--scale", type=float, default=1.0, help="Shrinks every budget (a smoke run: 0.05).")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps when sampling.")
+    parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset (a smoke run).")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+    methods = {name: METHODS[name] for name in args.methods.split(",")}
+    if not DATA.is_file() or not MAE.is_file():
+        print(f"skipped: needs {DATA} and the Kermany MAE {MAE} (python benchmarks/kermany_tune.py makes it)")
+        return
+    work = (ROOT / args.work).resolve()
+    start = time.perf_counter()
+    base = foundation(work, args.scale)
+    judge = classifier(work, "judge", KERMANY, epochs=max(1, round(10 * args.scale)))
+    real_val_csv(work)
+    write_config(work / "classifiers" / "kermany-test.yaml", {"data": KERMANY})
+    real_only = real_test_auroc(classifier(work, "real-val-only", {
+        "csv": str(work / "real-val.csv"), "patient_column": "patient_id", "labels": CLASSES, "task": "multiclass",
+        "split": {"val_fraction": 0.15, "test_fraction": 0.0, "seed": 0}}, epochs=10))
+    with ThreadPoolExecutor(args.jobs) as pool:
+        cells = list(pool.map(lambda item: method_cell(work, *item, judge, args.scale, args.steps), methods.items()))
+    record = {"command": " ".join(["python", "benchmarks/generate_kermany.py", *sys.argv[1:]]),
+              "seconds": time.perf_counter() - start, "threads": os.environ.get("OMP_NUM_THREADS", "default"),
+              "foundation": json.loads((base / "metrics.json").read_text()),
+              "judge_test_auroc": json.loads((judge / "metrics.json").read_text())["test"]["mean_auroc"],
+              "real_only_test_auroc": real_only, "methods": cells}
+    out = Path(args.out)
+    (out / "generate_kermany.json").write_text(json.dumps(record, indent=2))
+    (out / "generate_kermany.md").write_text(markdown(record))
+    print(markdown(record))
+
+
+def markdown(record: dict) -> str:
+    rows = ["| method | lr | trainable % | FID | KID | precision | recall | copied % | MiFID | label fidelity | "
+            "synthetic-only | synthetic + real |", "|" + " --- |" * 12]
+    for cell in sorted(record["methods"], key=lambda c: c["train"]["parameters"]["trainable_percent"]):
+        e, u = cell["evaluation"], cell["usefulness"]
+        fidelity = (e["label_fidelity"] or {}).get("mean_generated")
+        rows.append(f"| {cell['method']} | {cell['lr']:g} | {cell['train']['parameters']['trainable_percent']:.3g} | "
+                    f"{e['fid']:.4g} | {e['kid']:.3g} | {e['precision']:.3f} | {e['recall']:.3f} | "
+                    f"{100 * e['copied_share']:.1f} | {e['mifid']:.4g} | "
+                    f"{'n/a' if fidelity is None else f'{100 * fidelity:.1f}'} | {100 * u['synthetic']:.1f} | "
+                    f"{100 * u['synthetic_and_real']:.1f} |")
+    return "\n".join([
+        "# Generative PEFT on the real pediatric X-rays (issue 32)", "", f"`{record['command']}` "
+        f"({record['seconds'] / 60:.0f} min, OMP_NUM_THREADS={record['threads']}, 2 CPU cores)", "",
+        f"The judge (feature extractor and label scorer): test mean AUROC {100 * record['judge_test_auroc']:.1f}. "
+        f"A classifier trained on the real val images alone: real test AUROC {100 * record['real_only_test_auroc']:.1f}"
+        " (the usefulness baseline; label fidelity, synthetic-only and synthetic + real are AUROCs in points).",
+        "", *rows, ""])
+
+
+if __name__ == "__main__":
+    main()
