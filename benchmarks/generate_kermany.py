@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--work", default="studies-out/generate-kermany")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--scale", type=float, default=1.0, help="Shrinks every budget (a smoke run: 0.05).")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps when sampling.")
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps when sampling.")
     parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset (a smoke run).")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
