@@ -128,7 +128,10 @@ def test_the_command_line_trains_samples_and_says_what_is_wrong_in_one_line(tmp_
         return subprocess.run([sys.executable, "-m", "medpeft", *args], capture_output=True, text=True)
 
     help_text = medpeft("generate", "--help").stdout
-    assert all(command in help_text for command in ("train", "sample", "evaluate"))
+    assert all(command in help_text for command in ("train", "sample", "evaluate", "methods"))
+    listed = json.loads(medpeft("generate", "methods", "--json").stdout)
+    assert {row["name"] for row in listed} == {"full", "attention", "bias", "norm", "norm_bias_attention", "lora",
+                                               "svdiff", "difffit"}
     spec = config(phantoms, base, tmp_path / "run", train={"epochs": 1}).to_dict()
     (tmp_path / "gen.yaml").write_text(yaml.safe_dump(spec))
     trained = medpeft("generate", "train", str(tmp_path / "gen.yaml"))

@@ -89,3 +89,15 @@ def generate_evaluate(
                   f"MiFID {result['mifid']:.4g}"
                   + ("" if fidelity is None or fidelity["mean_generated"] is None
                      else f", label fidelity AUROC {fidelity['mean_generated']:.3f}"))
+
+
+@generate_app.command("methods")
+def generate_methods(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
+    """List the generative PEFT methods (method.name of a generate config)."""
+    from medpeft.console import print_listing
+    from medpeft.generate.methods import GENERATIVE_METHODS
+
+    rows = [{"name": name, "description": cls.description, "reference": cls.reference}
+            for name, cls in GENERATIVE_METHODS.classes.items()]
+    print_listing(rows, "generative methods", as_json, {"name": "name", "description": "description",
+                                                        "reference": "reference"})

@@ -13,6 +13,7 @@ Images are tensors (N, C, H, W) in [-1, 1]; ``channels`` is 1 for a pixel-space 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,10 +81,25 @@ class DiffusionModel:
         """Write the diffusers layout (weights as safetensors), readable by ``load_diffusion`` and by
         diffusers' own ``from_pretrained`` of each component."""
         folder = Path(folder)
-        for name, module in self.modules().items():
-            module.save_pretrained(folder / name, safe_serialization=True)
-        self.tokenizer.save_pretrained(folder / "tokenizer")
-        self.scheduler.save_pretrained(folder / "scheduler")
+        with quiet_transformers():
+            for name, module in self.modules().items():
+                module.save_pretrained(folder / name, safe_serialization=True)
+            self.tokenizer.save_pretrained(folder / "tokenizer")
+            self.scheduler.save_pretrained(folder / "scheduler")
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers' progress bars (loading and writing weights) off inside, as they were after."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
 
 
 def load_diffusion(source: str) -> DiffusionModel:
@@ -103,12 +119,13 @@ def load_diffusion(source: str) -> DiffusionModel:
         raise ConfigError(f"model {source!r}: not a folder, a hub id (owner/name) or random:NAME "
                           f"(NAME one of {', '.join(NAMED)})")
     try:
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae") if _has_vae(source) else None
-        return DiffusionModel(
-            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet"),
-            scheduler=DDIMScheduler.from_pretrained(source, subfolder="scheduler"),
-            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
-            tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"), vae=vae)
+        with quiet_transformers():
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae") if _has_vae(source) else None
+            return DiffusionModel(
+                unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet"),
+                scheduler=DDIMScheduler.from_pretrained(source, subfolder="scheduler"),
+                text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
+                tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"), vae=vae)
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{source}: cannot load the diffusion model ({str(e).splitlines()[0]})") from None
 
