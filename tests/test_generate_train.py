@@ -187,3 +187,32 @@ def test_evaluate_scores_generated_images_with_a_classification_run(tmp_path, ph
     assert set(result["label_fidelity"]["labels"]) == set(LABELS)
     saved = json.loads((tmp_path / "gen" / "evaluations" / "generated" / "metrics.json").read_text())
     assert saved["fid"] == pytest.approx(result["fid"])
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one(tmp_path, phantoms, base):
+    """--devices 2 (torch DDP over gloo): each process trains its part of each global batch; the weights
+    and losses are the single process's (the draws are per image, the gradients averaged)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+
+    settings = {"train": {"epochs": 2, "batch_size": 8}, "diffusion": {"ema_decay": None}}
+    one = generate_train(config(phantoms, base, tmp_path / "one", **settings), quiet=True)
+    spec = config(phantoms, base, tmp_path / "two", **settings).to_dict()
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    done = subprocess.run([sys.executable, "-m", "medpeft", "generate", "train", str(tmp_path / "two.yaml"),
+                           "--devices", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["processes"] == 2
+    for a, b in zip(one["history"], two["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+    a, b = (load_file(str(tmp_path / run / "adapter" / "pytorch_lora_weights.safetensors")) for run in ("one", "two"))
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

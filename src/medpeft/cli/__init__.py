@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from medpeft.cli.app import _exit, _on_missing, app, console
+from medpeft.cli.app import _exit, _launch, _on_missing, app, console
 from medpeft.console import print_listing
 from medpeft.errors import MedpeftError
 
@@ -38,29 +38,6 @@ def train(
     metrics = run_training(run_config)
     if Processes.from_env().main:
         print_metrics(metrics["test"] or metrics["val"], "test" if metrics["test"] else "val")
-
-
-def _launch(devices: int, args: list[str]) -> None:
-    """Run `medpeft ARGS` in `devices` local processes through torch's elastic launcher (torchrun)."""
-    import os
-
-    import torch
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
-    from medpeft.errors import ConfigError, TrainingError
-
-    if "WORLD_SIZE" in os.environ:
-        raise ConfigError("--devices starts the processes itself; under a launcher (torchrun, accelerate "
-                          "launch) leave it out")
-    if torch.cuda.is_available() and devices > torch.cuda.device_count():
-        raise ConfigError(f"--devices {devices}: this machine has {torch.cuda.device_count()} GPUs")
-    try:
-        run(parse_args(["--standalone", f"--nproc-per-node={devices}", "-m", "medpeft", *args]))
-    except ChildFailedError as e:
-        rank, failure = min(e.failures.items())
-        raise TrainingError(f"process {rank} of {devices} failed (exit code {failure.exitcode}); "
-                            f"its error is printed above") from None
 
 
 @app.command()

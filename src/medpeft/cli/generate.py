@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from medpeft.cli.app import app, console
+from medpeft.cli.app import _launch, app, console
 
 generate_app = typer.Typer(no_args_is_help=True, help="Fine-tune text-to-image diffusion models (diffusers) with a "
                            "PEFT method, and sample them. Needs pip install 'medpeft[generate]'.")
@@ -20,13 +20,22 @@ def generate_train(
     set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE",
                                   help="Override a key: --set method.r=4 (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (overrides output_dir)."),
+    devices: int = typer.Option(1, "--devices", min=1, help="Data-parallel processes to start on this machine: "
+                                "one per GPU, or CPU processes (train.batch_size stays the global batch)."),
 ):
     """Train the method on image + prompt pairs; writes <run>/adapter. Run again to resume."""
+    from medpeft.engine.distributed import Processes
     from medpeft.generate.config import load_generate_config
     from medpeft.generate.train import generate_train as run
 
     overrides = list(set_ or []) + ([f"output_dir={out}"] if out else [])
-    metrics = run(load_generate_config(config, overrides))
+    generate_config = load_generate_config(config, overrides)
+    if devices > 1:
+        _launch(devices, ["generate", "train", str(config), *(f"--set={o}" for o in overrides)])
+        return
+    metrics = run(generate_config)
+    if not Processes.from_env().main:
+        return
     last = metrics["history"][-1]
     console.print(f"done: {metrics['epochs_run']} epochs, train loss {last['train_loss']:.4f}"
                   + ("" if last["val_loss"] is None else f", val loss {last['val_loss']:.4f}"))

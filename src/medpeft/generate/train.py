@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import ExitStack, nullcontext
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 from rich.console import Console
+from torch import nn
 
 from medpeft.config import dump_config
 from medpeft.data import read_split_dataset
@@ -32,7 +35,8 @@ from medpeft.data.images import check_images
 from medpeft.engine import rundir
 from medpeft.engine.loaders import image_cache, make_loader
 from medpeft.engine.loop import Stepper, begin_epoch, build_scheduler, run_epoch
-from medpeft.engine.runtime import autocast, resolve_device
+from medpeft.engine.distributed import Processes
+from medpeft.engine.runtime import autocast, session
 from medpeft.errors import DataError, RunDirError
 from medpeft.files import locked, write_json_atomic
 from medpeft.generate.config import GenerateConfig
@@ -53,28 +57,32 @@ def prompts_of(table: pd.DataFrame, config: GenerateConfig) -> list[str]:
 
 
 def generate_train(config: GenerateConfig, quiet: bool = False) -> dict:
-    """Train as `config` says, write the run directory (holding its lock throughout), return its metrics."""
-    with locked(config.output_dir, RunDirError):
-        recipe = DiffusionTrain(config, Console(quiet=quiet))
+    """Train as `config` says, write the run directory (the first process holds its lock throughout),
+    return its metrics. Under a launcher (torchrun, ``--devices N``) every process trains its part of each
+    global batch (torch DDP), as ``medpeft train`` does."""
+    with (session(config.train) as (procs, device),
+          locked(config.output_dir, RunDirError) if procs.main else nullcontext()):
+        recipe = DiffusionTrain(config, procs, device, Console(quiet=quiet or not procs.main))
         recipe.setup()
         recipe.train()
         return recipe.finish()
 
 
 class DiffusionTrain:
-    def __init__(self, config: GenerateConfig, console: Console):
-        self.config, self.console, self.run_dir = config, console, Path(config.output_dir)
+    def __init__(self, config: GenerateConfig, procs: Processes, device: torch.device, console: Console):
+        self.config, self.procs, self.device, self.console = config, procs, device, console
+        self.run_dir = Path(config.output_dir)
 
     def setup(self) -> None:
         from diffusers import DDPMScheduler
 
-        config, cfg = self.config, self.config.train
+        config, cfg, procs, device = self.config, self.config.train, self.procs, self.device
         table = check_images(read_split_dataset(config.data), config.data, progress=self.console.is_terminal)
         self.table = table = table[table["split"] != "test"].reset_index(drop=True)
         if not (table["split"] == "train").any():
             raise DataError(f"{config.data.csv}: no training images")
         checkpoint = rundir.check_run_dir(self.run_dir, config)
-        self.device = device = resolve_device(cfg.device)
+        procs.barrier()  # every process has checked the folder before the first writes into it
         torch.manual_seed(cfg.seed)
         self.model = model = prepare(load_source(config.model.source, config.model.seed), config)
         self.noise = DDPMScheduler.from_config(model.scheduler.config)
@@ -84,15 +92,21 @@ class DiffusionTrain:
         counts = count_parameters(model)
         self.console.print(f"{config.method.name} on {config.model.source}: {counts['trainable']:,} trainable "
                            f"parameters ({counts['trainable_percent']:.3g}%), {model.image_size} px, "
-                           f"{int((table['split'] == 'train').sum()):,} training images")
-        rundir.start_run_dir(self.run_dir, dump_config(config), table, checkpoint)
+                           f"{int((table['split'] == 'train').sum()):,} training images"
+                           + (f", {procs.world} processes (DDP)" if procs.world > 1 else ""))
+        if procs.main:
+            rundir.start_run_dir(self.run_dir, dump_config(config), table, checkpoint)
         view = SimpleNamespace(model=SimpleNamespace(img_size=model.image_size), data=config.data,
                                augment=config.augment, train=config.train)  # what the image loaders read
         cache = image_cache(table, view, progress=self.console.is_terminal)
         self.prompts = {split: prompts_of(table[table["split"] == split], config) for split in ("train", "val")}
-        self.loaders = {split: make_loader(table, split, view, train=split == "train", cache=cache,
+        self.loaders = {split: make_loader(table, split, view, train=split == "train", cache=cache, procs=procs,
                                            targets=np.arange(len(self.prompts[split]))[:, None])
                         for split in ("train", "val") if self.prompts[split]}
+        # the trained components as this process calls them: wrapped by DDP, which averages their gradients
+        self.forward = model if procs.world == 1 else replace(model, **{
+            name: nn.parallel.DistributedDataParallel(module) for name, module in model.modules().items()
+            if any(p.requires_grad for p in module.parameters())})
         optimizer = torch.optim.AdamW(self.parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps_per_epoch = math.ceil(len(self.loaders["train"]) / cfg.grad_accum_steps)
         self.ema = None
@@ -119,7 +133,7 @@ class DiffusionTrain:
         self.stepper.scheduler.load_state_dict(checkpoint["scheduler"])
         if self.ema is not None:
             self.ema.load_state_dict(checkpoint["ema"])
-        rundir.restore_rng(checkpoint, self.device, self.run_dir)
+        rundir.restore_rng(checkpoint, self.device, self.run_dir, self.procs)
         self.console.print(f"resuming {self.run_dir} at epoch {checkpoint['state']['epoch'] + 1}")
         self.state = checkpoint["state"]
 
@@ -129,22 +143,37 @@ class DiffusionTrain:
                 if param.requires_grad:
                     yield f"{component}.{name}", param
 
-    def loss(self, images: torch.Tensor, index: torch.Tensor, split: str, generator: torch.Generator,
-             dropout: float) -> torch.Tensor:
+    def _draws(self, index: torch.Tensor, epoch: int, shape: tuple) -> tuple[torch.Tensor, ...]:
+        """Each image's noise, timestep and prompt-dropout draw, from a generator seeded by (seed, epoch,
+        the image's place in its split): the same whatever the batch, the process or a resume."""
+        noise, steps, drops = [], [], []
+        for i in index[:, 0].long().tolist():
+            generator = torch.Generator().manual_seed((self.config.train.seed * 100_003 + epoch) * 1_000_003 + i)
+            noise.append(torch.randn(shape, generator=generator))
+            steps.append(torch.randint(0, self.noise.config.num_train_timesteps, (1,), generator=generator))
+            drops.append(torch.rand(1, generator=generator))
+        device = self.device
+        return torch.stack(noise).to(device), torch.cat(steps).to(device), torch.cat(drops).to(device)
+
+    def loss(self, images: torch.Tensor, index: torch.Tensor, split: str, epoch: int, dropout: float) -> torch.Tensor:
         """Per-image (weighted) noise-prediction loss (B,) of a batch."""
-        model, device = self.model, self.device
+        model, forward, device = self.model, self.forward, self.device
         x = images[:, : model.channels].to(device, non_blocking=True)
         prompts = [self.prompts[split][int(i)] for i in index[:, 0]]
-        dropped = torch.rand(len(prompts), generator=generator, device=device) < dropout
-        prompts = ["" if drop else prompt for drop, prompt in zip(dropped.tolist(), prompts)]
         with autocast(device, self.config.train.precision):
             if model.vae is not None:
-                x = model.vae.encode(x).latent_dist.sample(generator) * model.vae.config.scaling_factor
-            noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
-            t = torch.randint(0, self.noise.config.num_train_timesteps, (len(x),), generator=generator, device=device)
+                latent = model.vae.encode(x).latent_dist
+                x = latent.mean * model.vae.config.scaling_factor  # plus the latent's own noise, drawn below
+            noise, t, drawn = self._draws(index, epoch, tuple(x.shape[1:]) if model.vae is None else
+                                          (2, *x.shape[1:]))
+            if model.vae is not None:  # a sample of the latent distribution, then the diffusion noise
+                x = x + latent.std * model.vae.config.scaling_factor * noise[:, 1].to(x.dtype)
+                noise = noise[:, 0]
+            noise = noise.to(x.dtype)
+            prompts = ["" if drop else prompt for drop, prompt in zip((drawn < dropout).tolist(), prompts)]
             noisy = self.noise.add_noise(x, noise, t)
             target = noise if self.noise.config.prediction_type == "epsilon" else self.noise.get_velocity(x, noise, t)
-            predicted = model.unet(noisy, t, encoder_hidden_states=encode_prompts(model, prompts)).sample
+            predicted = forward.unet(noisy, t, encoder_hidden_states=encode_prompts(forward, prompts)).sample
         loss = (predicted.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
         gamma = self.config.diffusion.snr_gamma
         if gamma is not None:
@@ -155,21 +184,29 @@ class DiffusionTrain:
                                                          else snr + 1)
         return loss
 
-    def _generator(self, epoch: int, batch: int) -> torch.Generator:
-        return torch.Generator(self.device).manual_seed((self.config.train.seed * 100_003 + epoch) * 1_000_003 + batch)
-
     @torch.no_grad()
     def validation_loss(self) -> float | None:
+        """The mean loss over the val images (fixed draws), every process's batches summed."""
         if "val" not in self.loaders:
             return None
         for module in self.model.modules().values():
             module.eval()
-        losses = [self.loss(x, index, "val", self._generator(-1, i), 0.0) for i, (x, index) in
-                  enumerate(self.loaders["val"])]
-        return float(torch.cat(losses).mean())
+        total, count = 0.0, 0
+        for x, index in self.loaders["val"]:
+            loss = self.loss(x, index, "val", -1, 0.0)
+            total, count = total + float(loss.sum()), count + len(loss)
+        return self.procs.sum(total) / self.procs.sum(count)
+
+    def _no_sync(self):
+        """The context that skips the gradient all-reduce of every DDP-wrapped component."""
+        stack = ExitStack()
+        for module in self.forward.modules().values():
+            if isinstance(module, nn.parallel.DistributedDataParallel):
+                stack.enter_context(module.no_sync())
+        return stack
 
     def train(self) -> None:
-        cfg, state = self.config.train, self.state
+        cfg, state, procs = self.config.train, self.state, self.procs
         loader = self.loaders["train"]
         dropout = self.config.diffusion.prompt_dropout
         while state["epoch"] < cfg.epochs:
@@ -179,36 +216,42 @@ class DiffusionTrain:
             begin_epoch(loader, cfg.seed, epoch)
 
             def batch_loss(i, batch):
-                loss = self.loss(*batch, "train", self._generator(epoch, i), dropout).mean()
-                return loss, loss.item(), len(batch[0])
+                # this process's part of the global batch, weighted so that DDP's mean over the processes is
+                # the whole batch's mean loss (weight 1 in one process)
+                mine, total = loader.batch_sampler.share(i)
+                loss = self.loss(*batch, "train", epoch, dropout).mean()
+                return loss * (mine * procs.world / total), loss.item() * mine / total, total
             train_loss, _, seconds = run_epoch(loader, epoch, batch_loss, self.stepper, state, self.run_dir,
-                                               self.console)
+                                               self.console, procs, no_sync=self._no_sync if procs.world > 1 else None)
             val_loss = self.validation_loss()
             record = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss}
             state["history"].append(record)
             state["elapsed"] += seconds
             state["epoch"] += 1
-            rundir.append_log(self.run_dir, {"event": "epoch", **record})
             self.console.print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}"
                                + ("" if val_loss is None else f", val loss {val_loss:.4f}"))
-            rundir.save_checkpoint({
-                "trainable": trainable_state_dict(self.model), "optimizer": self.stepper.optimizer.state_dict(),
-                "scheduler": self.stepper.scheduler.state_dict(), "state": state,
-                **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
-                **rundir.rng_state(self.device)}, self.run_dir)
+            rng = rundir.rng_state(self.device, procs)  # gathered from every process
+            if procs.main:
+                rundir.append_log(self.run_dir, {"event": "epoch", **record})
+                rundir.save_checkpoint({
+                    "trainable": trainable_state_dict(self.model), "optimizer": self.stepper.optimizer.state_dict(),
+                    "scheduler": self.stepper.scheduler.state_dict(), "state": state,
+                    **({"ema": self.ema.state_dict()} if self.ema is not None else {}), **rng}, self.run_dir)
 
     def finish(self) -> dict:
         start = time.perf_counter()
         if self.ema is not None:
             self.ema.copy_to(self.parameters)
-        adapter = self.run_dir / ADAPTER
-        adapter.mkdir(exist_ok=True)
-        self.config.method.save(self.model, adapter)
         metrics = {"method": self.config.method.name, "source": self.config.model.source,
                    "image_size": self.model.image_size, "parameters": count_parameters(self.model),
-                   "epochs_run": self.state["epoch"], "steps": self.state["step"],
+                   "processes": self.procs.world, "epochs_run": self.state["epoch"], "steps": self.state["step"],
                    "wall_time_s": self.state["elapsed"] + time.perf_counter() - start,
                    "split_sizes": self.table["split"].value_counts().to_dict(), "history": self.state["history"]}
-        write_json_atomic(self.run_dir / rundir.METRICS, metrics)
-        (self.run_dir / rundir.CHECKPOINT).unlink(missing_ok=True)
+        if self.procs.main:
+            adapter = self.run_dir / ADAPTER
+            adapter.mkdir(exist_ok=True)
+            self.config.method.save(self.model, adapter)
+            write_json_atomic(self.run_dir / rundir.METRICS, metrics)
+            (self.run_dir / rundir.CHECKPOINT).unlink(missing_ok=True)
+        self.procs.barrier()  # the run is complete for every process
         return metrics
