@@ -200,7 +200,7 @@ def run_study(study_path: str | Path, out: str | Path, jobs: int = 1, executor: 
             (out / sub).mkdir(parents=True, exist_ok=True)
         store = Store(out / STORE)
         try:
-            store.sync(study.cells, (out / "runs").resolve(), legacy_hashes(study.cells, out / "configs"))
+            store.sync(study.cells, (out / "runs").resolve(), lambda: legacy_hashes(study.cells, out / "configs"))
             write_text_atomic(out / "study.yaml", Path(study_path).read_text())
             todo = [c for c in study.cells if store.status(c.key) in ("pending", "running")
                     or (retry_failed and store.status(c.key) == "failed")]

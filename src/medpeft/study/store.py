@@ -14,6 +14,7 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -64,20 +65,21 @@ class Store:
         except sqlite3.DatabaseError as e:
             raise RunDirError(f"{self.path}: not a usable study store ({e})") from None
 
-    def sync(self, cells: list[Cell], run_root: Path, legacy: dict[str, str] | None = None) -> None:
+    def sync(self, cells: list[Cell], run_root: Path, legacy: Callable[[], dict[str, str]] | None = None) -> None:
         """Add the study's new cells as pending; refuse cells whose config changed since they were added.
 
-        `legacy`: cell key -> the hash an older medpeft would have given the cell's unchanged config; a row
-        holding it takes the cell's hash (see legacy_hashes)."""
-        legacy = legacy or {}
+        `legacy` (called only when a stored hash differs): cell key -> the hash an older medpeft would have
+        given the cell's unchanged config; a row holding it takes the cell's hash (see legacy_hashes)."""
         known = {row["key"]: row["config_hash"] for row in self.db.execute("SELECT key, config_hash FROM cells")}
-        changed = [c.key for c in cells if c.key in known and known[c.key] not in (c.config_hash, legacy.get(c.key))]
+        differ = [c for c in cells if c.key in known and known[c.key] != c.config_hash]
+        older = legacy() if differ and legacy is not None else {}
+        changed = [c.key for c in differ if known[c.key] != older.get(c.key)]
         if changed:
             raise ConfigError(f"{self.path}: the config of {len(changed)} cell(s) changed since they were added "
                               f"(e.g. {changed[0]}); write the study to a new directory")
         with self._transaction():
             self.db.executemany("UPDATE cells SET config_hash = ? WHERE key = ?",
-                                [(c.config_hash, c.key) for c in cells if c.key in known])
+                                [(c.config_hash, c.key) for c in differ])
             self.db.executemany(
                 "INSERT INTO cells (key, backbone, dataset, method, fraction, seed, config_hash, run_dir, status) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
