@@ -25,12 +25,21 @@ import re
 import sys
 from pathlib import Path
 
-from medpeft.config.docs import key_tables
+from medpeft.config.docs import key_tables as run_key_tables
 from medpeft.files import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 RESULTS = ROOT / "benchmarks" / "results"
+
+
+def key_tables() -> dict[str, str]:
+    """The run config's tables, and the generate config's (when diffusers is installed)."""
+    try:
+        from medpeft.generate.config import key_tables as generate_key_tables
+    except ImportError:
+        return run_key_tables()
+    return {**run_key_tables(), **generate_key_tables()}
 
 
 def _block(name: str) -> re.Pattern:

@@ -61,11 +61,12 @@ def formats_table() -> str:
     return _table(["format", "key", "type", "default", "description"], rows)
 
 
-def methods_table() -> str:
-    """Each registered method's own keys (a method without keys has a row of its own)."""
+def methods_table(registry=METHODS, base: type | None = None) -> str:
+    """Each method of `registry`'s own keys, leaving out those of `base` (a method without keys has a row of
+    its own)."""
     rows = []
-    for name, cls in METHODS.classes.items():
-        own = _rows(cls, "method.")
+    for name, cls in registry.classes.items():
+        own = _rows(cls, "method.", base)
         rows += [[f"`{name}`", *row] for row in own] or [[f"`{name}`", "–", "", "", "no keys"]]
     return _table(["method", "key", "type", "default", "description"], rows)
 

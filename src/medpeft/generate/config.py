@@ -23,7 +23,7 @@ from typing import Literal
 from medpeft.config import AugmentConfig, DataConfig, Section, TrainConfig, build, option
 from medpeft.config.run import layered, plain
 from medpeft.errors import ConfigError
-from medpeft.generate.methods import GenerativeMethodConfig
+from medpeft.generate.methods import GENERATIVE_METHODS, GenerativeMethodConfig
 
 
 @dataclass
@@ -105,3 +105,14 @@ def load_generate_config(path: str | Path | None = None, overrides: list[str] = 
                          base: dict | None = None) -> GenerateConfig:
     """GENERATE_DEFAULTS, then `base`, the YAML file and ``key=value`` overrides, validated."""
     return build(GenerateConfig, layered(GENERATE_DEFAULTS, path, overrides, base))
+
+
+def key_tables() -> dict[str, str]:
+    """The README's tables of the generate config's own sections and methods, made from the schema."""
+    from medpeft.config.docs import methods_table, section_table
+
+    return {"generate.model": section_table(DiffusionModelConfig, "model."),
+            "generate.prompt": section_table(PromptConfig, "prompt."),
+            "generate.diffusion": section_table(DiffusionConfig, "diffusion."),
+            "generate.method": section_table(GenerativeMethodConfig, "method.") + "\n\n"
+            + methods_table(GENERATIVE_METHODS, GenerativeMethodConfig)}
