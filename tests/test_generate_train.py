@@ -69,6 +69,7 @@ def test_prompts_are_made_from_the_labels_or_a_text_column():
     ({"train": {"layer_decay": 0.75}}, "train.layer_decay does not apply to diffusion training"),
     ({"data": {"mean": [0.4, 0.4, 0.4]}}, "data.mean and data.std must be 0.5"),
     ({"diffusion": {"prediction": "sample"}}, "diffusion.prediction"),
+    ({"train": {"precision": "fp16"}}, "train.precision 'fp16' is not supported for diffusion training"),
 ])
 def test_a_config_that_cannot_train_is_one_error(tmp_path, phantoms, base, section, message):
     with pytest.raises(ConfigError, match=message):

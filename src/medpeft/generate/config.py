@@ -89,6 +89,9 @@ class GenerateConfig(Section):
         for key, default in _NOT_FOR_DIFFUSION.items():
             if getattr(self.train, key) != default:
                 raise ConfigError(f"train.{key} does not apply to diffusion training")
+        if self.train.precision == "fp16":
+            raise ConfigError("train.precision 'fp16' is not supported for diffusion training (it has no loss "
+                              "scaling); use 'bf16' or 'fp32'")
         if self.data.mean != [0.5] * 3 or self.data.std != [0.5] * 3:
             raise ConfigError("data.mean and data.std must be 0.5: a diffusion model's images are in [-1, 1]")
         if self.prompt.column is not None and self.prompt.column not in getattr(self.data, "metadata_columns", []):
