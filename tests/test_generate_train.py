@@ -217,3 +217,21 @@ def test_two_processes_train_as_one(tmp_path, phantoms, base):
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
     a, b = (load_file(str(tmp_path / run / "adapter" / "pytorch_lora_weights.safetensors")) for run in ("one", "two"))
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_an_mae_pretraining_run_is_an_extractor_without_label_scores(tmp_path, phantoms, base):
+    from medpeft.config import load_pretrain_config
+    from medpeft.generate.evaluate import generate_evaluate
+    from medpeft.pretrain import pretrain
+
+    from conftest import TINY_VIT
+
+    mae = tmp_path / "mae"
+    pretrain(load_pretrain_config(base={
+        "model": {k: v for k, v in TINY_VIT.items() if k != "drop_path_rate"}, "output_dir": str(mae),
+        "data": {"csv": str(phantoms), "patient_column": "patient_id"},
+        "mae": {"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2, "preview_every": 0},
+        "train": {"epochs": 1, "batch_size": 16, "warmup_epochs": 0}}), quiet=True)
+    generate_train(config(phantoms, base, tmp_path / "gen", train={"epochs": 1}), quiet=True)
+    result = generate_evaluate(tmp_path / "gen", mae, n=8, steps=2, guidance=2.0)
+    assert result["fid"] > 0 and result["label_fidelity"] is None and 0 <= result["copied_share"] <= 1

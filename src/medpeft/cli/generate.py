@@ -79,7 +79,8 @@ def generate_sample(
 def generate_evaluate(
     run: Path = typer.Argument(..., help="A finished generate run."),
     extractor: Path = typer.Option(..., "--extractor", help="A finished medpeft classification run on this kind "
-                                   "of image: its backbone's features, its head's label scores."),
+                                   "of image (its backbone's features, its head's label scores) or an MAE "
+                                   "pretraining run (its encoder's features)."),
     n: Optional[int] = typer.Option(None, "--n", min=2, help="Generate for N test images drawn with --seed "
                                     "(default: all)."),
     steps: int = typer.Option(50, "--steps", min=1, help="Denoising steps (DDIM)."),

@@ -1,6 +1,7 @@
 """``medpeft generate evaluate``: how good, how diverse, how faithful to their prompts and how much copied
-a generate run's images are, measured with a chest X-ray classifier the user names (a finished medpeft
-classification run: its backbone gives the features, its head the label scores).
+a generate run's images are, measured with a chest X-ray model the user names: a finished medpeft
+classification run (its backbone gives the features, its head the label scores) or an MAE pretraining run
+(its encoder gives the features; no label scores).
 
 1. For each real test image (or `n` of them, drawn with `seed`), one image is generated from its prompt (so
    the generated set has the test set's findings), batch i seeded with seed + i.
@@ -34,35 +35,50 @@ from medpeft.generate.sample import sample
 from medpeft.generate.train import prompts_of
 from medpeft.methods.registry import unwrap
 from medpeft.metrics.classification import auroc
+from medpeft.pretrain import MAE_CHECKPOINT
 
 EVALUATION = "generated"
 
 
 class Extractor:
-    """A finished classification run as a feature extractor: images (N, C, H, W) in [0, 1] at any size ->
-    (features (N, D), label probabilities (N, K))."""
+    """A feature extractor and label scorer from a finished run: images (N, C, H, W) in [0, 1] at any size ->
+    (features (N, D), label probabilities (N, K), or None). A classification run gives its backbone's
+    pooled features and its head's probabilities; an MAE pretraining run (``medpeft pretrain``) its
+    encoder's average-pooled features only."""
 
     def __init__(self, run_dir: str | Path):
-        self.config = rundir.finished_config(Path(run_dir))
-        self.model = load_model(run_dir, self.config).model
-        self.labels = list(self.config.data.labels)
-        size, data = self.config.model.img_size, self.config.data
-        self.size = size
-        self.mean = torch.tensor(data.mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(data.std).view(1, -1, 1, 1)
+        from dataclasses import replace
+
+        run_dir = Path(run_dir)
+        mae = run_dir / MAE_CHECKPOINT
+        if mae.is_file():
+            from medpeft.backbones import create_backbone
+            from medpeft.config import PretrainConfig, build
+
+            config = build(PretrainConfig, {**rundir.saved_config(run_dir), "output_dir": str(run_dir)})
+            self.model = create_backbone(replace(config.model, weights=str(mae), global_pool="avg"), 0)[0].eval()
+            self.labels, self.task = [], None
+        else:
+            config = rundir.finished_config(run_dir)
+            self.model = load_model(run_dir, config).model
+            self.labels, self.task = list(config.data.labels), config.data.task
+        self.size = config.model.img_size
+        self.mean = torch.tensor(config.data.mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(config.data.std).view(1, -1, 1, 1)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, images: torch.Tensor, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
         timm_model, features, probs = unwrap(self.model), [], []
         for batch in images.split(batch_size):
             x = F.interpolate(batch.float(), size=(self.size, self.size), mode="bilinear", antialias=True,
                               align_corners=False).clamp(0, 1)
             x = (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x) - self.mean
             pooled = timm_model.forward_head(timm_model.forward_features(x / self.std), pre_logits=True)
-            logits = timm_model.get_classifier()(pooled)
             features.append(pooled)
-            probs.append(logits.softmax(1) if self.config.data.task == "multiclass" else logits.sigmoid())
-        return torch.cat(features).numpy(), torch.cat(probs).numpy()
+            if self.task is not None:
+                logits = timm_model.get_classifier()(pooled)
+                probs.append(logits.softmax(1) if self.task == "multiclass" else logits.sigmoid())
+        return torch.cat(features).numpy(), torch.cat(probs).numpy() if probs else None
 
 
 def real_images(config, table, split: str, size: int) -> torch.Tensor:
@@ -114,10 +130,11 @@ def generate_evaluate(run_dir: str | Path, extractor: str | Path, n: int | None 
     return result
 
 
-def _fidelity(test, config, judged: list[str], generated: np.ndarray, real: np.ndarray) -> dict | None:
+def _fidelity(test, config, judged: list[str], generated, real) -> dict | None:
     """Per label both runs have: the classifier's AUROC on generated images vs the prompted findings, and on
-    the real test images vs their labels (the ceiling); None with prompts from a text column."""
-    if config.prompt.column is not None:
+    the real test images vs their labels (the ceiling); None with prompts from a text column or an extractor
+    without labels."""
+    if config.prompt.column is not None or generated is None:
         return None
     shared = [label for label in config.data.labels if label in judged]
     per_label = {}
