@@ -26,7 +26,7 @@ LAYERS = [
     {"medpeft.train", "medpeft.pretrain"},
     {"medpeft.generate"},
     {"medpeft.inference", "medpeft.study"},
-    {"medpeft.demo"},
+    {"medpeft.demo", "medpeft.demo_generative"},
     {"medpeft"},  # the package root with the command line (the medpeft.cli package, medpeft.__main__)
 ]
 MAX_MODULE_LINES = 400

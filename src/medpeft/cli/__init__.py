@@ -196,13 +196,23 @@ def _size(size: int) -> str:
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("demo-runs"), "--out", help="Folder for the phantoms, runs and report."),
-         jobs: int = typer.Option(2, "--jobs", help="Fine-tuning runs at a time (the cores are shared out).")):
+def demo(out: Optional[Path] = typer.Option(None, "--out", help="Folder for the phantoms, runs and report (default: "
+                                            "demo-runs, or demo-generative with --generative)."),
+         jobs: int = typer.Option(2, "--jobs", help="Fine-tuning runs at a time (the cores are shared out)."),
+         generative: bool = typer.Option(False, "--generative", help="The generative demo instead: adapt a small "
+                                         "text-to-image diffusion model to a new hospital with every generative "
+                                         "method (needs medpeft[generate]).")):
     """Phantom X-rays: MAE-pretrain a small ViT without labels, then compare training from scratch, linear
-    probe, full fine-tuning and LoRA at 1%, 10% and 100% of the labels; writes a study report."""
+    probe, full fine-tuning and LoRA at 1%, 10% and 100% of the labels; writes a study report. With
+    --generative: the generative PEFT methods compared on adapting a diffusion model to another hospital."""
+    if generative:
+        from medpeft.demo_generative import run_generative_demo
+
+        run_generative_demo(out or Path("demo-generative"))
+        return
     from medpeft.demo import run_demo
 
-    run_demo(out, jobs=jobs)
+    run_demo(out or Path("demo-runs"), jobs=jobs)
 
 
 @app.command()
