@@ -68,7 +68,7 @@ def run_generative_demo(out: str | Path = "demo-generative", console: Console | 
     """Run the demo under `out`; print its table and verdict; return one row per method."""
     from medpeft.config import load_config
     from medpeft.generate.config import load_generate_config
-    from medpeft.generate.evaluate import generate_evaluate
+    from medpeft.generate.evaluate import EVALUATION, generate_evaluate
     from medpeft.generate.train import generate_train
     from medpeft.train import train
 
@@ -103,7 +103,9 @@ def run_generative_demo(out: str | Path = "demo-generative", console: Console | 
                 "model": {"source": str(foundation)}, "data": _data(csv_b, 0.25), **common, "method": {"name": method},
                 "train": {"epochs": budget["method_epochs"], "batch_size": 32, "lr": LR.get(method, 1e-3),
                           "warmup_epochs": 0.2}, "output_dir": str(run)}), quiet=True)
-        result = generate_evaluate(run, judge, n=budget["images"], steps=budget["steps"], guidance=3.0)
+        saved = run / rundir.EVALUATIONS / EVALUATION / rundir.METRICS  # a finished evaluation is reused
+        result = rundir.read_json_object(saved) if saved.is_file() else generate_evaluate(
+            run, judge, n=budget["images"], steps=budget["steps"], guidance=3.0)
         share = rundir.read_json_object(run / rundir.METRICS)["parameters"]["trainable_percent"]
         rows.append({"method": method, "trainable_percent": share, **result})
         console.print(f"{method}: FID {result['fid']:.3g}")

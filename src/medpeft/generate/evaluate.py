@@ -32,7 +32,7 @@ from medpeft.files import write_json_atomic
 from medpeft.generate.metrics import fid, kid, memorisation, precision_recall
 from medpeft.generate.runs import load_run
 from medpeft.generate.sample import sample
-from medpeft.generate.train import prompts_of
+from medpeft.generate.train import loader_view, prompts_of
 from medpeft.methods.registry import unwrap
 from medpeft.metrics.classification import auroc
 from medpeft.pretrain import MAE_CHECKPOINT
@@ -83,10 +83,7 @@ class Extractor:
 
 def real_images(config, table, split: str, size: int) -> torch.Tensor:
     """The split's images at the generator's side, in [0, 1], in table order (no augmentation)."""
-    from types import SimpleNamespace
-
-    view = SimpleNamespace(model=SimpleNamespace(img_size=size), data=config.data, augment=config.augment,
-                           train=config.train)
+    view = loader_view(config, size)
     rows = table[table["split"] == split]
     loader = make_loader(table, split, view, train=False, targets=np.zeros((len(rows), 1)))
     return torch.cat([x for x, _ in loader]) * 0.5 + 0.5

@@ -56,6 +56,12 @@ def prompts_of(table: pd.DataFrame, config: GenerateConfig) -> list[str]:
                                           or config.prompt.no_finding) for row in positive]
 
 
+def loader_view(config: GenerateConfig, size: int) -> SimpleNamespace:
+    """What the image loaders (engine.loaders) read of a run config, with the images' side `size`."""
+    return SimpleNamespace(model=SimpleNamespace(img_size=size), data=config.data, augment=config.augment,
+                           train=config.train)
+
+
 def generate_train(config: GenerateConfig, quiet: bool = False) -> dict:
     """Train as `config` says, write the run directory (the first process holds its lock throughout),
     return its metrics. Under a launcher (torchrun, ``--devices N``) every process trains its part of each
@@ -96,8 +102,7 @@ class DiffusionTrain:
                            + (f", {procs.world} processes (DDP)" if procs.world > 1 else ""))
         if procs.main:
             rundir.start_run_dir(self.run_dir, dump_config(config), table, checkpoint)
-        view = SimpleNamespace(model=SimpleNamespace(img_size=model.image_size), data=config.data,
-                               augment=config.augment, train=config.train)  # what the image loaders read
+        view = loader_view(config, model.image_size)
         cache = image_cache(table, view, progress=self.console.is_terminal)
         self.prompts = {split: prompts_of(table[table["split"] == split], config) for split in ("train", "val")}
         self.loaders = {split: make_loader(table, split, view, train=split == "train", cache=cache, procs=procs,
