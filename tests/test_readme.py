@@ -34,12 +34,16 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def key_tables() -> dict[str, str]:
-    """The run config's tables, and the generate config's (when diffusers is installed)."""
+    """The run config's tables, and the generate config's and a generative study's (when diffusers is
+    installed)."""
     try:
         from medpeft.generate.config import key_tables as generate_key_tables
     except ImportError:
         return run_key_tables()
-    return {**run_key_tables(), **generate_key_tables()}
+    from medpeft.config.docs import section_table
+    from medpeft.study.spec import StudyEvaluation
+
+    return {**run_key_tables(), **generate_key_tables(), "study.generate": section_table(StudyEvaluation, "generate.")}
 
 
 def _block(name: str) -> re.Pattern:

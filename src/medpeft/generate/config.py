@@ -64,6 +64,9 @@ class DiffusionConfig(Section):
                                      "saved model (e.g. 0.999); None = off.", gt=0, lt=1)
 
 
+EVALUATION = "generated"
+"""``medpeft generate evaluate``'s folder in a run's evaluations/."""
+
 # Keys of the classification train section that a diffusion run does not read.
 _NOT_FOR_DIFFUSION = {"layer_decay": None, "early_stopping_patience": None, "eval_every": 1, "optimizer": "adamw",
                       "frozen_prefix_cache": False, "recompute": "none", "attention": "auto"}

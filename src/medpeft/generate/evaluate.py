@@ -29,6 +29,7 @@ from medpeft.engine.assemble import load_model
 from medpeft.engine.loaders import make_loader
 from medpeft.errors import ConfigError
 from medpeft.files import write_json_atomic
+from medpeft.generate.config import EVALUATION
 from medpeft.generate.metrics import fid, kid, memorisation, precision_recall
 from medpeft.generate.runs import load_run
 from medpeft.generate.sample import sample
@@ -37,7 +38,6 @@ from medpeft.methods.registry import unwrap
 from medpeft.metrics.classification import auroc
 from medpeft.pretrain import MAE_CHECKPOINT
 
-EVALUATION = "generated"
 
 
 class Extractor:

@@ -35,8 +35,9 @@ seeds, and the difference, its interval and its p-value all come from those same
 (``medpeft.metrics.compare.bootstrap_auroc_difference_over_seeds``). The p-values of the whole pairwise
 table are adjusted together (``report.correction``: Holm or Benjamini-Hochberg); a verdict is a win or a
 loss when the adjusted p-value is below ``report.alpha``, in the direction of the difference.
-The tables are built in ``medpeft.study.tables``, the figures drawn in ``medpeft.study.figures`` and
-the documents rendered by ``medpeft.study.render``.
+A generative study's report (its study file has ``generate``) has its own tables, verdicts and figure
+(``medpeft.study.generative``). The tables are built in ``medpeft.study.tables``, the figures drawn in
+``medpeft.study.figures`` and the documents rendered by ``medpeft.study.render``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from medpeft.errors import DataError, RunDirError
 from medpeft.files import atomic_directory
 from medpeft.metrics.compare import bootstrap_auroc_difference_over_seeds, delong_test
 from medpeft.metrics.multiple import METHODS, adjust_p_values
+from medpeft.study import generative
 from medpeft.study.evidence import SECTIONS
 from medpeft.study.figures import write_figures, write_reliability_figures
 from medpeft.study.render import Table, html_page, latex, markdown
@@ -97,11 +99,12 @@ def _read_store(study_dir: Path) -> pd.DataFrame:
     return frame
 
 
-def _study_file(study_dir: Path) -> tuple[str, ReportOptions]:
-    """The study's name and report options, from the study file as last run (study.yaml)."""
+def _study_file(study_dir: Path) -> tuple[str, ReportOptions, dict | None]:
+    """The study's name, report options and ``generate`` section (None: not generative), from the study file
+    as last run (study.yaml)."""
     path = study_dir / "study.yaml"
     data = read_yaml_mapping(path, "study file", "a mapping") if path.is_file() else {}
-    return str(data.get("name") or study_dir.resolve().name), report_options(path, data)
+    return str(data.get("name") or study_dir.resolve().name), report_options(path, data), data.get("generate")
 
 
 # ----------------------------------------------------------------------------- pairwise comparisons
@@ -336,6 +339,11 @@ def write_report(study_dir: str | Path) -> Path:
     """Write the study's report into study_dir/report/ (see the module docstring); return report.html."""
     study_dir = Path(study_dir)
     frame = _read_store(study_dir)
+    name, options, generate = _study_file(study_dir)
+    if generate is not None:
+        with atomic_directory(study_dir / REPORT) as out:
+            generative.write(frame, study_dir, name, out, str(generate.get("extractor")))
+        return study_dir / REPORT / "report.html"
     results = results_table(frame, study_dir)
     usable = (results["status"] == "done") & results["test_mean_auroc"].notna()
     done = results[usable].assign(metrics=frame["metrics"][usable])
@@ -345,7 +353,6 @@ def write_report(study_dir: str | Path) -> Path:
     reference = "full" if "full" in methods else methods[0]
     comparison = comparison_frame(done, methods)
     table = comparison_table(comparison)
-    name, options = _study_file(study_dir)
     pairwise = pairwise_frame(done, methods, reference, labels, options)
     with atomic_directory(study_dir / REPORT) as out:
         for file, text in (("results.csv", results.to_csv(index=False)),

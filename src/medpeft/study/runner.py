@@ -24,7 +24,10 @@ holds its run directory's lock. A cell whose dataset level has an external test 
 ``external``) is then evaluated on it in a second process, ``medpeft evaluate RUN --data
 configs/KEY.external.yaml --name external --split SPLIT`` (``RUN/evaluations/external/``), before it is
 done: an error there fails the cell, and a rerun evaluates its complete run. A cell done before the
-study named its external set is not evaluated. ``executor="ray"`` sends the same cell processes to the
+study named its external set is not evaluated. A generative study's cell trains with ``medpeft generate
+train`` and is then measured the same way, by ``medpeft generate evaluate RUN`` with the study's
+``generate`` settings (``RUN/evaluations/generated/``); its store row holds the run's metrics with the
+evaluation's under ``generated``. ``executor="ray"`` sends the same cell processes to the
 workers of a Ray cluster (``ray.init(address="auto")`` when one is running, else a local instance); the study
 directory must then be on storage every worker sees.
 
@@ -56,6 +59,7 @@ from medpeft.engine import rundir
 from medpeft.engine.assemble import check_buildable
 from medpeft.errors import ConfigError, RunDirError
 from medpeft.files import locked, write_text_atomic
+from medpeft.generate.config import EVALUATION
 from medpeft.study.spec import Cell, Study, load_study
 from medpeft.study.store import Store, legacy_hashes
 from medpeft.train.tune import BEST, SUMMARY, trial_config
@@ -65,6 +69,8 @@ TUNE = "tune"
 """The folder of the tasks' searches."""
 EXTERNAL = Path(rundir.EVALUATIONS) / "external" / rundir.METRICS
 """A cell's external evaluation, relative to its run directory."""
+GENERATED = Path(rundir.EVALUATIONS) / EVALUATION / rundir.METRICS
+"""A generative cell's evaluation, relative to its run directory."""
 
 
 @dataclass(frozen=True)
@@ -89,18 +95,17 @@ def peak_memory(log_path: str | Path) -> float | None:
     return rundir.read_json_object(path)["peak_memory_mb"] if path.is_file() else None
 
 
-def run_cell(key: str, config_path: str, log_path: str, external: tuple[str, str, str] | None, threads: int,
-             gpu: int | None = None) -> CellResult:
-    """Train one cell in a child process, then with `external` (run directory, data file, split) evaluate its
-    run on that data in another (a complete run is not trained again); their output goes to `log_path`, the
-    training's peak memory next to it."""
+def run_cell(key: str, config_path: str, log_path: str, evaluation: tuple[str, str, list[str]] | None,
+             generate: bool, threads: int, gpu: int | None = None) -> CellResult:
+    """Train one cell in a child process (a generate run when `generate`), then with `evaluation` (run
+    directory, what it is, medpeft's arguments) evaluate its run in another (a complete run is not trained
+    again); their output goes to `log_path`, the training's peak memory next to it."""
     steps = []
-    if not (external and rundir.is_complete(Path(external[0]))):
-        steps.append(("", ["-m", "medpeft.study.cell", config_path, str(threads), str(_result_path(log_path))]))
-    if external:
-        run_dir, data, split = external
-        steps.append(("external evaluation: ", ["-m", "medpeft", "evaluate", run_dir, f"--data={data}",
-                                                "--name=external", f"--split={split}"]))
+    if not (evaluation and rundir.is_complete(Path(evaluation[0]))):
+        steps.append(("", ["-m", "medpeft.study.cell", config_path, str(threads), str(_result_path(log_path)),
+                           *(["generate"] if generate else [])]))
+    if evaluation:
+        steps.append((evaluation[1], ["-m", "medpeft", *evaluation[2]]))
     return _run_steps(key, steps, log_path, threads, gpu) or CellResult(key, True,
                                                                           peak_memory_mb=peak_memory(log_path))
 
@@ -193,7 +198,8 @@ def run_study(study_path: str | Path, out: str | Path, jobs: int = 1, executor: 
     study = load_study(study_path)
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
-    check_models(study.cells, study.path)
+    if study.generate is None:  # a generative study's models are built when they train
+        check_models(study.cells, study.path)
     out = Path(out)
     with locked(out, RunDirError):
         for sub in ("configs", "runs", "logs"):
@@ -207,7 +213,7 @@ def run_study(study_path: str | Path, out: str | Path, jobs: int = 1, executor: 
             done = len(study.cells) - len(todo)
             console.print(f"study {study.name}: {len(study.cells)} cells, {done} done or failed before, {len(todo)} "
                           f"to run ({jobs} at a time, {executor})")
-            pending = [c for c in todo if not _recover(store, c, out, c.dataset in study.external)]
+            pending = [c for c in todo if not _recover(store, c, out, _evaluated(study, c))]
             if pending:
                 _execute(store, study, pending, out, jobs, executor, console)
             counts = store.frame()["status"].value_counts().to_dict()
@@ -227,14 +233,28 @@ def check_models(cells: list[Cell], path: Path) -> None:
             check_buildable(config_from_dict({**cell.config, "output_dir": "-"}), where=f"{path}: cell {cell.key}: ")
 
 
-def _recover(store: Store, cell: Cell, out: Path, external: bool) -> bool:
-    """A cell whose run finished (and, with `external`, was evaluated on its external test set) but was not
-    recorded (runner killed in between) is recorded now."""
+def _evaluated(study: Study, cell: Cell) -> Path | None:
+    """Where the cell's evaluation after training is (relative to its run directory); None without one."""
+    if study.generate is not None:
+        return GENERATED
+    return EXTERNAL if cell.dataset in study.external else None
+
+
+def _metrics(run_dir: Path) -> dict:
+    """A finished cell's metrics: its run's, with a generative evaluation's under ``generated``."""
+    metrics = rundir.read_json_object(run_dir / rundir.METRICS)
+    if (run_dir / GENERATED).is_file():
+        metrics["generated"] = rundir.read_json_object(run_dir / GENERATED)
+    return metrics
+
+
+def _recover(store: Store, cell: Cell, out: Path, evaluated: Path | None) -> bool:
+    """A cell whose run finished (and was evaluated where the study evaluates it) but was not recorded
+    (runner killed in between) is recorded now."""
     run_dir = out / "runs" / cell.key
-    if not rundir.is_complete(run_dir) or (external and not (run_dir / EXTERNAL).is_file()):
+    if not rundir.is_complete(run_dir) or (evaluated and not (run_dir / evaluated).is_file()):
         return False
-    store.mark_done(cell.key, rundir.read_json_object(run_dir / rundir.METRICS),
-                    peak_memory(out / "logs" / f"{cell.key}.log"))
+    store.mark_done(cell.key, _metrics(run_dir), peak_memory(out / "logs" / f"{cell.key}.log"))
     return True
 
 
@@ -250,7 +270,7 @@ def _execute(store: Store, study: Study, cells: list[Cell], out: Path, jobs: int
             finished.append(cell)
             _record(store, cell, result, out, f"[{len(finished)}/{len(cells)}]", console)
         _in_flight(jobs, _longest_first(cells),
-                   lambda cell: _start(pool, store, cell, out, study.external.get(cell.dataset)), record)
+                   lambda cell: _start(pool, store, study, cell, out), record)
     finally:
         pool.close()
 
@@ -312,7 +332,7 @@ def _start_search(pool, cell: Cell, out: Path) -> Future:
                        str((out / "logs" / f"{cell.tune_key}.tune.log").resolve()))
 
 
-def _start(pool, store: Store, cell: Cell, out: Path, external: dict | None) -> Future:
+def _start(pool, store: Store, study: Study, cell: Cell, out: Path) -> Future:
     """Write the cell's config (tuned: with its task's best values; and its external test set's data
     section), mark it running, hand it over."""
     config_path = (out / "configs" / f"{cell.key}.yaml").resolve()
@@ -322,14 +342,20 @@ def _start(pool, store: Store, cell: Cell, out: Path, external: dict | None) -> 
         best = rundir.read_json_object(out / TUNE / cell.tune_key / SUMMARY)["best"]["params"]
         config = trial_config(config_from_dict(config), best, run_dir).to_dict()
     write_text_atomic(config_path, yaml.safe_dump(config, sort_keys=False))
-    evaluation = None
+    evaluation, external = None, study.external.get(cell.dataset)
     if external:
         data_path = config_path.with_suffix(".external.yaml")
         write_text_atomic(data_path, yaml.safe_dump({"data": external["data"]}, sort_keys=False))
-        evaluation = (str(run_dir), str(data_path), external["split"])
+        evaluation = (str(run_dir), "external evaluation: ", ["evaluate", str(run_dir), f"--data={data_path}",
+                                                             "--name=external", f"--split={external['split']}"])
+    if (options := study.generate) is not None:
+        evaluation = (str(run_dir), "generated-image evaluation: ", [
+            "generate", "evaluate", str(run_dir), f"--extractor={Path(options.extractor).resolve()}",
+            f"--steps={options.steps}", f"--guidance={options.guidance}", f"--seed={options.seed}",
+            *([f"--n={options.n}"] if options.n is not None else [])])
     store.mark_running(cell.key)
     return pool.submit(run_cell, cell.key, str(config_path), str((out / "logs" / f"{cell.key}.log").resolve()),
-                       evaluation)
+                       evaluation, study.generate is not None)
 
 
 def _record(store: Store, cell: Cell, result: CellResult, out: Path, counter: str, console: Console) -> None:
@@ -337,8 +363,11 @@ def _record(store: Store, cell: Cell, result: CellResult, out: Path, counter: st
         store.mark_failed(cell.key, result.error)
         console.print(f"{counter} {cell.key}: [red]failed[/red]: {result.error}")
         return
-    metrics = rundir.read_json_object(out / "runs" / cell.key / rundir.METRICS)
+    metrics = _metrics(out / "runs" / cell.key)
     store.mark_done(cell.key, metrics, result.peak_memory_mb)
-    test = (metrics["test"] or {}).get("mean_auroc")
-    console.print(f"{counter} {cell.key}: test AUROC {'n/a' if test is None else f'{test:.4f}'} "
-                  f"({metrics['wall_time_s']:.0f} s)")
+    if "generated" in metrics:
+        score = f"FID {metrics['generated']['fid']:.4g}"
+    else:
+        test = (metrics["test"] or {}).get("mean_auroc")
+        score = f"test AUROC {'n/a' if test is None else f'{test:.4f}'}"
+    console.print(f"{counter} {cell.key}: {score} ({metrics['wall_time_s']:.0f} s)")

@@ -24,6 +24,20 @@
       pneumonia: {data: {format: csv, csv: other-hospital.csv, labels: [pneumonia]}, split: all}
     tune: {trials: 20, space: {train.epochs: null}}   # search each task's hyperparameters first (medpeft tune)
 
+A **generative study** has a ``generate`` section: its base and levels are then a ``medpeft generate train``
+config (medpeft.generate.config; the method axis names generative methods), and each cell, once trained,
+is measured by ``medpeft generate evaluate`` with the section's settings (StudyEvaluation: the extractor
+run, n, steps, guidance, seed), which the cells' config hash covers; ``tune`` and ``external`` are then
+refused (they score classifiers).
+
+.. code-block:: yaml
+
+    name: kermany-generate
+    base: {model: {source: runs/foundation}, data: {csv: labels.csv, labels: [normal, bacteria, virus]},
+           train: {epochs: 3, precision: bf16}}
+    axes: {method: {full: {train: {lr: 2.0e-4}}, bias: {}, lora: {method: {r: 8}}}, seed: [0, 1]}
+    generate: {extractor: runs/kermany-judge, n: 300, steps: 20, guidance: 3.0}
+
 Every axis is optional (one level, ``default``, when absent; without a method axis, base's method is
 the one level, named after it). String values may use environment
 variables (``${NIH_ROOT}/Data_Entry_2017.csv``). An ``external`` entry's data section is any reader's
@@ -53,6 +67,7 @@ from medpeft.config import (
     DataConfig, Section, build, config_from_dict, explicit, merge_dicts, option, read_yaml_mapping,
 )
 from medpeft.errors import ConfigError
+from medpeft.generate.config import load_generate_config
 from medpeft.train.tune import TuneOptions, resolve_space
 
 AXES = ("backbone", "dataset", "method", "fraction", "seed")
@@ -122,6 +137,25 @@ class ReportOptions(Section):
                             "that every label keeps its class counts in the resamples.")
 
 
+@dataclass
+class StudyEvaluation(Section):
+    """How a generative study measures each cell (the study file's ``generate`` section): the arguments of
+    ``medpeft generate evaluate``."""
+
+    path = "generate"
+    extractor: str = option("", "A finished classification run or MAE pretraining run on this kind of image: "
+                            "the features of FID, KID, precision / recall and memorisation (and the label scores "
+                            "of label fidelity).", required=True)
+    n: int | None = option(None, "Generate for n test images (drawn with seed); None: all.", ge=2)
+    steps: int = option(50, "Denoising steps (DDIM).", ge=1)
+    guidance: float = option(7.5, "Classifier-free guidance scale.", ge=1.0)
+    seed: int = option(0, "Seed of the test images drawn and of the first batch's noise.")
+
+    def validate(self) -> None:
+        if not Path(self.extractor).is_dir():
+            raise ConfigError(f"generate.extractor {self.extractor!r}: no such run directory")
+
+
 @dataclass(frozen=True)
 class Study:
     name: str
@@ -131,6 +165,8 @@ class Study:
     external: dict[str, dict] = field(default_factory=dict)
     """{dataset level: {"data": a data section, "split": one of EXTERNAL_SPLITS}}."""
     tune: TuneOptions | None = None
+    generate: StudyEvaluation | None = None
+    """A generative study's evaluation (None: a classification study)."""
 
 
 def _tune_options(path: Path, tune) -> TuneOptions | None:
@@ -144,6 +180,25 @@ def _tune_options(path: Path, tune) -> TuneOptions | None:
     if options.trials is None:
         raise ConfigError(f"{path}: tune.trials is required: the trials of each task's search")
     return options
+
+
+def _evaluation(path: Path, data: dict) -> StudyEvaluation | None:
+    """A generative study's ``generate`` section (None when absent); such a study has no tune or external."""
+    if data.get("generate") is None:
+        return None
+    for key in ("tune", "external"):
+        if data.get(key) is not None:
+            raise ConfigError(f"{path}: {key} does not apply to a generative study (it scores classifiers)")
+    try:
+        return build(StudyEvaluation, data["generate"])
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _validated(config: dict, generate: StudyEvaluation | None):
+    """A cell's config as the run config it is (a generate config in a generative study), output_dir '-'."""
+    config = {**config, "output_dir": "-"}
+    return config_from_dict(config) if generate is None else load_generate_config(base=config)
 
 
 def report_options(path: Path, data: dict) -> ReportOptions:
@@ -231,12 +286,13 @@ def load_study(path: str | Path) -> Study:
     """Read, expand and validate a study file."""
     path = Path(path)
     data = read_yaml_mapping(path, "study file", "a mapping with name, base, axes, overrides")
-    unknown = sorted(set(data) - {"name", "base", "axes", "overrides", "report", "external", "tune"})
+    unknown = sorted(set(data) - {"name", "base", "axes", "overrides", "report", "external", "tune", "generate"})
     if unknown:
         raise ConfigError(f"{path}: study key '{unknown[0]}' does not exist (expected name, base, axes, overrides, "
-                          f"report, external, tune)")
+                          f"report, external, tune, generate)")
     data = _expand_env(data)
     report, tune = report_options(path, data), _tune_options(path, data.get("tune"))
+    generate = _evaluation(path, data)
     axes = data.get("axes") or {}
     if not isinstance(axes, dict) or set(axes) - set(AXES):
         raise ConfigError(f"{path}: axes must be a mapping with keys among {', '.join(AXES)}")
@@ -272,13 +328,16 @@ def load_study(path: str | Path) -> Study:
                 config = merge_dicts(config, _nest(rule["set"]))
         where = ", ".join(f"{axis}={level}" for axis, level in coordinates.items())
         try:
-            run_config = config_from_dict({**config, "output_dir": "-"})
+            run_config = _validated(config, generate)
             if tune is not None and coordinates["seed"] == next(iter(levels["seed"])):  # the task's search
                 resolve_space(run_config, tune.space)
         except ConfigError as e:
             raise ConfigError(f"{path}: cell ({where}): {e}") from None
         resolved, settings = run_config.to_dict(), explicit(run_config)
         del resolved["output_dir"], settings["output_dir"]
+        if generate is not None:  # the cell's numbers depend on how it is measured
+            settings["generate"] = dataclasses.asdict(generate)
         cells.append(Cell(**coordinates, config=resolved, tune=tune and dataclasses.asdict(tune), explicit=settings))
     return Study(name=str(data.get("name") or path.stem), path=path, cells=cells, report=report,
-                 external=_external(path, data.get("external") or {}, levels["dataset"]), tune=tune)
+                 external=_external(path, data.get("external") or {}, levels["dataset"]), tune=tune,
+                 generate=generate)

@@ -100,7 +100,7 @@ class Store:
                 "UPDATE cells SET status = 'done', error = NULL, val_mean_auroc = ?, test_mean_auroc = ?, "
                 "trainable = ?, trainable_percent = ?, wall_time_s = ?, peak_memory_mb = ?, metrics = ?, "
                 "finished_at = ? WHERE key = ?",
-                (metrics["val"]["mean_auroc"], (metrics["test"] or {}).get("mean_auroc"),
+                ((metrics.get("val") or {}).get("mean_auroc"), (metrics.get("test") or {}).get("mean_auroc"),
                  metrics["parameters"]["trainable"], metrics["parameters"]["trainable_percent"],
                  metrics["wall_time_s"], peak_memory_mb, json.dumps(metrics), time.time(), key))
 
