@@ -1,6 +1,7 @@
 """medpeft demo --generative at a tiny budget: every step runs, every method gets a row, and a second
 call reuses the finished runs."""
 
+import pandas as pd
 import pytest
 
 pytest.importorskip("diffusers")
@@ -24,6 +25,14 @@ def test_the_generative_demo_adapts_the_foundation_with_every_method(tmp_path):
     assert all(row["fid"] > 0 and row["images"] == 8 and row["label_fidelity"] is not None for row in rows)
     printed = console.export_text()
     assert "Lowest FID:" in printed and "PEFT methods reach a lower FID than full fine-tuning" in printed
+
+    # The judge knows hospital B's look from B's training split, and never saw a B test image.
+    judge = pd.read_csv(tmp_path / "judge.csv")
+    split = pd.read_csv(tmp_path / "runs" / "full" / "split.csv")
+    b = {str(tmp_path / "hospital-b" / i): s for i, s in zip(split["image_id"], split["split"])}
+    judged = [b[p] for p in judge["path"] if p in b]
+    assert judged and set(judged) == {"train"} and judged.count("train") == list(b.values()).count("train")
+    assert len(judge) - len(judged) == len(pd.read_csv(tmp_path / "hospital-a" / "labels.csv"))
 
     stamps = {m: (tmp_path / "runs" / m / "metrics.json").stat().st_mtime_ns for m in METHODS}
     run_generative_demo(tmp_path, console=Console(quiet=True), budget=TINY)

@@ -6,8 +6,9 @@ the methods compare with full fine-tuning?
    processing (a gamma curve: brighter mid-tones, less contrast).
 2. The foundation: a small text-to-image diffusion model (``random:pixel-32-small``) trained on hospital
    A's images and prompts ("chest x-ray, cardiomegaly, nodule" / "... no finding"), every parameter.
-3. The judge: a small ViT classifier of hospital A's findings (its features measure the images, its
-   head scores their findings).
+3. The judge: a small ViT classifier of the findings, trained on hospital A's images and hospital B's
+   training split (never B's test images), so that it knows B's look: its features measure the images,
+   its head scores their findings.
 4. Every generative method adapts the foundation to hospital B's training images; each adapted model
    then makes one image per hospital-B test image from its prompt, measured against the real ones with
    the judge (``medpeft generate evaluate``): FID, KID, precision / recall, copied share, label fidelity.
@@ -63,6 +64,27 @@ def _data(csv: Path, test_fraction: float) -> dict:
             "split": {"val_fraction": 0.1, "test_fraction": test_fraction, "seed": 0}}
 
 
+def judge_csv(out: Path, csv_a: Path, csv_b: Path) -> Path:
+    """The judge's images: all of hospital A's and hospital B's training split (as the methods draw it), as a
+    labels CSV with absolute paths (written atomically; reused)."""
+    import pandas as pd
+
+    from medpeft.config import load_data_config
+    from medpeft.data import read_split_dataset
+    from medpeft.files import write_text_atomic
+
+    path = out / "judge.csv"
+    if not path.is_file():
+        a, b = (read_split_dataset(load_data_config(base={"data": _data(csv, test)}))
+                for csv, test in ((csv_a, 0.0), (csv_b, 0.25)))
+        parts = [(a, "a"), (b[b["split"] == "train"], "b")]
+        rows = pd.concat([pd.DataFrame({"path": t["path"].astype(str),
+                                        "patient_id": f"{h}-" + t["patient_id"].astype(str),
+                                        **{f: t[f].astype(int) for f in FINDINGS}}) for t, h in parts])
+        write_text_atomic(path, rows.to_csv(index=False))
+    return path
+
+
 def run_generative_demo(out: str | Path = "demo-generative", console: Console | None = None,
                         budget: dict | None = None) -> list[dict]:
     """Run the demo under `out`; print its table and verdict; return one row per method."""
@@ -87,10 +109,11 @@ def run_generative_demo(out: str | Path = "demo-generative", console: Console | 
             "train": {"epochs": budget["foundation_epochs"], "batch_size": 32, "lr": 1e-3, "warmup_epochs": 0.2},
             "output_dir": str(foundation)}))
 
-    console.rule("[bold]3. the judge: a classifier of hospital A's findings")
+    console.rule("[bold]3. the judge: a classifier of the findings, of hospital A and B's training split")
     judge = out / "judge"
     if not rundir.is_complete(judge):
-        train(load_config(base={"model": JUDGE, "data": _data(csv_a, 0.0), "method": {"name": "full"},
+        train(load_config(base={"model": JUDGE, "data": _data(judge_csv(out, csv_a, csv_b), 0.0),
+                                "method": {"name": "full"},
                                 "train": {"epochs": budget["judge_epochs"], "batch_size": 64, "lr": 1e-3},
                                 "output_dir": str(judge)}))
 
@@ -116,7 +139,7 @@ def run_generative_demo(out: str | Path = "demo-generative", console: Console | 
 
 def table(rows: list[dict]) -> Table:
     shown = Table(title="Phantom hospital B, 5 findings: generated vs real test images "
-                        "(judge: hospital A's classifier)")
+                        "(judge: a classifier of hospital A and B's training split)")
     for column in ("method", "trainable %", "FID", "KID", "precision", "recall", "copied %", "label fidelity"):
         shown.add_column(column, justify="left" if column == "method" else "right")
     for row in sorted(rows, key=lambda r: r["trainable_percent"]):
