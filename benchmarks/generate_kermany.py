@@ -178,7 +178,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps when sampling.")
     parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset (a smoke run).")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--markdown", action="store_true", help="Only rewrite the .md from the .json in --out.")
     args = parser.parse_args()
+    if args.markdown:
+        record = json.loads((Path(args.out) / "generate_kermany.json").read_text())
+        (Path(args.out) / "generate_kermany.md").write_text(markdown(record))
+        return
     methods = {name: METHODS[name] for name in args.methods.split(",")}
     if not DATA.is_file():
         print(f"skipped: needs {DATA}")
@@ -209,24 +214,54 @@ def main() -> None:
     print(markdown(record))
 
 
+def verdict(record: dict) -> list[str]:
+    """Which method wins on each measure, and whether PEFT beats full fine-tuning on FID (Dutt et al.'s
+    question; one run each, no test)."""
+    cells = {c["method"]: c for c in record["methods"]}
+    fid = {m: c["evaluation"]["fid"] for m, c in cells.items()}
+    best = min(fid, key=fid.get)
+    below = [m for m in fid if m != "full" and fid[m] < fid["full"]]
+    useful = {m: c["usefulness"]["synthetic_and_real"] for m, c in cells.items()}
+    alone = {m: c["usefulness"]["synthetic"] for m, c in cells.items()}
+    copied = max(c["evaluation"]["copied_share"] for c in cells.values())
+    return [f"- Lowest FID: {best} ({fid[best]:.4g}, {cells[best]['train']['parameters']['trainable_percent']:.3g}% "
+            f"trainable). {len(below)} of {len(fid) - 1} PEFT methods reach a lower FID than full fine-tuning "
+            f"({fid['full']:.4g})" + (f": {', '.join(below)}." if below else "."),
+            f"- Most useful synthetic images: {max(alone, key=alone.get)} alone "
+            f"({100 * max(alone.values()):.1f} real test AUROC), {max(useful, key=useful.get)} with the real val "
+            f"images ({100 * max(useful.values()):.1f}); the real val images alone: "
+            f"{100 * record['real_only_test_auroc']:.1f}.",
+            f"- Memorisation: at most {100 * copied:.1f}% of a method's images are closer to a training image than "
+            "95% of unseen real images are."]
+
+
 def markdown(record: dict) -> str:
-    rows = ["| method | lr | trainable % | FID | KID | precision | recall | copied % | MiFID | label fidelity | "
-            "synthetic-only | synthetic + real |", "|" + " --- |" * 12]
+    rows = ["| method | lr | trainable % | train min | FID | KID | precision | recall | copied % | MiFID | "
+            "label fidelity | synthetic-only | synthetic + real |", "|" + " --- |" * 13]
     for cell in sorted(record["methods"], key=lambda c: c["train"]["parameters"]["trainable_percent"]):
         e, u = cell["evaluation"], cell["usefulness"]
         fidelity = (e["label_fidelity"] or {}).get("mean_generated")
         rows.append(f"| {cell['method']} | {cell['lr']:g} | {cell['train']['parameters']['trainable_percent']:.3g} | "
-                    f"{e['fid']:.4g} | {e['kid']:.3g} | {e['precision']:.3f} | {e['recall']:.3f} | "
-                    f"{100 * e['copied_share']:.1f} | {e['mifid']:.4g} | "
+                    f"{cell['train']['wall_time_s'] / 60:.1f} | {e['fid']:.4g} | {e['kid']:.3g} | "
+                    f"{e['precision']:.3f} | {e['recall']:.3f} | {100 * e['copied_share']:.1f} | {e['mifid']:.4g} | "
                     f"{'n/a' if fidelity is None else f'{100 * fidelity:.1f}'} | {100 * u['synthetic']:.1f} | "
                     f"{100 * u['synthetic_and_real']:.1f} |")
+    judged = (record["methods"][0]["evaluation"]["label_fidelity"] or {}).get("labels") or {}
+    ceiling = [v["real"] for v in judged.values() if v["real"] is not None]
+    foundation, mae = record["foundation"], record["mae"]
     return "\n".join([
         "# Generative PEFT on the real pediatric X-rays (issue 32)", "", f"`{record['command']}` "
         f"({record['seconds'] / 60:.0f} min, OMP_NUM_THREADS={record['threads']}, 2 CPU cores)", "",
-        f"The judge (feature extractor and label scorer): test mean AUROC {100 * record['judge_test_auroc']:.1f}. "
-        f"A classifier trained on the real val images alone: real test AUROC {100 * record['real_only_test_auroc']:.1f}"
-        " (the usefulness baseline; label fidelity, synthetic-only and synthetic + real are AUROCs in points).",
-        "", *rows, ""])
+        f"The foundation: random:pixel-64-small trained on the phantoms, {foundation['epochs_run']} epochs in "
+        f"{foundation['wall_time_s'] / 60:.1f} min. The judge's MAE: {mae['epochs_run']} epochs on the Kermany "
+        f"training images. The judge (feature extractor and label scorer): test mean AUROC "
+        f"{100 * record['judge_test_auroc']:.1f}"
+        + (f"; on the evaluated real test images {100 * sum(ceiling) / len(ceiling):.1f} (the ceiling of label "
+           "fidelity)" if ceiling else "")
+        + ". A classifier trained on the real val images alone: real test AUROC "
+        f"{100 * record['real_only_test_auroc']:.1f} (the usefulness baseline; label fidelity, synthetic-only and "
+        "synthetic + real are AUROCs in points). "
+        "One run per method: a measurement, not a test.", "", *rows, "", *verdict(record), ""])
 
 
 if __name__ == "__main__":

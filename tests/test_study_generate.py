@@ -95,6 +95,10 @@ def test_a_generative_study_cell_is_a_generate_config(tmp_path, setting):
     other = load_study(study_file(tmp_path / "other.yaml", setting, generate={
         "extractor": str(setting[0] / "judge"), "n": 8, "steps": 3, "guidance": 2.0}))
     assert hashes.isdisjoint(c.config_hash for c in other.cells)  # the evaluation settings are hashed
+    grid = load_study(study_file(tmp_path / "grid.yaml", setting, axes={"method": {"bias": {}}, "fraction": [0.5, 1],
+                                                                         "seed": [0, 1]}))
+    assert [(c.fraction, c.config["data"]["split"]["label_fraction"], c.config["train"]["seed"])
+            for c in grid.cells] == [(0.5, 0.5, 0), (0.5, 0.5, 1), (1.0, 1.0, 0), (1.0, 1.0, 1)]
 
 
 @pytest.mark.parametrize("change, message", [
