@@ -40,8 +40,14 @@ def test_an_old_run_predicts_what_it_predicted_when_it_was_written(old_runs, nam
     probs = [c for c in expected.columns if c.startswith("prob:")]
     assert list(table.columns) == list(expected.columns)
     np.testing.assert_allclose(table[probs].to_numpy(float), expected[probs].to_numpy(float), atol=1e-5)
-    decisions = [c for c in expected.columns if c.startswith("pred:")]
-    np.testing.assert_array_equal(table[decisions].to_numpy(float), expected[decisions].to_numpy(float))
+    # A decision is prob >= the label's threshold, and Youden's threshold is one of the val images' scores: an
+    # image scored within the tolerance of it may fall either side on another CPU's float kernels.
+    thresholds = pd.read_json(old_runs / "runs" / name / "thresholds.json", typ="series")["thresholds"]
+    for column in [c for c in expected.columns if c.startswith("pred:")]:
+        label = column[len("pred:"):]
+        clear = np.abs(expected[f"prob:{label}"] - thresholds[label]) > 1e-5
+        assert clear.mean() > 0.9
+        np.testing.assert_array_equal(table[column][clear].to_numpy(float), expected[column][clear].to_numpy(float))
 
 
 @pytest.mark.parametrize("name", RUNS)
