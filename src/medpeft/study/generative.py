@@ -27,6 +27,7 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from medpeft.errors import RunDirError
 from medpeft.study.figures import _save
 from medpeft.study.render import Table, html_page, latex, markdown
 from medpeft.study.tables import TASK, _run_dir, order, task_name, tasks
@@ -140,6 +141,8 @@ def write(frame: pd.DataFrame, study_dir: Path, name: str, out: Path, extractor:
     """Write the generative report's files into `out` (the report folder being made)."""
     results = results_frame(frame, study_dir)
     done = results[(results["status"] == "done") & results["fid"].notna()]
+    if done.empty:
+        raise RunDirError(f"{study_dir}: no done cell has a generated-image evaluation; nothing to compare")
     multi_backbone = results["backbone"].nunique() > 1
     summary = summary_frame(done)
     table = summary_table(summary, multi_backbone)
