@@ -104,6 +104,28 @@ def test_a_named_random_model_is_the_same_for_the_same_seed():
     assert all(torch.equal(p, q) for p, q in zip(a.unet.parameters(), b.unet.parameters()))
 
 
+def test_a_pixel_model_samples_from_clean_image_estimates_clipped_to_the_pixel_range(monkeypatch):
+    """As Ho et al.'s DDPM: every step's estimate of the clean image is clipped to [-1, 1] (an untrained model's
+    estimates are far outside it), and an unclipped schedule gives other images."""
+    from diffusers import DDIMScheduler
+
+    from medpeft.generate.sample import sample
+
+    model = load_diffusion("random:pixel-32-small")
+    estimates, step = [], DDIMScheduler.step
+
+    def recording(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        estimates.append(out.pred_original_sample)
+        return out
+    monkeypatch.setattr(DDIMScheduler, "step", recording)
+    clipped = sample(model, ["chest x-ray"] * 2, steps=3, guidance=1.0)
+    assert len(estimates) == 3 and all(e.abs().max() <= 1 for e in estimates)
+    model.scheduler = DDIMScheduler.from_config(model.scheduler.config, clip_sample=False)
+    unclipped = sample(model, ["chest x-ray"] * 2, steps=3, guidance=1.0)
+    assert max(e.abs().max() for e in estimates[3:]) > 1 and not torch.allclose(clipped, unclipped)
+
+
 def _attention_names(component: nn.Module) -> set[str]:
     """The attention projections found by module class, not by name pattern."""
     from diffusers.models.attention_processor import Attention

@@ -48,9 +48,12 @@ NAMED = {
     "pixel-32-small": {"unet": {**_SMALL_UNET, "sample_size": 32}, "text_encoder": _SMALL_TEXT},
 }
 # The pixel-space DDPM schedule of Ho et al. 2020 (linear betas 1e-4 to 0.02 over 1000 steps: almost no
-# signal left at the last step), sampled with DDIM.
+# signal left at the last step), sampled with DDIM; like theirs (and diffusers' DDPM pipelines), each step's
+# estimate of the clean image is clipped to the pixel range [-1, 1]. Unclipped, a small model's early
+# estimates overshoot and its samples end as saturated noise.
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                 clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+                 clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=False, steps_offset=1,
+                 prediction_type="epsilon")
 
 
 @dataclass
