@@ -3,8 +3,8 @@ pretrained on the phantoms is adapted to the Kermany X-rays (64 px; prompts "che
 "... bacteria" / "... virus") with every generative method, and each adapted model is measured.
 
     OMP_NUM_THREADS=1 python benchmarks/generate_kermany.py [--work studies-out/generate-kermany] \
-        [--jobs 2] [--out benchmarks/results] [--scale 1.0] [--mae-epochs 80] \
-        [--foundation-epochs 6] [--epochs 3] [--steps 20]
+        [--jobs 2] [--out benchmarks/results] [--scale 1.0] [--mae-epochs 40] \
+        [--foundation-epochs 3] [--epochs 2] [--steps 10]
 
 Steps, each a medpeft command as a user runs it, reused when finished (run the same command again to
 resume after a kill):
@@ -172,10 +172,10 @@ def main() -> None:
     parser.add_argument("--work", default="studies-out/generate-kermany")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--scale", type=float, default=1.0, help="Shrinks every budget (a smoke run: 0.05).")
-    parser.add_argument("--foundation-epochs", type=int, default=6, help="On the phantoms.")
-    parser.add_argument("--epochs", type=int, default=3, help="Of each method on the Kermany training split.")
-    parser.add_argument("--mae-epochs", type=int, default=FULL_EPOCHS, help="The judge's MAE pretraining.")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps when sampling.")
+    parser.add_argument("--foundation-epochs", type=int, default=3, help="On the phantoms.")
+    parser.add_argument("--epochs", type=int, default=2, help="Of each method on the Kermany training split.")
+    parser.add_argument("--mae-epochs", type=int, default=40, help="The judge's MAE pretraining.")
+    parser.add_argument("--steps", type=int, default=10, help="DDIM steps when sampling.")
     parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset (a smoke run).")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--markdown", action="store_true", help="Only rewrite the .md from the .json in --out.")
