@@ -30,7 +30,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 from medpeft.errors import RunDirError
 from medpeft.study.figures import _save
 from medpeft.study.render import Table, html_page, latex, markdown
-from medpeft.study.tables import TASK, _run_dir, order, task_name, tasks
+from medpeft.study.tables import TASK, _run_dir, mean_sd, order, task_name, tasks
 
 MEASURES = {  # key: (title, scale, better)
     "fid": ("FID", 1, min), "kid": ("KID x1000", 1000, min), "precision": ("precision", 1, max),
@@ -100,7 +100,7 @@ def summary_table(summary: pd.DataFrame, multi_backbone: bool) -> Table:
     for i, (_, row) in enumerate(summary.iterrows()):
         table.rows.append([task_name(row["dataset"], row["fraction"], row["backbone"] if multi_backbone else None),
                            row["method"], f"{row['trainable_percent']:.3g}",
-                           *(_mean_sd(row[f"{k}:mean"], row[f"{k}:sd"], row[f"{k}:n"], len(counts) > 1)
+                           *(mean_sd(row[f"{k}:mean"], row[f"{k}:sd"], row[f"{k}:n"], len(counts) > 1, ".4g", ".2g")
                              for k in MEASURES)])
     for _, rows in summary.groupby(TASK, sort=False):
         for j, (key, (_, _, better)) in enumerate(MEASURES.items()):
@@ -108,13 +108,6 @@ def summary_table(summary: pd.DataFrame, multi_backbone: bool) -> Table:
             if not means.empty:
                 table.bold |= {(i, 3 + j) for i in means.index[means == better(means)]}
     return table
-
-
-def _mean_sd(mean: float, sd: float, n: int, show_n: bool) -> str:
-    if n == 0:
-        return "–"
-    text = f"{mean:.4g}" if math.isnan(sd) else f"{mean:.4g} ± {sd:.2g}"
-    return f"{text} (n={n})" if show_n else text
 
 
 def _fid_figure(summary: pd.DataFrame, multi_backbone: bool) -> Figure:

@@ -101,7 +101,7 @@ def comparison_table(comparison: pd.DataFrame) -> Table:
     counts = {n for name in names for n in comparison[f"{name}:n"] if n > 0}
     table = Table([*levels, "trainable %", *titles], [], row_levels=len(levels))
     for _, row in comparison.iterrows():
-        cells = [_mean_sd(row[f"{name}:mean"], row[f"{name}:sd"], row[f"{name}:n"], len(counts) > 1) for name in names]
+        cells = [mean_sd(row[f"{name}:mean"], row[f"{name}:sd"], row[f"{name}:n"], len(counts) > 1) for name in names]
         table.rows.append([*(str(row[level]) for level in levels), f"{row['trainable_percent']:.3g}", *cells])
     offset = len(levels) + 1  # row levels and the trainable % column
     for j, name in enumerate(names):
@@ -110,10 +110,11 @@ def comparison_table(comparison: pd.DataFrame) -> Table:
     return table
 
 
-def _mean_sd(mean: float, sd: float, n: int, show_n: bool) -> str:
+def mean_sd(mean: float, sd: float, n: int, show_n: bool, mean_format: str = ".1f", sd_format: str = ".1f") -> str:
+    """'mean ± sd' (the mean alone when sd is NaN, '–' when n is 0), with '(n=N)' when `show_n`."""
     if n == 0:
         return "–"
-    text = f"{mean:.1f}" if math.isnan(sd) else f"{mean:.1f} ± {sd:.1f}"
+    text = f"{mean:{mean_format}}" if math.isnan(sd) else f"{mean:{mean_format}} ± {sd:{sd_format}}"
     return f"{text} (n={n})" if show_n else text
 
 
