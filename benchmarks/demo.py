@@ -33,19 +33,25 @@ def table_record(comparison: pd.DataFrame) -> dict:
             for method, row in means.iterrows()}
 
 
-def main() -> None:
+def timed_demo(default_work: str, *options: str, columns: int) -> tuple[Path, Path, str, float]:
+    """Parse --work and --out, run ``medpeft demo [OPTIONS] --out WORK`` from nothing (WORK must not exist) in
+    a child process `columns` wide; return WORK, the results folder, what it printed and its seconds."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--work", default="/tmp/demo-bench", help="A folder that does not exist yet.")
+    parser.add_argument("--work", default=default_work, help="A folder that does not exist yet.")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     work = Path(args.work)
     if work.exists():
         raise SystemExit(f"{work} exists: the benchmark times a demo from nothing")
-    command = [sys.executable, "-m", "medpeft", "demo", "--out", str(work)]
     start = time.perf_counter()
-    printed = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True,
-                             env={**os.environ, "COLUMNS": "120"}).stdout
-    seconds = time.perf_counter() - start
+    printed = subprocess.run([sys.executable, "-m", "medpeft", "demo", *options, "--out", str(work)], cwd=ROOT,
+                             check=True, capture_output=True, text=True,
+                             env={**os.environ, "COLUMNS": str(columns)}).stdout
+    return work, Path(args.out), printed, time.perf_counter() - start
+
+
+def main() -> None:
+    work, out, printed, seconds = timed_demo("/tmp/demo-bench", columns=120)
     print(printed)
 
     results = pd.read_csv(work / "study" / "report" / "results.csv")
@@ -62,7 +68,6 @@ def main() -> None:
         "table": table_record(comparison),
         "printed": table,
     }
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.json").write_text(json.dumps(record, indent=2) + "\n")
     text = "\n".join([

@@ -9,32 +9,17 @@ whole command and of its training steps, every method's row (from its evaluation
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     from medpeft.demo_generative import METHODS
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--work", default="/tmp/demo-generative-bench", help="A folder that does not exist yet.")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = parser.parse_args()
-    work = Path(args.work)
-    if work.exists():
-        raise SystemExit(f"{work} exists: the benchmark times a demo from nothing")
-    start = time.perf_counter()
-    printed = subprocess.run([sys.executable, "-m", "medpeft", "demo", "--generative", "--out", str(work)], cwd=ROOT,
-                             check=True, capture_output=True, text=True, env={**os.environ, "COLUMNS": "140"}).stdout
-    seconds = time.perf_counter() - start
+    from demo import timed_demo  # benchmarks/demo.py, beside this script
+
+    work, out, printed, seconds = timed_demo("/tmp/demo-generative-bench", "--generative", columns=140)
     rows = []
     for method in METHODS:
         run = work / "runs" / method
@@ -49,7 +34,6 @@ def main() -> None:
               "judge_seconds": json.loads((work / "judge" / "metrics.json").read_text())["wall_time_s"],
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows,
               "printed": lines[next(i for i, line in enumerate(lines) if "Phantom hospital B" in line):]}
-    out = Path(args.out)
     (out / "demo_generative.json").write_text(json.dumps(record, indent=2))
     (out / "demo_generative.md").write_text("\n".join([
         "# The generative demo, timed", "",
