@@ -4,8 +4,8 @@
 
 Runs ``medpeft demo --out WORK`` (WORK must not exist: every step runs) in a child process with the
 machine's default threads, and writes demo.json and demo.md: the wall time of the whole command and of
-its steps (phantoms, MAE pretraining, the study's cells), the table, what was printed, and the machine (its
-CPU capability names the float kernels the numbers depend on).
+its steps (phantoms, MAE pretraining, the study's cells), the table, what was printed, and the machine
+(medpeft.engine.runtime.numerics: what else the numbers depend on).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
+
+from medpeft.engine.runtime import numerics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,8 +64,7 @@ def main() -> None:
         "command": "medpeft demo --out DIR", "seconds": seconds, "mae_seconds": mae["wall_time_s"],
         "cells_seconds_summed": float(results["wall_time_s"].sum()), "cells": len(results),
         "threads": os.environ.get("OMP_NUM_THREADS", "default"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+        "machine": {**numerics(), "platform": platform.platform()},
         "table": table_record(comparison),
         "printed": table,
     }

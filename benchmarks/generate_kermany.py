@@ -11,7 +11,8 @@ resume after a kill):
 1. Phantoms (5 findings, 64 px) and the foundation: ``medpeft generate train`` of ``random:pixel-64-small``,
    every parameter of the UNet and the text encoder, on the phantoms' prompts.
    At the same time, the judge's foundation: ``medpeft pretrain studies/kermany-mae-pretrain.yaml`` (the
-   Kermany MAE ViT-tiny, labels unused; --mae-epochs shortens the 80-epoch recipe, warmup scaled, bf16).
+   Kermany MAE ViT-tiny, labels unused; --mae-epochs shortens the 80-epoch recipe, warmup scaled, bf16 where
+   the CPU has bf16 matmul instructions, else fp32, as every step).
 2. The judge: ``medpeft train`` of that MAE (the split it drew, unstratified, so the judge's test images
    are ones the MAE never saw) fully fine-tuned on normal / bacteria / virus with every training label.
 3. Per method (full, attention, bias, norm, norm_bias_attention, lora, svdiff, difffit; one hand-picked
@@ -40,6 +41,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from medpeft.engine.runtime import cpu_name, cpu_precision
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "../shared/data/kermany-pediatric-cxr/labels.csv"
 PRETRAIN = "studies/kermany-mae-pretrain.yaml"  # the split it draws is KERMANY's (unstratified, seed 0)
@@ -52,6 +55,7 @@ FINDINGS = ["cardiomegaly", "pleural_effusion", "nodule", "consolidation", "pneu
 METHODS = {"full": 2e-4, "attention": 1e-3, "bias": 1e-3, "norm": 1e-3, "norm_bias_attention": 1e-3, "lora": 1e-3,
            "svdiff": 1e-3, "difffit": 1e-3}
 DIFFUSION = {"snr_gamma": 5.0, "prompt_dropout": 0.1, "ema_decay": 0.999}
+PRECISION = cpu_precision()  # of every training step; recorded in the JSON
 JUDGE_MODEL = {"name": "vit_tiny_patch16_224", "img_size": 64, "drop_path_rate": 0.0, "global_pool": "avg",
                "kwargs": {"depth": 4, "patch_size": 8}}
 
@@ -85,19 +89,19 @@ def foundation(work: Path, scale: float, epochs: int) -> Path:
                      "split": {"val_fraction": 0.05, "test_fraction": 0.0, "seed": 0}},
             "method": {"name": "full", "components": ["unet", "text_encoder"]}, "diffusion": DIFFUSION,
             "train": {"epochs": max(1, round(epochs * scale)), "batch_size": 32, "lr": 1e-3, "warmup_epochs": 0.2,
-                      "precision": "bf16"},
+                      "precision": PRECISION},
             "output_dir": str(run)})))
     return run
 
 
 def mae(work: Path, epochs: int) -> Path:
     """The Kermany MAE in <work>/mae-pretrain (reused when finished): the recipe of PRETRAIN, shortened to
-    ``epochs`` with the warmup scaled, in bf16."""
+    ``epochs`` with the warmup scaled, in PRECISION."""
     run = work / "mae-pretrain"
     if not done(run):
         medpeft("pretrain", PRETRAIN, "--out", str(run), "--set", f"train.epochs={epochs}", "--set",
                 f"train.warmup_epochs={math.ceil(FULL_WARMUP * epochs / FULL_EPOCHS)}", "--set",
-                "train.precision=bf16")
+                f"train.precision={PRECISION}")
     return run
 
 
@@ -108,7 +112,7 @@ def classifier(work: Path, name: str, data: dict, epochs: int) -> Path:
             "model": {**JUDGE_MODEL, "weights": str(work / "mae-pretrain" / "mae.pth")}, "data": data,
             "method": {"name": "full"},
             "train": {"epochs": epochs, "batch_size": 64, "lr": 5e-4, "layer_decay": 0.75, "warmup_epochs": 1,
-                      "precision": "bf16"},
+                      "precision": PRECISION},
             "augment": {"scale": [0.5, 1.0]}, "output_dir": str(run)})))
     return run
 
@@ -129,7 +133,7 @@ def method_cell(work: Path, method: str, lr: float, judge: Path, scale: float, e
             "model": {"source": str(work / "foundation")}, "data": KERMANY, "method": {"name": method},
             "diffusion": DIFFUSION,
             "train": {"epochs": max(1, round(epochs * scale)), "batch_size": 32, "lr": lr, "warmup_epochs": 0.2,
-                      "precision": "bf16"},
+                      "precision": PRECISION},
             "output_dir": str(run)})))
     evaluation = run / "evaluations" / "generated" / "metrics.json"
     if not evaluation.is_file():
@@ -204,6 +208,7 @@ def main() -> None:
                                                                     args.steps), methods.items()))
     record = {"command": " ".join(["python", "benchmarks/generate_kermany.py", *sys.argv[1:]]),
               "seconds": time.perf_counter() - start, "threads": os.environ.get("OMP_NUM_THREADS", "default"),
+              "cpu": cpu_name(), "precision": PRECISION,
               "foundation": json.loads((base / "metrics.json").read_text()),
               "mae": json.loads((encoder / "metrics.json").read_text()),
               "judge_test_auroc": json.loads((judge / "metrics.json").read_text())["test"]["mean_auroc"],

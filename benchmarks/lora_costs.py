@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from method_costs import maxrss_mb, times_ms  # noqa: E402
 
 from medpeft.accel.onednn import linear_op  # noqa: E402
-from medpeft.engine.runtime import EMULATED_BF16, cpu_bf16_matmul  # noqa: E402
+from medpeft.engine.runtime import EMULATED_BF16, cpu_bf16_matmul, cpu_name  # noqa: E402
 
 CLASSES, SIZE = 14, 224
 # torch's FLOP counter counts its CUDA attention kernels but gives the CPU one 0 FLOPs: count it the same way
@@ -95,18 +95,6 @@ def synced(fn, device: str):
             torch.cuda.synchronize()
         return out
     return call
-
-
-def cpu_name() -> str:
-    """The processor's model name and its bf16 matmul instructions (AMX, AVX512-BF16; Linux)."""
-    try:
-        lines = open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()
-    except OSError:
-        return platform.machine()
-    info = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
-    flags = info.get("flags", "").split()
-    bf16 = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
-    return f"{info.get('model name', platform.machine())} ({', '.join(bf16) or 'no bf16 matmul unit'})"
 
 
 def matmul_gflops(dtype: torch.dtype, device: str, repeats: int = 5) -> float:

@@ -90,18 +90,19 @@ RECORD = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "demo.
 @pytest.mark.skipif(not (FULL_DEMO / "study" / "report" / "comparison.csv").is_file(),
                     reason=f"no finished full-size demo at {FULL_DEMO} (make demo writes one; CI runs it first)")
 def test_the_full_demo_prints_the_table_the_benchmark_recorded():
-    """The demo is deterministic on CPUs with the same float kernels and cores: a fresh `make demo` gives the table of
-    benchmarks/results/demo.json (which the README quotes) to 0.05 points, or the record is out of date."""
+    """The demo is deterministic where its numerics are the same (processor, cores, kernels, library versions): a
+    fresh `make demo` there gives the table of benchmarks/results/demo.json (which the README quotes) to 0.05
+    points, or the record is out of date."""
     import json
 
-    import torch
+    from medpeft.engine.runtime import numerics
 
-    record = json.loads(RECORD.read_text())
+    record, here = json.loads(RECORD.read_text()), numerics()
     machine = record["machine"]
-    here = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpus": os.cpu_count()}
-    if {key: machine[key] for key in here} != here:  # the cores set the threads, and so the order of float sums
-        pytest.skip(f"{RECORD.name} was recorded on {machine['cpus']} {machine['cpu_capability']} cores, this "
-                    f"machine has {here['cpus']} {here['cpu_capability']}: other kernels or threads, other numbers")
+    differ = [f"{key} {machine.get(key, 'not recorded')} there, {value} here" for key, value in here.items()
+              if machine.get(key) != value]
+    if differ:
+        pytest.skip(f"{RECORD.name} was recorded elsewhere: {'; '.join(differ)}")
     fresh = pd.read_csv(FULL_DEMO / "study" / "report" / "comparison.csv").set_index("method").filter(like=":mean")
     recorded = pd.DataFrame(record["table"]).T
     fresh.columns = [c.removesuffix(":mean") for c in fresh.columns]

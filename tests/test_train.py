@@ -1,4 +1,5 @@
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -321,6 +322,17 @@ def test_bf16_on_a_cpu_without_bf16_matmuls_warns_once(monkeypatch):
         if not native:  # pointing at the caller of autocast
             assert "no bf16 matmul instructions" in str(caught[0].message) and caught[0].filename == __file__
     runtime._warn_emulated_bf16.cache_clear()
+
+
+
+def test_the_cheaper_cpu_precision_is_bf16_only_with_bf16_matmul_instructions(monkeypatch):
+    """The demos and benchmarks train in cpu_precision(): bf16 where the CPU multiplies it natively, else fp32."""
+    for native, precision in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(runtime, "cpu_bf16_matmul", lambda: native)
+        assert runtime.cpu_precision() == precision
+    here = runtime.numerics()
+    assert here["cpus"] == os.cpu_count() and here["packages"]["torch"] == torch.__version__.split("+")[0]
+    assert here["cpu"].endswith(")") and here["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 FAULTS = """

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import platform
 import warnings
 from contextlib import contextmanager, nullcontext
 
@@ -32,6 +34,34 @@ def cpu_bf16_matmul() -> bool:
         except RuntimeError:
             pass
     return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+
+
+def cpu_name() -> str:
+    """The processor's model name and its bf16 matmul instructions (AMX, AVX512-BF16; Linux)."""
+    try:
+        lines = open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()
+    except OSError:
+        return platform.machine()
+    info = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
+    flags = info.get("flags", "").split()
+    bf16 = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+    return f"{info.get('model name', platform.machine())} ({', '.join(bf16) or 'no bf16 matmul unit'})"
+
+
+def numerics() -> dict:
+    """What a CPU run's numbers depend on besides its config and seeds: the processor (cpu_name: its bf16
+    units decide bf16's rounding), the core count (the threads, so the order of float sums), torch's CPU
+    kernels (its capability) and the versions of the libraries that compute and initialise the models."""
+    from importlib.metadata import version
+
+    return {"cpu": cpu_name(), "cpus": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "packages": {name: version(name) for name in ("torch", "timm", "peft", "numpy")}}
+
+
+def cpu_precision() -> str:
+    """The cheaper ``train.precision`` of a run on this CPU: 'bf16' where its matmuls run natively, else
+    'fp32' (emulated bf16 is slower than fp32)."""
+    return "bf16" if cpu_bf16_matmul() else "fp32"
 
 
 EMULATED_BF16 = "this CPU has no bf16 matmul instructions (AVX-512 and up): torch emulates them, far slower than fp32"
