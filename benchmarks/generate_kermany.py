@@ -256,7 +256,8 @@ def markdown(record: dict) -> str:
     foundation, mae = record["foundation"], record["mae"]
     return "\n".join([
         "# Generative PEFT on the real pediatric X-rays (issue 32)", "", f"`{record['command']}` "
-        f"({record['seconds'] / 60:.0f} min, OMP_NUM_THREADS={record['threads']}, 2 CPU cores)", "",
+        f"({record['seconds'] / 60:.0f} min, not counting the steps it found finished; OMP_NUM_THREADS="
+        f"{record['threads']}, 2 CPU cores, {record['cpu']}; training in {record['precision']})", "",
         f"The foundation: random:pixel-64-small trained on the phantoms, {foundation['epochs_run']} epochs in "
         f"{foundation['wall_time_s'] / 60:.1f} min. The judge's MAE: {mae['epochs_run']} epochs on the Kermany "
         f"training images. The judge (feature extractor and label scorer): test mean AUROC "
