@@ -324,7 +324,6 @@ def test_bf16_on_a_cpu_without_bf16_matmuls_warns_once(monkeypatch):
     runtime._warn_emulated_bf16.cache_clear()
 
 
-
 def test_the_cheaper_cpu_precision_is_bf16_only_with_bf16_matmul_instructions(monkeypatch):
     """The demos and benchmarks train in cpu_precision(): bf16 where the CPU multiplies it natively, else fp32."""
     for native, precision in ((True, "bf16"), (False, "fp32")):
